@@ -1,0 +1,112 @@
+#include "engine/autograd.h"
+
+#include "engine/ops.h"
+
+#include <unordered_map>
+#include <unordered_set>
+
+namespace engine {
+
+namespace {
+thread_local bool grad_mode = true;
+}
+
+bool grad_mode_enabled() { return grad_mode; }
+NoGradGuard::NoGradGuard() : previous_(grad_mode) { grad_mode = false; }
+NoGradGuard::~NoGradGuard() { grad_mode = previous_; }
+
+bool should_record(const std::vector<Tensor>& inputs) {
+  if (!grad_mode) return false;
+  for (const Tensor& t : inputs)
+    if (t.defined() && t.requires_grad()) return true;
+  return false;
+}
+
+void record(Tensor& output, std::string op, std::vector<Tensor> inputs, Node::BackwardFn backward) {
+  if (!should_record(inputs)) return;
+  auto node = std::make_shared<Node>();
+  node->op = std::move(op);
+  node->inputs = std::move(inputs);
+  node->backward = std::move(backward);
+  output.impl().grad_fn = std::move(node);
+  output.impl().requires_grad = true;
+}
+
+namespace {
+
+// Nodes reachable from `root`, each after every node that consumes its output.
+// Shared pointers keep every node alive while backward frees their inputs.
+std::vector<std::shared_ptr<Node>> topological_order(const std::shared_ptr<Node>& root) {
+  std::vector<std::shared_ptr<Node>> order;
+  std::unordered_set<Node*> visited;
+  // Iterative DFS: deep graphs (many layers, many ops) must not overflow the stack.
+  std::vector<std::pair<std::shared_ptr<Node>, size_t>> stack{{root, 0}};
+  visited.insert(root.get());
+  while (!stack.empty()) {
+    auto& [node, next] = stack.back();
+    if (next < node->inputs.size()) {
+      const Tensor& input = node->inputs[next++];
+      std::shared_ptr<Node> parent = input.defined() ? input.impl().grad_fn : nullptr;
+      if (parent && visited.insert(parent.get()).second) stack.push_back({parent, 0});
+    } else {
+      order.push_back(node);
+      stack.pop_back();
+    }
+  }
+  return {order.rbegin(), order.rend()};  // root first
+}
+
+void accumulate(Tensor& slot, const Tensor& grad) { slot = slot.defined() ? add(slot, grad) : grad; }
+
+}  // namespace
+
+void run_backward(const Tensor& root, const Tensor& seed, bool retain_graph) {
+  check(root.requires_grad(), "backward() on a tensor that does not require grad");
+  Tensor grad = seed;
+  if (!grad.defined()) {
+    check(root.numel() == 1, "backward() without a gradient needs a scalar, got shape {}", shape_str(root.shape()));
+    grad = Tensor::ones(root.shape(), root.dtype(), root.device());
+  }
+  check(grad.shape() == root.shape(), "backward(): gradient shape {} does not match tensor shape {}",
+        shape_str(grad.shape()), shape_str(root.shape()));
+
+  NoGradGuard no_grad;  // gradients of gradients are not supported
+  if (root.is_leaf()) {
+    Tensor slot = root.grad();
+    accumulate(slot, grad);
+    root.set_grad(slot);
+    return;
+  }
+
+  std::unordered_map<Node*, Tensor> grads;  // gradient of each node's output
+  grads[root.impl().grad_fn.get()] = grad;
+  for (const std::shared_ptr<Node>& node : topological_order(root.impl().grad_fn)) {
+    auto it = grads.find(node.get());
+    if (it == grads.end()) continue;  // no gradient reached this node
+    Tensor grad_output = std::move(it->second);
+    grads.erase(it);
+    check(static_cast<bool>(node->backward), "backward through '{}' a second time: pass retain_graph=true", node->op);
+    std::vector<Tensor> input_grads = node->backward(grad_output, *node);
+    check(input_grads.size() == node->inputs.size(), "backward of '{}' returned {} gradients for {} inputs", node->op,
+          input_grads.size(), node->inputs.size());
+    for (size_t i = 0; i < input_grads.size(); ++i) {
+      const Tensor& input = node->inputs[i];
+      if (!node->needs_grad(i) || !input_grads[i].defined()) continue;
+      check(input_grads[i].shape() == input.shape(), "backward of '{}': gradient {} for input {} of shape {}", node->op,
+            shape_str(input_grads[i].shape()), i, shape_str(input.shape()));
+      if (Node* parent = input.impl().grad_fn.get()) {
+        accumulate(grads[parent], input_grads[i]);
+      } else {
+        Tensor slot = input.grad();
+        accumulate(slot, input_grads[i]);
+        input.set_grad(slot);
+      }
+    }
+    if (!retain_graph) {  // free saved tensors as soon as they are used
+      node->backward = nullptr;
+      node->inputs.clear();
+    }
+  }
+}
+
+}  // namespace engine

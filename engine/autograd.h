@@ -1,0 +1,41 @@
+// Reverse-mode autodiff, eager and define-by-run. Each op that sees an input
+// requiring grad records a Node: its inputs and a backward function that maps
+// the output's gradient to the inputs' gradients. Tensor::backward() runs the
+// nodes in reverse topological order and accumulates into leaves' .grad().
+#pragma once
+
+#include "engine/tensor.h"
+
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace engine {
+
+struct Node {
+  // Returns one gradient per input; an undefined Tensor where an input needs none.
+  // Backward functions must skip work for inputs with !needs_grad(i): that is
+  // what spares frozen weights their weight-gradient GEMMs.
+  using BackwardFn = std::function<std::vector<Tensor>(const Tensor& grad_output, const Node& node)>;
+
+  std::string op;              // for error messages and debugging
+  std::vector<Tensor> inputs;  // edges to the parents
+  BackwardFn backward;
+
+  bool needs_grad(size_t i) const { return inputs[i].defined() && inputs[i].requires_grad(); }
+};
+
+// True when an op on these inputs must record a node (grad mode on and some
+// input requires grad).
+bool should_record(const std::vector<Tensor>& inputs);
+
+// Attaches a node to `output` (which must be freshly made by the op) and marks
+// it as requiring grad. Tensors the backward needs are captured by the lambda;
+// capture the op's own output only through output.detach(), to avoid a cycle.
+// Does nothing when should_record(inputs) is false.
+void record(Tensor& output, std::string op, std::vector<Tensor> inputs, Node::BackwardFn backward);
+
+// Runs backward from `root` seeded with `grad` (see Tensor::backward).
+void run_backward(const Tensor& root, const Tensor& grad, bool retain_graph);
+
+}  // namespace engine

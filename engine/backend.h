@@ -1,0 +1,135 @@
+// The kernel interface every device implements (engine/cpu now, engine/cuda
+// next), in the spirit of ggml's backend vtable and candle's BackendStorage.
+// Ops in engine/ops check shapes and dtypes once, allocate outputs, then call
+// these kernels; kernels trust their arguments.
+#pragma once
+
+#include "engine/device.h"
+#include "engine/dtype.h"
+#include "engine/shape.h"
+
+#include <cstddef>
+#include <cstdint>
+
+namespace engine {
+
+class Tensor;
+
+// A tensor as a kernel sees it: a pointer to its first element plus shape and
+// strides in elements. Broadcast dims have stride 0.
+struct View {
+  void* data = nullptr;
+  DType dtype = DType::F32;
+  Shape shape;
+  Shape strides;
+
+  int64_t numel() const { return engine::numel(shape); }
+  bool is_contiguous() const;
+  template <typename T> T* ptr() const { return static_cast<T*>(data); }
+};
+
+View view_of(const Tensor& t);  // the tensor's own view
+
+enum class UnaryOp { Neg, Exp, Log, Sqrt, Rsqrt, Tanh, Abs, Square, Pow, AddScalar, MulScalar, Relu, Sigmoid };
+enum class BinaryOp { Add, Sub, Mul, Div, Maximum, Minimum, Equal, Greater };  // comparisons give 1 or 0
+enum class ReduceOp { Sum, Max };
+
+// Row-major C[b] = alpha * op(A[b]) @ op(B[b]) + beta * C[b] for b < batch.
+// op(X) is X or X^T; lda/ldb/ldc are row strides as stored; stride_* step between batches.
+struct GemmArgs {
+  DType dtype = DType::F32;  // of A, B and C
+  bool trans_a = false, trans_b = false;
+  int64_t m = 0, n = 0, k = 0;
+  const void* a = nullptr;
+  int64_t lda = 0, stride_a = 0;
+  const void* b = nullptr;
+  int64_t ldb = 0, stride_b = 0;
+  void* c = nullptr;
+  int64_t ldc = 0, stride_c = 0;
+  int64_t batch = 1;
+  double alpha = 1, beta = 0;
+};
+
+// Hyper-parameters of one AdamW update (torch.optim.AdamW semantics).
+struct AdamWArgs {
+  double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.01;
+  int64_t step = 1;  // 1-based, after incrementing, for bias correction
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual Device device() const = 0;
+
+  // ---- memory ----
+  virtual void* allocate(size_t nbytes) = 0;
+  virtual void deallocate(void* ptr, size_t nbytes) = 0;
+  virtual void copy_from_host(void* dst, const void* host_src, size_t nbytes) = 0;
+  virtual void copy_to_host(void* host_dst, const void* src, size_t nbytes) = 0;
+
+  // ---- copies, fills, casts: any strides, dst.dtype may differ from src.dtype ----
+  virtual void copy(const View& dst, const View& src) = 0;
+  virtual void fill(const View& dst, double value) = 0;
+  // Contiguous dst <- Philox stream (seed, offset): uniform [a, b) or normal (mean a, std b).
+  virtual void fill_uniform(const View& dst, uint64_t seed, uint64_t offset, double low, double high) = 0;
+  virtual void fill_normal(const View& dst, uint64_t seed, uint64_t offset, double mean, double std) = 0;
+
+  // ---- elementwise (any strides; inputs already broadcast to out's shape) ----
+  virtual void unary(UnaryOp op, const View& out, const View& in, double scalar) = 0;
+  virtual void binary(BinaryOp op, const View& out, const View& a, const View& b) = 0;
+  virtual void where(const View& out, const View& condition, const View& a, const View& b) = 0;  // cond != 0 ? a : b
+
+  // ---- reductions: out has in's rank with 1 in every reduced dim ----
+  virtual void reduce(ReduceOp op, const View& out, const View& in) = 0;
+  // Index of the max along the last dim of contiguous in [rows, cols] -> out i64 [rows].
+  virtual void argmax_last(const View& out, const View& in) = 0;
+
+  // ---- matrix multiply ----
+  virtual void gemm(const GemmArgs& args) = 0;
+
+  // ---- indexing (contiguous) ----
+  // out[i, :] = table[index[i], :] ; index is i32 or i64; throws on an index out of range.
+  virtual void index_select_rows(const View& out, const View& table, const View& index) = 0;
+  // grad_table[index[i], :] += grad_out[i, :]
+  virtual void index_add_rows(const View& grad_table, const View& index, const View& grad_out) = 0;
+
+  // ---- fused neural-network kernels (contiguous, rows x cols over the last dim) ----
+  // mean/rstd are f32 [rows], saved for the backward.
+  virtual void layer_norm_forward(const View& y, const View& mean, const View& rstd, const View& x, const View& weight,
+                                  const View& bias, double eps) = 0;
+  // dweight/dbias may have data == nullptr: then they are not computed (frozen).
+  virtual void layer_norm_backward(const View& dx, const View& dweight, const View& dbias, const View& dy,
+                                   const View& x, const View& weight, const View& mean, const View& rstd) = 0;
+  virtual void gelu_forward(const View& y, const View& x) = 0;
+  virtual void gelu_backward(const View& dx, const View& dy, const View& x) = 0;
+  virtual void softmax_forward(const View& y, const View& x, bool log) = 0;
+  virtual void softmax_backward(const View& dx, const View& dy, const View& y, bool log) = 0;
+  // logits [N, K]; targets i32/i64 [N]; loss [N] per row (0 where ignored); lse [N] f32 saved.
+  virtual void cross_entropy_forward(const View& loss, const View& lse, const View& logits, const View& targets,
+                                     int64_t ignore_index) = 0;
+  // dlogits = dloss[i] * (softmax(logits[i]) - onehot(target[i])); dloss [N].
+  virtual void cross_entropy_backward(const View& dlogits, const View& dloss, const View& logits, const View& lse,
+                                      const View& targets, int64_t ignore_index) = 0;
+  // q, k, v, out [B, H, T, D]; key_mask i32 [B, T] (1 keep, 0 pad) or data == nullptr;
+  // lse f32 [B, H, T] saved for the backward. Rows that see no key give zeros.
+  virtual void attention_forward(const View& out, const View& lse, const View& q, const View& k, const View& v,
+                                 const View& key_mask, bool causal, double scale) = 0;
+  virtual void attention_backward(const View& dq, const View& dk, const View& dv, const View& dout, const View& q,
+                                  const View& k, const View& v, const View& out, const View& lse,
+                                  const View& key_mask, bool causal, double scale) = 0;
+  // out = in * keep / (1 - p), keep = philox_uniform(seed, offset, i) >= p; the backward calls it on the gradient.
+  virtual void dropout(const View& out, const View& in, double p, uint64_t seed, uint64_t offset) = 0;
+
+  // ---- optimiser ----
+  // One AdamW update of param (f32), in place, with its moments m and v.
+  virtual void adamw_step(const View& param, const View& grad, const View& m, const View& v,
+                          const AdamWArgs& args) = 0;
+};
+
+// The backend that owns `device`'s memory. Throws engine::Error for a CUDA
+// device when CUDA was not compiled in or no GPU is present.
+Backend& backend_for(Device device);
+
+bool cuda_available();  // compiled in and at least one GPU present
+
+}  // namespace engine

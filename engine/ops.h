@@ -1,0 +1,85 @@
+// The differentiable operations on tensors. Each checks its arguments once,
+// dispatches to the device's backend, and records its backward. Files in
+// engine/ops/ hold one family each, forward and backward side by side.
+#pragma once
+
+#include "engine/tensor.h"
+
+#include <optional>
+#include <vector>
+
+namespace engine {
+
+// ---- elementwise, NumPy broadcasting (ops/elementwise.cpp) ----
+Tensor add(const Tensor& a, const Tensor& b);
+Tensor sub(const Tensor& a, const Tensor& b);
+Tensor mul(const Tensor& a, const Tensor& b);
+Tensor div(const Tensor& a, const Tensor& b);
+Tensor maximum(const Tensor& a, const Tensor& b);
+Tensor add(const Tensor& a, double s);
+Tensor mul(const Tensor& a, double s);
+Tensor neg(const Tensor& a);
+Tensor exp(const Tensor& a);
+Tensor log(const Tensor& a);
+Tensor sqrt(const Tensor& a);
+Tensor tanh(const Tensor& a);
+Tensor pow(const Tensor& a, double exponent);
+Tensor square(const Tensor& a);
+Tensor where(const Tensor& condition, const Tensor& a, const Tensor& b);  // condition: any dtype, != 0 is true
+Tensor masked_fill(const Tensor& a, const Tensor& mask, double value);   // a where mask == 0, value elsewhere
+
+inline Tensor operator+(const Tensor& a, const Tensor& b) { return add(a, b); }
+inline Tensor operator-(const Tensor& a, const Tensor& b) { return sub(a, b); }
+inline Tensor operator*(const Tensor& a, const Tensor& b) { return mul(a, b); }
+inline Tensor operator/(const Tensor& a, const Tensor& b) { return div(a, b); }
+inline Tensor operator-(const Tensor& a) { return neg(a); }
+inline Tensor operator+(const Tensor& a, double s) { return add(a, s); }
+inline Tensor operator-(const Tensor& a, double s) { return add(a, -s); }
+inline Tensor operator*(const Tensor& a, double s) { return mul(a, s); }
+inline Tensor operator/(const Tensor& a, double s) { return mul(a, 1.0 / s); }
+inline Tensor operator*(double s, const Tensor& a) { return mul(a, s); }
+
+// ---- reductions (ops/reduce.cpp); empty dims means all dims ----
+Tensor sum(const Tensor& a, const std::vector<int64_t>& dims = {}, bool keepdim = false);
+Tensor mean(const Tensor& a, const std::vector<int64_t>& dims = {}, bool keepdim = false);
+Tensor max(const Tensor& a, int64_t dim, bool keepdim = false);  // values; gradient to the first max
+Tensor argmax(const Tensor& a, int64_t dim = -1);                 // i64, not differentiable
+// Sums `grad` down to `shape` (the inverse of broadcasting), for backward functions.
+Tensor sum_to(const Tensor& grad, const Shape& shape);
+
+// ---- shape (ops/shape.cpp; most are Tensor methods) ----
+Tensor cat(const std::vector<Tensor>& tensors, int64_t dim);
+std::vector<Tensor> split(const Tensor& a, int64_t split_size, int64_t dim);
+std::vector<Tensor> split(const Tensor& a, const std::vector<int64_t>& sizes, int64_t dim);
+
+// ---- matrix multiply (ops/matmul.cpp) ----
+// a [..., M, K] @ b [K, N], or batched a [B..., M, K] @ b [B..., K, N] with equal
+// batch dims. Transposed views are passed to the GEMM as flags, not copied.
+Tensor matmul(const Tensor& a, const Tensor& b);
+// How a Linear stores its weight: torch.nn.Linear [out, in] or HF Conv1D [in, out].
+enum class WeightLayout { OutIn, InOut };
+// y = x W^T + b (OutIn) or x W + b (InOut); bias may be undefined.
+Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias, WeightLayout layout);
+
+// ---- indexing (ops/index.cpp) ----
+Tensor index_select(const Tensor& a, int64_t dim, const Tensor& index);  // index: i32/i64 1-D
+Tensor embedding(const Tensor& weight, const Tensor& ids);                // weight [V, C], ids any shape
+
+// ---- neural-network ops (ops/nn.cpp, ops/attention.cpp, ops/loss.cpp) ----
+Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps = 1e-5);  // last dim
+Tensor gelu_new(const Tensor& x);  // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+Tensor softmax(const Tensor& x, int64_t dim = -1);
+Tensor log_softmax(const Tensor& x, int64_t dim = -1);
+enum class Reduction { None, Mean, Sum };
+// logits [N, K], targets i32/i64 [N]. Mean divides by the count of non-ignored targets.
+Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index = -100,
+                     Reduction reduction = Reduction::Mean);
+// q, k, v [B, H, T, D]; key_padding_mask [B, T] (nonzero = attend) or undefined.
+// Scale defaults to 1/sqrt(D). Returns [B, H, T, D].
+Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                                    const Tensor& key_padding_mask = Tensor(), bool causal = true,
+                                    std::optional<double> scale = std::nullopt);
+// Inverted dropout; identity when !training or p == 0.
+Tensor dropout(const Tensor& x, double p, bool training, Generator& gen);
+
+}  // namespace engine

@@ -1,0 +1,84 @@
+// scaled_dot_product_attention: softmax(scale * q k^T, masked) v as one fused
+// op. The kernel saves only the per-row log-sum-exp (lse), never the T x T
+// probabilities; the backward recomputes them from q, k and lse.
+//
+// Masking: query t attends key s when key_padding_mask[b, s] != 0 and, if
+// causal, s <= t. A query row that can attend no key at all (say a padded
+// prefix under causal masking) outputs zeros and gets zero gradient. PyTorch's
+// SDPA gives NaN there (HF GPT-2 works around it); zeros keep padded positions
+// harmless without any workaround in the model.
+#include "engine/ops/common.h"
+
+#include <cmath>
+
+namespace engine {
+
+namespace {
+
+constexpr const char* kOp = "scaled_dot_product_attention";
+
+// The mask as contiguous i32 0/1 whatever its dtype: where() treats any
+// nonzero as true, so a float mask of 0.5 keeps its key rather than truncating to 0.
+Tensor keep_mask_i32(const Tensor& mask) {
+  Tensor one = Tensor::ones({}, DType::F32, mask.device());
+  Tensor zero = Tensor::zeros({}, DType::F32, mask.device());
+  return where(mask.detach(), one, zero).to(DType::I32).contiguous();
+}
+
+View view_or_null(const Tensor& t) { return t.defined() ? view_of(t) : View{}; }
+
+void check_arguments(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask) {
+  check(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "{}: q, k, v must be [B, H, T, D], got shapes {}, {}, {}", kOp,
+        shape_str(q.shape()), shape_str(k.shape()), shape_str(v.shape()));
+  check(q.shape() == k.shape() && q.shape() == v.shape(), "{}: q, k, v shapes differ: {}, {}, {}", kOp,
+        shape_str(q.shape()), shape_str(k.shape()), shape_str(v.shape()));
+  detail::check_compatible(q, k, kOp);
+  detail::check_compatible(q, v, kOp);
+  detail::check_floating(q, kOp);
+  if (!mask.defined()) return;
+  check(mask.dim() == 2 && mask.size(0) == q.size(0) && mask.size(1) == q.size(2),
+        "{}: key_padding_mask must be [B, T] = [{}, {}], got {}", kOp, q.size(0), q.size(2), shape_str(mask.shape()));
+  check(mask.device() == q.device(), "{}: key_padding_mask on {}, q on {}", kOp, mask.device().str(),
+        q.device().str());
+}
+
+}  // namespace
+
+Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& key_padding_mask,
+                                    bool causal, std::optional<double> scale_arg) {
+  check_arguments(q, k, v, key_padding_mask);
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  const double scale = scale_arg.value_or(D > 0 ? 1.0 / std::sqrt(double(D)) : 1.0);
+
+  // GPT-2's q, k, v are permuted views of one c_attn output: copy them
+  // contiguous once here, since the kernel walks rows of D.
+  Tensor qc = q.detach().contiguous(), kc = k.detach().contiguous(), vc = v.detach().contiguous();
+  Tensor mask = key_padding_mask.defined() ? keep_mask_i32(key_padding_mask) : Tensor();
+  Tensor out = Tensor::empty(q.shape(), q.dtype(), q.device());
+  Tensor lse = Tensor::empty({B, H, T}, DType::F32, q.device());
+  if (out.numel() > 0)
+    detail::backend_of(q).attention_forward(view_of(out), view_of(lse), view_of(qc), view_of(kc), view_of(vc),
+                                            view_or_null(mask), causal, scale);
+
+  // The backward keeps the inputs as given (in node.inputs) rather than their
+  // contiguous copies: re-copying costs little time, keeping copies costs a
+  // second q, k, v per layer of activation memory.
+  record(out, kOp, {q, k, v},
+         [mask, lse, y = out.detach(), causal, scale](const Tensor& grad, const Node& node) -> std::vector<Tensor> {
+           const bool want_q = node.needs_grad(0), want_k = node.needs_grad(1), want_v = node.needs_grad(2);
+           const Tensor& q = node.inputs[0];
+           auto grad_buffer = [&](bool wanted) { return wanted ? Tensor::empty(q.shape(), q.dtype(), q.device()) : Tensor(); };
+           Tensor dq = grad_buffer(want_q), dk = grad_buffer(want_k), dv = grad_buffer(want_v);
+           if (y.numel() > 0) {
+             Tensor qc = q.detach().contiguous(), kc = node.inputs[1].detach().contiguous();
+             Tensor vc = node.inputs[2].detach().contiguous(), dout = grad.detach().contiguous();
+             detail::backend_of(q).attention_backward(view_or_null(dq), view_or_null(dk), view_or_null(dv), view_of(dout),
+                                                      view_of(qc), view_of(kc), view_of(vc), view_of(y), view_of(lse),
+                                                      view_or_null(mask), causal, scale);
+           }
+           return {dq, dk, dv};
+         });
+  return out;
+}
+
+}  // namespace engine

@@ -1,0 +1,23 @@
+// Small helpers every op file uses: argument checks that name the op, and
+// views that present a tensor broadcast to a larger shape (stride 0).
+#pragma once
+
+#include "engine/autograd.h"
+#include "engine/backend.h"
+#include "engine/ops.h"
+
+namespace engine::detail {
+
+// Same device and dtype, or an error naming the op and both sides.
+void check_compatible(const Tensor& a, const Tensor& b, const char* op);
+void check_floating(const Tensor& a, const char* op);
+
+// `t` seen as `shape` under broadcasting: missing leading dims and size-1 dims get stride 0.
+View broadcast_view(const Tensor& t, const Shape& shape);
+
+// A new tensor sharing t's storage with the given layout (no autograd).
+Tensor make_view(const Tensor& t, const Shape& shape, const Shape& strides, int64_t offset);
+
+inline Backend& backend_of(const Tensor& t) { return backend_for(t.device()); }
+
+}  // namespace engine::detail

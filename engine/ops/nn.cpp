@@ -1,0 +1,103 @@
+// Fused neural-network ops: layer norm over the last dim, gelu_new, and
+// softmax / log-softmax over any dim. Each is one kernel forward and one
+// backward; layer norm skips its weight and bias gradients when they are frozen.
+#include "engine/ops/common.h"
+
+namespace engine {
+
+using detail::backend_of;
+
+namespace {
+
+// Saved statistics are f32 (the backend's contract), or f64 for f64 inputs,
+// whose gradient checks need them exact.
+DType stats_dtype(DType dtype) { return dtype == DType::F64 ? DType::F64 : DType::F32; }
+
+View view_or_none(const Tensor& t) { return t.defined() ? view_of(t) : View{}; }
+
+}  // namespace
+
+// ---- layer norm ----
+
+Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps) {
+  detail::check_floating(x, "layer_norm");
+  check(x.dim() >= 1, "layer_norm: needs a tensor of rank >= 1, got a scalar");
+  check(weight.defined() && bias.defined(), "layer_norm: needs both a weight and a bias");
+  detail::check_compatible(x, weight, "layer_norm");
+  detail::check_compatible(x, bias, "layer_norm");
+  const int64_t C = x.size(-1);
+  check(weight.shape() == Shape{C} && bias.shape() == Shape{C},
+        "layer_norm: weight {} and bias {} must both be [{}] for input {}", shape_str(weight.shape()),
+        shape_str(bias.shape()), C, shape_str(x.shape()));
+  const Tensor xc = x.detach().contiguous(), w = weight.detach().contiguous(), b = bias.detach().contiguous();
+  const int64_t rows = C == 0 ? 0 : x.numel() / C;
+
+  Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
+  Tensor mean = Tensor::empty({rows}, stats_dtype(x.dtype()), x.device());
+  Tensor rstd = Tensor::empty({rows}, stats_dtype(x.dtype()), x.device());
+  if (x.numel() > 0)
+    backend_of(x).layer_norm_forward(view_of(y), view_of(mean), view_of(rstd), view_of(xc), view_of(w), view_of(b),
+                                     eps);
+
+  record(y, "layer_norm", {x, weight, bias}, [xc, w, mean, rstd](const Tensor& g, const Node& n) -> std::vector<Tensor> {
+    const Tensor dy = g.contiguous();
+    const int64_t C = xc.size(-1);
+    Tensor dx = Tensor::empty(xc.shape(), xc.dtype(), xc.device());
+    // A frozen weight or bias gets no gradient tensor, and the kernel skips its sum.
+    Tensor dweight = n.needs_grad(1) ? Tensor::zeros({C}, w.dtype(), w.device()) : Tensor();
+    Tensor dbias = n.needs_grad(2) ? Tensor::zeros({C}, w.dtype(), w.device()) : Tensor();
+    if (xc.numel() > 0)
+      backend_of(xc).layer_norm_backward(view_of(dx), view_or_none(dweight), view_or_none(dbias), view_of(dy),
+                                         view_of(xc), view_of(w), view_of(mean), view_of(rstd));
+    return {n.needs_grad(0) ? dx : Tensor(), dweight, dbias};
+  });
+  return y;
+}
+
+// ---- gelu_new ----
+
+Tensor gelu_new(const Tensor& x) {
+  detail::check_floating(x, "gelu_new");
+  const Tensor xc = x.detach().contiguous();
+  Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
+  backend_of(x).gelu_forward(view_of(y), view_of(xc));
+  record(y, "gelu_new", {x}, [xc](const Tensor& g, const Node&) -> std::vector<Tensor> {
+    const Tensor dy = g.contiguous();
+    Tensor dx = Tensor::empty(xc.shape(), xc.dtype(), xc.device());
+    backend_of(xc).gelu_backward(view_of(dx), view_of(dy), view_of(xc));
+    return {dx};
+  });
+  return y;
+}
+
+// ---- softmax and log-softmax ----
+
+namespace {
+
+// The kernels normalise the last dim of contiguous rows; any other dim is
+// swapped to the end, normalised, and swapped back.
+Tensor softmax_over(const Tensor& x, int64_t dim, bool log, const char* name) {
+  detail::check_floating(x, name);
+  if (x.dim() == 0) return softmax_over(x.reshape({1}), dim == -1 ? 0 : dim, log, name).reshape({});
+  dim = wrap_dim(dim, x.dim(), name);
+  const int64_t last = x.dim() - 1;
+  const Tensor rows = dim == last ? x.detach().contiguous() : x.detach().transpose(dim, last).contiguous();
+  Tensor y_rows = Tensor::empty(rows.shape(), x.dtype(), x.device());
+  if (x.numel() > 0) backend_of(x).softmax_forward(view_of(y_rows), view_of(rows), log);
+  Tensor y = dim == last ? y_rows : y_rows.transpose(dim, last).contiguous();
+
+  record(y, name, {x}, [saved = y_rows.detach(), dim, last, log](const Tensor& g, const Node&) -> std::vector<Tensor> {
+    const Tensor dy = g.transpose(dim, last).contiguous();
+    Tensor dx = Tensor::empty(saved.shape(), saved.dtype(), saved.device());
+    if (saved.numel() > 0) backend_of(saved).softmax_backward(view_of(dx), view_of(dy), view_of(saved), log);
+    return {dim == last ? dx : dx.transpose(dim, last)};
+  });
+  return y;
+}
+
+}  // namespace
+
+Tensor softmax(const Tensor& x, int64_t dim) { return softmax_over(x, dim, false, "softmax"); }
+Tensor log_softmax(const Tensor& x, int64_t dim) { return softmax_over(x, dim, true, "log_softmax"); }
+
+}  // namespace engine

@@ -1,0 +1,90 @@
+// The autograd core: accumulation, shared subexpressions, detach, NoGradGuard,
+// retain_graph, and the rule CURLoRA's speed rests on: a frozen weight costs
+// no weight-gradient GEMM.
+#include "engine/autograd.h"
+#include "engine/ops.h"
+#include "engine/profiler.h"
+#include "tests/gradcheck.h"
+
+#include <catch2/catch.hpp>
+
+using engine::DType;
+using engine::Tensor;
+using testing::random_f64;
+
+TEST_CASE("gradients accumulate across backward calls and paths", "[autograd]") {
+  Tensor x = Tensor::from_vector<double>({1, 2, 3}, {3}).set_requires_grad(true);
+  // y uses x twice (a diamond): dy/dx = 2x + 3.
+  Tensor y = engine::sum(x * x + x * 3.0);
+  y.backward();
+  CHECK(x.grad().to_vector<double>() == std::vector<double>{5, 7, 9});
+  engine::sum(x * 2.0).backward();  // accumulates
+  CHECK(x.grad().to_vector<double>() == std::vector<double>{7, 9, 11});
+  x.zero_grad();
+  CHECK_FALSE(x.grad().defined());
+}
+
+TEST_CASE("detach and NoGradGuard stop the graph", "[autograd]") {
+  Tensor x = random_f64({3}, 1);
+  Tensor d = x.detach();
+  CHECK_FALSE(d.requires_grad());
+  CHECK(d.data_ptr() == x.data_ptr());  // same storage
+  {
+    engine::NoGradGuard guard;
+    Tensor y = x * 2.0;
+    CHECK_FALSE(y.requires_grad());
+    CHECK(y.is_leaf());
+  }
+  CHECK(engine::grad_mode_enabled());
+  Tensor z = engine::sum(x * d);  // d is a constant here
+  z.backward();
+  testing::require_close(x.grad(), d.to_vector<double>());
+}
+
+TEST_CASE("backward twice needs retain_graph", "[autograd]") {
+  Tensor x = random_f64({2, 2}, 1);
+  Tensor y = engine::sum(engine::exp(x));
+  y.backward(Tensor(), /*retain_graph=*/true);
+  y.backward();
+  testing::require_close(x.grad(), (engine::exp(x.detach()) * 2.0).to_vector<double>(), 1e-12);
+  CHECK_THROWS_WITH(y.backward(), Catch::Contains("a second time"));
+}
+
+TEST_CASE("backward checks its seed", "[autograd][errors]") {
+  Tensor x = random_f64({2, 2}, 1);
+  Tensor y = x * 2.0;
+  CHECK_THROWS_WITH(y.backward(), Catch::Contains("needs a scalar"));
+  CHECK_THROWS_WITH(y.backward(Tensor::ones({3}, DType::F64)), Catch::Contains("does not match"));
+  CHECK_THROWS_WITH(Tensor::zeros({1}).backward(), Catch::Contains("does not require grad"));
+  y.backward(Tensor::ones({2, 2}, DType::F64));
+  testing::require_close(x.grad(), {2, 2, 2, 2});
+  CHECK_THROWS_WITH(y.set_requires_grad(false), Catch::Contains("non-leaf"));
+}
+
+TEST_CASE("a frozen weight costs no weight-gradient GEMM", "[autograd][matmul]") {
+  // The CURLoRA layer: y = x W + ((x C) U) R with W, C, R frozen, U trainable.
+  engine::Generator gen(5);
+  Tensor x = Tensor::randn({4, 6, 8}, gen);
+  Tensor W = Tensor::randn({8, 12}, gen);
+  Tensor C = Tensor::randn({8, 2}, gen);
+  Tensor R = Tensor::randn({2, 12}, gen);
+  Tensor U = Tensor::zeros({2, 2}).set_requires_grad(true);
+  Tensor y = engine::matmul(x, W) + engine::matmul(engine::matmul(engine::matmul(x, C), U), R);
+  Tensor loss = engine::sum(y * y);
+
+  engine::Profiler profiler;
+  loss.backward();
+  // Only dU (= (xC)^T (dy R^T)) needs GEMMs: dy R^T, then (xC)^T times that.
+  // Nothing flows to x, W, C or R, so none of their GEMMs run.
+  CHECK(profiler.calls("gemm") == 2);
+  CHECK(U.grad().defined());
+  CHECK_FALSE(W.grad().defined());
+
+  // With x trainable too, dX GEMMs run through W and the adapter, but still no dW.
+  Tensor x2 = x.detach().set_requires_grad(true);
+  Tensor y2 = engine::matmul(x2, W) + engine::matmul(engine::matmul(engine::matmul(x2, C), U.detach()), R);
+  engine::Profiler profiler2;
+  engine::sum(y2).backward();
+  CHECK(profiler2.calls("gemm") == 4);  // dX via W; via R, U and C: one GEMM each
+  CHECK_FALSE(W.grad().defined());
+}

@@ -1,0 +1,99 @@
+// matmul and linear: forward against a naive triple loop (2-D, batched,
+// shared weights, transposed views), backward against finite differences.
+#include "engine/ops.h"
+#include "tests/gradcheck.h"
+
+#include <catch2/catch.hpp>
+
+using engine::DType;
+using engine::Shape;
+using engine::Tensor;
+using testing::check_gradients;
+using testing::random_f64;
+
+namespace {
+
+// out[b, i, j] = sum_k a[b, i, k] * w[b or 0, k, j], from element reads only.
+std::vector<double> naive_matmul(const Tensor& a, const Tensor& b) {
+  Tensor a3 = a.reshape({-1, a.size(-2), a.size(-1)});
+  Tensor b3 = b.dim() == 2 ? b.unsqueeze(0) : b.reshape({-1, b.size(-2), b.size(-1)});
+  std::vector<double> out;
+  for (int64_t n = 0; n < a3.size(0); ++n)
+    for (int64_t i = 0; i < a3.size(1); ++i)
+      for (int64_t j = 0; j < b3.size(2); ++j) {
+        double acc = 0;
+        for (int64_t k = 0; k < a3.size(2); ++k)
+          acc += testing::at(a3, {n, i, k}) * testing::at(b3, {b3.size(0) == 1 ? 0 : n, k, j});
+        out.push_back(acc);
+      }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("matmul matches a naive loop", "[matmul]") {
+  for (DType dtype : {DType::F32, DType::F64}) {
+    engine::Generator gen(11);
+    auto r = [&](const Shape& s) { return Tensor::rand(s, gen, -1, 1, dtype); };
+    double tol = dtype == DType::F32 ? 1e-5 : 1e-12;
+    Tensor a = r({5, 7}), b = r({7, 3});
+    testing::require_close(engine::matmul(a, b), naive_matmul(a, b), tol);
+    // Transposed operands reach the GEMM as flags.
+    Tensor at = r({7, 5}).transpose(0, 1), bt = r({3, 7}).transpose(0, 1);
+    testing::require_close(engine::matmul(at, bt), naive_matmul(at, bt), tol);
+    // A shared 2-D weight folds the batch into M; a strided activation does not fold.
+    Tensor x = r({2, 3, 4, 7});
+    testing::require_close(engine::matmul(x, b), naive_matmul(x, b), tol);
+    Tensor xs = r({4, 2, 7}).transpose(0, 1);
+    testing::require_close(engine::matmul(xs, b), naive_matmul(xs, b), tol);
+    // Batched with equal batch dims, including a batch-transposed operand.
+    Tensor p = r({2, 3, 5, 7}), q = r({2, 3, 7, 4});
+    testing::require_close(engine::matmul(p, q), naive_matmul(p, q), tol);
+    Tensor qt = r({2, 3, 4, 7}).transpose(-1, -2);
+    testing::require_close(engine::matmul(p, qt), naive_matmul(p, qt), tol);
+    Tensor pp = r({3, 2, 5, 7}).transpose(0, 1);  // batch dims not collapsible: copied
+    testing::require_close(engine::matmul(pp, q), naive_matmul(pp, q), tol);
+    // Degenerate sizes.
+    testing::require_close(engine::matmul(r({1, 1}), r({1, 1})).reshape({1}), naive_matmul(r({1, 1}), r({1, 1})), 2);
+    CHECK(engine::matmul(r({0, 4}), r({4, 3})).shape() == Shape{0, 3});
+    CHECK(engine::matmul(r({2, 0}), r({0, 3})).to_vector<double>() == std::vector<double>(6, 0.0));
+  }
+}
+
+TEST_CASE("linear in both weight layouts", "[matmul]") {
+  Tensor x = random_f64({2, 3, 4}, 1, false);
+  Tensor w_in_out = random_f64({4, 5}, 2, false);
+  Tensor bias = random_f64({5}, 3, false);
+  Tensor y1 = engine::linear(x, w_in_out, bias, engine::WeightLayout::InOut);
+  Tensor y2 = engine::linear(x, w_in_out.transpose(0, 1).contiguous(), bias, engine::WeightLayout::OutIn);
+  std::vector<double> want = naive_matmul(x, w_in_out);
+  std::vector<double> b = bias.to_vector<double>();
+  for (size_t i = 0; i < want.size(); ++i) want[i] += b[i % 5];
+  testing::require_close(y1, want, 1e-12);
+  testing::require_close(y2, want, 1e-12);
+  CHECK_THROWS_WITH(engine::linear(x, w_in_out, bias, engine::WeightLayout::OutIn), Catch::Contains("do not chain"));
+  CHECK_THROWS_WITH(engine::linear(x, w_in_out, random_f64({4}, 4), engine::WeightLayout::InOut),
+                    Catch::Contains("bias shape [4] for 5 outputs"));
+}
+
+TEST_CASE("matmul gradients match finite differences", "[matmul][grad]") {
+  using V = const std::vector<Tensor>&;
+  check_gradients([](V in) { return engine::matmul(in[0], in[1]); }, {random_f64({3, 4}, 1), random_f64({4, 5}, 2)});
+  check_gradients([](V in) { return engine::matmul(in[0], in[1]); }, {random_f64({2, 3, 4}, 1), random_f64({4, 2}, 2)});
+  check_gradients([](V in) { return engine::matmul(in[0], in[1]); },
+                  {random_f64({2, 3, 4}, 1), random_f64({2, 4, 2}, 2)});
+  check_gradients([](V in) { return engine::matmul(in[0].transpose(0, 1), in[1].transpose(0, 1)); },
+                  {random_f64({4, 3}, 1), random_f64({5, 4}, 2)});
+  check_gradients([](V in) { return engine::linear(in[0], in[1], in[2], engine::WeightLayout::OutIn); },
+                  {random_f64({2, 3, 4}, 1), random_f64({5, 4}, 2), random_f64({5}, 3)});
+}
+
+TEST_CASE("matmul rejects mismatched operands", "[matmul][errors]") {
+  CHECK_THROWS_WITH(engine::matmul(Tensor::zeros({2, 3}), Tensor::zeros({4, 5})),
+                    Catch::Contains("shapes [2, 3] and [4, 5] do not chain"));
+  CHECK_THROWS_WITH(engine::matmul(Tensor::zeros({2, 2, 3}), Tensor::zeros({3, 3, 5})),
+                    Catch::Contains("batch dims differ"));
+  CHECK_THROWS_WITH(engine::matmul(Tensor::zeros({3}), Tensor::zeros({3, 5})), Catch::Contains("rank >= 2"));
+  CHECK_THROWS_WITH(engine::matmul(Tensor::zeros({2, 3}, DType::I32), Tensor::zeros({3, 5}, DType::I32)),
+                    Catch::Contains("floating"));
+}
