@@ -17,7 +17,6 @@
 #include <fstream>
 #include <iterator>
 #include <mutex>
-#include <queue>
 #include <unordered_map>
 
 #include "engine/error.h"
@@ -116,7 +115,70 @@ struct MergeRule {
   int32_t merged_id;
 };
 
-uint64_t pair_key(int32_t left, int32_t right) { return (uint64_t(uint32_t(left)) << 32) | uint32_t(right); }
+// (left id, right id) -> rule, open addressing with linear probing: this lookup
+// is the inner loop of BPE, and std::unordered_map's node chasing doubled its cost.
+class MergeTable {
+ public:
+  static uint64_t key(int32_t left, int32_t right) { return (uint64_t(uint32_t(left)) << 32) | uint32_t(right); }
+
+  const MergeRule* find(uint64_t key) const {
+    if (slots_.empty()) return nullptr;
+    for (size_t i = hash(key) & mask_;; i = (i + 1) & mask_) {
+      if (slots_[i].key == key) return &slots_[i].rule;
+      if (slots_[i].key == kEmpty) return nullptr;
+    }
+  }
+
+  void insert_or_assign(uint64_t key, MergeRule rule) {
+    if (2 * (size_ + 1) > slots_.size()) grow();
+    size_t i = hash(key) & mask_;
+    while (slots_[i].key != kEmpty && slots_[i].key != key) i = (i + 1) & mask_;
+    if (slots_[i].key == kEmpty) ++size_;
+    slots_[i] = Slot{key, rule};
+  }
+
+ private:
+  static constexpr uint64_t kEmpty = ~uint64_t(0);  // ids stay below 2^24, so no real key collides
+  struct Slot {
+    uint64_t key;
+    MergeRule rule;
+  };
+  static size_t hash(uint64_t k) {
+    k ^= k >> 33;
+    k *= 0xff51afd7ed558ccdull;
+    return size_t(k ^ (k >> 33));
+  }
+  void grow() {
+    std::vector<Slot> old = std::move(slots_);
+    slots_.assign(std::max<size_t>(1024, old.size() * 2), Slot{kEmpty, {}});
+    mask_ = slots_.size() - 1;
+    size_ = 0;
+    for (const Slot& s : old)
+      if (s.key != kEmpty) insert_or_assign(s.key, s.rule);
+  }
+  std::vector<Slot> slots_;
+  size_t mask_ = 0;
+  size_t size_ = 0;
+};
+
+// Working memory of one encode call, reused for all its pieces.
+struct BpeScratch {
+  struct Symbol {
+    int32_t id;
+    int32_t prev;
+    int32_t next;
+    bool alive;
+  };
+  struct Candidate {
+    uint32_t rank;
+    uint32_t pos;
+    int32_t merged_id;
+    // std heaps are max-heaps; "greater" puts the lowest rank, then leftmost position, on top.
+    bool operator>(const Candidate& o) const { return rank != o.rank ? rank > o.rank : pos > o.pos; }
+  };
+  std::vector<Symbol> symbols;
+  std::vector<Candidate> heap;
+};
 
 // ---------------------------------------------------------------- regex
 
@@ -186,7 +248,7 @@ struct GPT2Tokenizer::Impl {
   std::vector<std::string> id_to_bytes;  // what decode() emits per id
   std::vector<uint8_t> id_present;
   std::array<int32_t, 256> byte_id{};    // initial BPE symbol of each byte
-  std::unordered_map<uint64_t, MergeRule> merges;
+  MergeTable merges;
   size_t merge_count = 0;
   std::vector<std::pair<std::string, int32_t>> specials;
   PieceRegex regex;
@@ -196,9 +258,9 @@ struct GPT2Tokenizer::Impl {
 
   void load_vocab(const std::string& path);
   void load_merges(const std::string& path);
-  void bpe(std::string_view piece, std::vector<int32_t>& out) const;
-  void encode_piece(std::string_view piece, std::vector<int32_t>& out) const;
-  void encode_ordinary(std::string_view text, std::vector<int32_t>& out) const;
+  void bpe(std::string_view piece, std::vector<int32_t>& out, BpeScratch& scratch) const;
+  void encode_piece(std::string_view piece, std::vector<int32_t>& out, BpeScratch& scratch) const;
+  void encode_ordinary(std::string_view text, std::vector<int32_t>& out, BpeScratch& scratch) const;
 };
 
 void GPT2Tokenizer::Impl::load_vocab(const std::string& path) {
@@ -224,6 +286,10 @@ void GPT2Tokenizer::Impl::load_vocab(const std::string& path) {
     engine::check(!token.empty(), "GPT-2 vocab file '{}': empty token string (id {})", path, id);
     max_id = std::max(max_id, id);
   }
+  // The id tables are dense, so a stray huge id must not make them huge.
+  engine::check(size_t(max_id) < 2 * json.size() + 1024,
+                "GPT-2 vocab file '{}': ids run up to {} for only {} tokens; expected ids 0..{} with few gaps", path,
+                max_id, json.size(), json.size() - 1);
   id_to_token.assign(size_t(max_id + 1), std::string());
   id_present.assign(size_t(max_id + 1), 0);
   for (const auto& [token, value] : json.items()) {
@@ -271,7 +337,6 @@ void GPT2Tokenizer::Impl::load_merges(const std::string& path) {
   std::string text = read_file(path, "merges");
   std::string_view rest = text;
   size_t line_number = 0;
-  merges.reserve(65536);
   while (!rest.empty()) {
     size_t end = rest.find('\n');
     std::string_view line = rest.substr(0, end);
@@ -294,7 +359,7 @@ void GPT2Tokenizer::Impl::load_merges(const std::string& path) {
     };
     int32_t left_id = lookup(left), right_id = lookup(right);
     int32_t merged_id = lookup(std::string(left) + std::string(right));
-    merges[pair_key(left_id, right_id)] = MergeRule{uint32_t(merge_count), merged_id};
+    merges.insert_or_assign(MergeTable::key(left_id, right_id), MergeRule{uint32_t(merge_count), merged_id});
     ++merge_count;
   }
 }
@@ -304,46 +369,34 @@ void GPT2Tokenizer::Impl::load_merges(const std::string& path) {
 // A port of tokenizers' Word::merge_all: a min-heap of candidate merges by
 // (rank, position). A popped candidate is skipped when its left symbol was
 // absorbed, or the pair at its position no longer yields the same token.
-void GPT2Tokenizer::Impl::bpe(std::string_view piece, std::vector<int32_t>& out) const {
-  struct Symbol {
-    int32_t id;
-    int32_t prev;
-    int32_t next;
-    bool alive;
-  };
-  struct Candidate {
-    uint32_t rank;
-    uint32_t pos;
-    int32_t merged_id;
-    bool operator>(const Candidate& o) const { return rank != o.rank ? rank > o.rank : pos > o.pos; }
-  };
+void GPT2Tokenizer::Impl::bpe(std::string_view piece, std::vector<int32_t>& out, BpeScratch& scratch) const {
+  using Candidate = BpeScratch::Candidate;
+  auto& symbols = scratch.symbols;
+  auto& heap = scratch.heap;
   const auto n = int32_t(piece.size());
-  std::vector<Symbol> symbols(static_cast<size_t>(n));
+  symbols.resize(size_t(n));
   for (int32_t i = 0; i < n; ++i)
-    symbols[size_t(i)] = Symbol{byte_id[uint8_t(piece[size_t(i)])], i - 1, i + 1 < n ? i + 1 : -1, true};
+    symbols[size_t(i)] = {byte_id[uint8_t(piece[size_t(i)])], i - 1, i + 1 < n ? i + 1 : -1, true};
 
-  std::vector<Candidate> heap_storage;
-  heap_storage.reserve(size_t(n));
-  std::priority_queue<Candidate, std::vector<Candidate>, std::greater<>> heap(std::greater<>(),
-                                                                               std::move(heap_storage));
-  auto rule = [&](int32_t left, int32_t right) -> const MergeRule* {
-    auto it = merges.find(pair_key(left, right));
-    return it == merges.end() ? nullptr : &it->second;
-  };
+  heap.clear();
   auto push = [&](int32_t pos) {
-    const Symbol& s = symbols[size_t(pos)];
+    const auto& s = symbols[size_t(pos)];
     if (s.next < 0) return;
-    if (const MergeRule* r = rule(s.id, symbols[size_t(s.next)].id)) heap.push({r->rank, uint32_t(pos), r->merged_id});
+    if (const MergeRule* r = merges.find(MergeTable::key(s.id, symbols[size_t(s.next)].id))) {
+      heap.push_back({r->rank, uint32_t(pos), r->merged_id});
+      std::push_heap(heap.begin(), heap.end(), std::greater<>());
+    }
   };
   for (int32_t i = 0; i + 1 < n; ++i) push(i);
 
   while (!heap.empty()) {
-    Candidate top = heap.top();
-    heap.pop();
-    Symbol& left = symbols[top.pos];
+    std::pop_heap(heap.begin(), heap.end(), std::greater<>());
+    Candidate top = heap.back();
+    heap.pop_back();
+    auto& left = symbols[top.pos];
     if (!left.alive || left.next < 0) continue;
-    Symbol& right = symbols[size_t(left.next)];
-    const MergeRule* current = rule(left.id, right.id);
+    auto& right = symbols[size_t(left.next)];
+    const MergeRule* current = merges.find(MergeTable::key(left.id, right.id));
     if (!current || current->merged_id != top.merged_id) continue;
     left.id = top.merged_id;
     right.alive = false;
@@ -352,11 +405,11 @@ void GPT2Tokenizer::Impl::bpe(std::string_view piece, std::vector<int32_t>& out)
     if (left.prev >= 0) push(left.prev);
     push(int32_t(top.pos));
   }
-  for (const Symbol& s : symbols)
+  for (const auto& s : symbols)
     if (s.alive) out.push_back(s.id);
 }
 
-void GPT2Tokenizer::Impl::encode_piece(std::string_view piece, std::vector<int32_t>& out) const {
+void GPT2Tokenizer::Impl::encode_piece(std::string_view piece, std::vector<int32_t>& out, BpeScratch& scratch) const {
   if (piece.size() == 1) {
     out.push_back(byte_id[uint8_t(piece[0])]);
     return;
@@ -370,7 +423,7 @@ void GPT2Tokenizer::Impl::encode_piece(std::string_view piece, std::vector<int32
     }
   }
   size_t first = out.size();
-  bpe(piece, out);
+  bpe(piece, out, scratch);
   if (cacheable) {
     std::lock_guard lock(cache_mutex);
     if (cache.size() >= kMaxCacheEntries) cache.clear();  // crude, but bounds memory on endless novel text
@@ -378,8 +431,9 @@ void GPT2Tokenizer::Impl::encode_piece(std::string_view piece, std::vector<int32
   }
 }
 
-void GPT2Tokenizer::Impl::encode_ordinary(std::string_view text, std::vector<int32_t>& out) const {
-  regex.split(text, [&](size_t begin, size_t end) { encode_piece(text.substr(begin, end - begin), out); });
+void GPT2Tokenizer::Impl::encode_ordinary(std::string_view text, std::vector<int32_t>& out,
+                                          BpeScratch& scratch) const {
+  regex.split(text, [&](size_t begin, size_t end) { encode_piece(text.substr(begin, end - begin), out, scratch); });
 }
 
 // ---------------------------------------------------------------- public API
@@ -423,8 +477,9 @@ std::vector<int32_t> GPT2Tokenizer::encode(std::string_view text, SpecialTokens 
 // regex then runs on each span between them separately.
 void GPT2Tokenizer::encode_append(std::string_view text, std::vector<int32_t>& ids, SpecialTokens special) const {
   const Impl& s = *impl_;
+  BpeScratch scratch;
   if (special == SpecialTokens::AsText || s.specials.empty()) {
-    s.encode_ordinary(text, ids);
+    s.encode_ordinary(text, ids, scratch);
     return;
   }
   std::vector<size_t> next_at(s.specials.size(), 0);  // next occurrence of each, found lazily
@@ -440,11 +495,11 @@ void GPT2Tokenizer::encode_append(std::string_view text, std::vector<int32_t>& i
         best = k;
     }
     if (best == std::string_view::npos) break;
-    s.encode_ordinary(text.substr(pos, next_at[best] - pos), ids);
+    s.encode_ordinary(text.substr(pos, next_at[best] - pos), ids, scratch);
     ids.push_back(s.specials[best].second);
     pos = next_at[best] + s.specials[best].first.size();
   }
-  s.encode_ordinary(text.substr(pos), ids);
+  s.encode_ordinary(text.substr(pos), ids, scratch);
 }
 
 std::string GPT2Tokenizer::decode(std::span<const int32_t> ids) const {
