@@ -254,8 +254,10 @@ void CpuBackend::softmax_forward(const View& y, const View& x, bool log) {
         sum += double(yr[c]);
       }
       if (log) {
-        const T log_norm = row_max + T(std::log(sum));
-        for (int64_t c = 0; c < cols; ++c) yr[c] = xr[c] - log_norm;
+        // (x - max) - log(sum), not x - (max + log(sum)): for logits in the
+        // thousands the latter rounds away the small log(sum) term.
+        const T log_sum = T(std::log(sum));
+        for (int64_t c = 0; c < cols; ++c) yr[c] = (xr[c] - row_max) - log_sum;
       } else {
         const T inverse = T(1.0 / sum);
         for (int64_t c = 0; c < cols; ++c) yr[c] *= inverse;
@@ -309,10 +311,10 @@ void CpuBackend::cross_entropy_forward(const View& loss, const View& lse, const 
       for (int64_t c = 0; c < cols; ++c) row_max = std::max(row_max, xr[c]);
       double sum = 0;
       for (int64_t c = 0; c < cols; ++c) sum += double(std::exp(xr[c] - row_max));
-      const T row_lse = row_max + T(std::log(sum));
+      const T log_sum = T(std::log(sum));
       const int64_t target = cpu::read_index(targets.data, targets.dtype, r);
-      plse[r] = row_lse;
-      ploss[r] = target == ignore_index ? T(0) : row_lse - xr[target];
+      plse[r] = row_max + log_sum;
+      ploss[r] = target == ignore_index ? T(0) : (row_max - xr[target]) + log_sum;  // as in log_softmax
     });
   });
 }
