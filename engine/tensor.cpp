@@ -104,7 +104,7 @@ double Tensor::item() const {
 // ---- autograd ----
 
 Tensor& Tensor::set_requires_grad(bool enabled) {
-  check(is_leaf(), "set_requires_grad on a non-leaf tensor (made by '{}'): detach() it first", impl().grad_fn->op);
+  if (!is_leaf()) fail("set_requires_grad on a non-leaf tensor (made by '{}'): detach() it first", impl().grad_fn->op);
   check(!enabled || is_floating(dtype()), "only floating tensors can require grad, not {}", dtype_name(dtype()));
   impl().requires_grad = enabled;
   return *this;

@@ -4,8 +4,6 @@
 // tensor is handed out, and each failure is one line naming the file.
 #include "engine/io/safetensors.h"
 
-#include <nlohmann/json.hpp>
-
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -17,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 #include <unordered_set>
 
 namespace engine::io {
@@ -41,11 +40,13 @@ struct DTypeInfo {
 
 // Every dtype the safetensors spec names; only some map to engine dtypes.
 constexpr DTypeInfo kDTypes[] = {
-    {"F64", 64, DType::F64},  {"F32", 32, DType::F32},    {"F16", 16, DType::F16},      {"BF16", 16, DType::BF16},
-    {"I64", 64, DType::I64},  {"I32", 32, DType::I32},    {"U64", 64, std::nullopt},    {"U32", 32, std::nullopt},
-    {"I16", 16, std::nullopt}, {"U16", 16, std::nullopt}, {"I8", 8, std::nullopt},      {"U8", 8, std::nullopt},
-    {"BOOL", 8, std::nullopt}, {"C64", 64, std::nullopt}, {"F8_E4M3", 8, std::nullopt}, {"F8_E5M2", 8, std::nullopt},
-    {"F8_E8M0", 8, std::nullopt}, {"F6_E2M3", 6, std::nullopt}, {"F6_E3M2", 6, std::nullopt}, {"F4", 4, std::nullopt},
+    {"F64", 64, DType::F64},      {"F32", 32, DType::F32},      {"F16", 16, DType::F16},
+    {"BF16", 16, DType::BF16},    {"I64", 64, DType::I64},      {"I32", 32, DType::I32},
+    {"U64", 64, std::nullopt},    {"U32", 32, std::nullopt},    {"I16", 16, std::nullopt},
+    {"U16", 16, std::nullopt},    {"I8", 8, std::nullopt},      {"U8", 8, std::nullopt},
+    {"BOOL", 8, std::nullopt},    {"C64", 64, std::nullopt},    {"F8_E4M3", 8, std::nullopt},
+    {"F8_E5M2", 8, std::nullopt}, {"F8_E8M0", 8, std::nullopt}, {"F6_E2M3", 6, std::nullopt},
+    {"F6_E3M2", 6, std::nullopt}, {"F4", 4, std::nullopt},
 };
 
 const DTypeInfo* find_dtype(const std::string& name) {
@@ -68,21 +69,37 @@ const char* safetensors_name(DType dtype) {
 
 // ---- one-line error text ----
 
-// Names come from the file and may hold newlines or stray bytes; errors must
-// stay on one printable line, so such bytes are shown as \xNN.
-std::string printable(std::string_view text, bool escape_non_ascii = false) {
+// Names come from the file and may hold newlines, stray bytes or megabytes;
+// errors must stay on one short printable line, so such bytes are shown as
+// \xNN and long text is cut.
+std::string printable(std::string_view text, bool escape_non_ascii = false, size_t limit = 256) {
   std::string out;
-  for (char c : text) {
+  for (char c : text.substr(0, limit)) {
     auto u = static_cast<unsigned char>(c);
     if (u < 0x20 || u == 0x7f || (escape_non_ascii && u >= 0x80))
       out += fmt::format("\\x{:02x}", u);
     else
       out += c;
   }
-  return out;
+  return text.size() > limit ? out + "..." : out;
 }
 
-std::string json_str(const json& value) { return printable(value.dump()); }
+std::string printable_path(std::string_view path) { return printable(path, false, 4096); }
+
+// A short rendering of a header value for an error message. It looks only one
+// level deep: dump() recurses, and a hostile header can nest a million arrays.
+std::string describe(const json& value) {
+  constexpr size_t kShown = 8;
+  auto scalar = [](const json& item) -> std::string {
+    if (item.is_number() || item.is_boolean() || item.is_null()) return item.dump();
+    if (item.is_string()) return fmt::format("\"{}\"", printable(item.get_ref<const std::string&>(), false, 32));
+    return item.is_array() ? "[...]" : "{...}";
+  };
+  if (!value.is_array()) return scalar(value);
+  std::string out = "[";
+  for (size_t i = 0; i < value.size() && i < kShown; ++i) out += (i ? ", " : "") + scalar(value[i]);
+  return out + (value.size() > kShown ? ", ...]" : "]");
+}
 
 // ---- header validation ----
 
@@ -92,7 +109,7 @@ class HeaderParser {
 
   template <typename... Args>
   [[noreturn]] void fault(fmt::format_string<Args...> format, Args&&... args) const {
-    throw Error(printable(path_) + ": " + fmt::format(format, std::forward<Args>(args)...));
+    throw Error(printable_path(path_) + ": " + fmt::format(format, std::forward<Args>(args)...));
   }
 
   json parse_json(const char* begin, const char* end) const {
@@ -138,18 +155,18 @@ class HeaderParser {
     SafetensorsEntry entry;
     entry.name = name;
     const json& dtype = value["dtype"];
-    if (!dtype.is_string()) fault("tensor '{}' dtype {} is not a string", shown, json_str(dtype));
+    if (!dtype.is_string()) fault("tensor '{}' dtype {} is not a string", shown, describe(dtype));
     entry.dtype_name = dtype.get<std::string>();
     const DTypeInfo* info = find_dtype(entry.dtype_name);
     if (!info) fault("tensor '{}' has unknown dtype '{}'", shown, printable(entry.dtype_name));
     entry.dtype = info->engine_dtype;
 
     const json& shape = value["shape"];
-    if (!shape.is_array()) fault("tensor '{}' shape {} is not an array", shown, json_str(shape));
+    if (!shape.is_array()) fault("tensor '{}' shape {} is not an array", shown, describe(shape));
     for (const json& dim : shape) {
-      if (!dim.is_number_integer()) fault("tensor '{}' shape {} has a non-integer dim", shown, json_str(shape));
+      if (!dim.is_number_integer()) fault("tensor '{}' shape {} has a non-integer dim", shown, describe(shape));
       if (dim.is_number_unsigned() ? dim.get<uint64_t>() > uint64_t(INT64_MAX) : dim.get<int64_t>() < 0)
-        fault("tensor '{}' shape {} has a dim outside [0, 2^63)", shown, json_str(shape));
+        fault("tensor '{}' shape {} has a dim outside [0, 2^63)", shown, describe(shape));
       entry.shape.push_back(dim.get<int64_t>());
     }
     // Strides multiply every dim (zeros count as one), so that product must
@@ -157,13 +174,13 @@ class HeaderParser {
     int64_t extent = 1;
     for (int64_t dim : entry.shape)
       if (__builtin_mul_overflow(extent, std::max<int64_t>(dim, 1), &extent))
-        fault("tensor '{}' shape {} is too large: its dims multiply past 2^63", shown, json_str(shape));
+        fault("tensor '{}' shape {} is too large: its dims multiply past 2^63", shown, describe(shape));
     const uint64_t count = uint64_t(numel(entry.shape));
 
     const json& offsets = value["data_offsets"];
     if (!offsets.is_array() || offsets.size() != 2 || !offsets[0].is_number_unsigned() ||
         !offsets[1].is_number_unsigned())
-      fault("tensor '{}' data_offsets {} is not a pair of non-negative integers", shown, json_str(offsets));
+      fault("tensor '{}' data_offsets {} is not a pair of non-negative integers", shown, describe(offsets));
     const uint64_t begin = offsets[0].get<uint64_t>(), end = offsets[1].get<uint64_t>();
     if (begin > end) fault("tensor '{}' data_offsets [{}, {}] begin after they end", shown, begin, end);
     if (end > data_size_)
@@ -202,8 +219,7 @@ class HeaderParser {
       if (entry->end > covered || !last) last = entry;
       covered = std::max(covered, entry->end);
     }
-    if (covered != data_size_)
-      fault("data section has {} bytes but its tensors cover only {}", data_size_, covered);
+    if (covered != data_size_) fault("data section has {} bytes but its tensors cover only {}", data_size_, covered);
   }
 
  private:
@@ -227,7 +243,8 @@ class Mapping {
 
 // Call right after the failing system call, while errno still describes it.
 std::string os_error(const std::string& path, std::string_view action) {
-  return fmt::format("{}: cannot {}: {}", printable(path), action, std::strerror(errno));
+  const int error = errno;
+  return fmt::format("{}: cannot {}: {}", printable_path(path), action, std::strerror(error));
 }
 
 // Closes the descriptor on every path out, including exceptions.
@@ -282,9 +299,9 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   if (file.fd < 0) throw Error(os_error(path, "open"));
   struct stat info {};
   if (::fstat(file.fd, &info) != 0) throw Error(os_error(path, "stat"));
-  if (!S_ISREG(info.st_mode)) fail("{}: not a regular file", printable(path));
+  if (!S_ISREG(info.st_mode)) fail("{}: not a regular file", printable_path(path));
   const auto size = size_t(info.st_size);
-  if (size < 8) fail("{}: file is {} bytes, too short for the 8-byte header length", printable(path), size);
+  if (size < 8) fail("{}: file is {} bytes, too short for the 8-byte header length", printable_path(path), size);
   // Private and writable: an in-place update of a loaded weight then copies
   // the page instead of faulting, and never reaches the file on disk.
   void* address = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE, file.fd, 0);
@@ -295,7 +312,7 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
 }
 
 SafetensorsFile SafetensorsFile::parse(std::shared_ptr<const std::vector<std::byte>> bytes, std::string name) {
-  check(bytes != nullptr, "{}: no bytes to parse", printable(name));
+  check(bytes != nullptr, "{}: no bytes to parse", printable_path(name));
   const std::byte* data = bytes->data();
   const size_t size = bytes->size();
   return from_bytes(std::const_pointer_cast<std::vector<std::byte>>(std::move(bytes)), data, size, std::move(name));
@@ -311,7 +328,7 @@ std::vector<std::string> SafetensorsFile::keys() const {
 const SafetensorsEntry& SafetensorsFile::entry(const std::string& key) const {
   auto found = entries_.find(key);
   if (found == entries_.end())
-    fail("{}: no tensor '{}' (the file holds {} tensors)", printable(path_), printable(key), entries_.size());
+    fail("{}: no tensor '{}' (the file holds {} tensors)", printable_path(path_), printable(key), entries_.size());
   return found->second;
 }
 
@@ -319,7 +336,7 @@ Tensor SafetensorsFile::tensor(const std::string& key) const {
   const SafetensorsEntry& e = entry(key);
   if (!e.dtype)
     fail("{}: tensor '{}' has unsupported dtype {} (the engine loads F32, F64, F16, BF16, I32, I64)",
-         printable(path_), printable(key), e.dtype_name);
+         printable_path(path_), printable(key), e.dtype_name);
   const DType dtype = *e.dtype;
   std::byte* address = data_section_ + e.begin;
   // Writers need not align tensors; reading a float through a misaligned
@@ -358,7 +375,7 @@ void write_all(int fd, const void* data, size_t size, const std::string& tmp_pat
 void save_safetensors(const std::string& path, const std::vector<std::pair<std::string, Tensor>>& tensors,
                       const std::map<std::string, std::string>& metadata) {
   NoGradGuard no_grad;
-  const std::string shown = printable(path);
+  const std::string shown = printable_path(path);
 
   // Largest elements first, then by name: with the data section starting on
   // an 8-byte boundary, every tensor then starts aligned for its type.
@@ -384,9 +401,8 @@ void save_safetensors(const std::string& path, const std::vector<std::pair<std::
   size_t offset = 0;
   for (const auto& [name, t] : order) {
     const size_t nbytes = size_t(t.numel()) * dtype_size(t.dtype());
-    header[name] = {{"dtype", safetensors_name(t.dtype())},
-                    {"shape", t.shape()},
-                    {"data_offsets", {offset, offset + nbytes}}};
+    header[name] = {
+        {"dtype", safetensors_name(t.dtype())}, {"shape", t.shape()}, {"data_offsets", {offset, offset + nbytes}}};
     offset += nbytes;
   }
   std::string text;
