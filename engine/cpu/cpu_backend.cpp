@@ -11,6 +11,9 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
 #include <new>
 #include <type_traits>
 
@@ -31,14 +34,74 @@ int num_threads() { return omp_get_max_threads(); }
 
 // ---- memory ----
 
-void* CpuBackend::allocate(size_t nbytes) {
-  // 64-byte alignment: whole cache lines, and aligned AVX-512 loads.
-  void* p = std::aligned_alloc(64, (nbytes + 63) / 64 * 64);
-  if (!p) fail("out of host memory allocating {} bytes", nbytes);
-  return p;
+namespace {
+
+// Large blocks are cached by size instead of being returned to the system.
+// glibc serves them with fresh mmaps, and first touch of a fresh mapping
+// faults once per page: measured at 25-45x the cost of a layer_norm kernel
+// on its own output. Training repeats the same shapes, so reuse is high.
+class HostPool {
+ public:
+  static constexpr size_t kMinCached = size_t(1) << 16;     // smaller blocks: malloc is fast enough
+  static constexpr size_t kMaxCachedBytes = size_t(4) << 30;  // beyond this, blocks go back to the system
+
+  // Rounds up to 64 KiB, and above 1 MiB to a quarter of a power of two, so
+  // that slightly different sizes (dynamic padding) share blocks.
+  static size_t bucket(size_t nbytes) {
+    size_t size = (nbytes + kMinCached - 1) / kMinCached * kMinCached;
+    if (size <= (size_t(1) << 20)) return size;
+    size_t quarter = (size_t(1) << (63 - __builtin_clzll(size))) / 4;
+    return (size + quarter - 1) / quarter * quarter;
+  }
+
+  void* get(size_t nbytes) {
+    if (nbytes >= kMinCached) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = free_.find(bucket(nbytes));
+      if (it != free_.end() && !it->second.empty()) {
+        void* p = it->second.back();
+        it->second.pop_back();
+        cached_bytes_ -= it->first;
+        return p;
+      }
+    }
+    size_t size = nbytes >= kMinCached ? bucket(nbytes) : (nbytes + 63) / 64 * 64;
+    // 64-byte alignment: whole cache lines, and aligned AVX-512 loads.
+    void* p = std::aligned_alloc(64, std::max<size_t>(size, 64));
+    if (!p) fail("out of host memory allocating {} bytes", nbytes);
+    return p;
+  }
+
+  void put(void* p, size_t nbytes) {
+#if !defined(__SANITIZE_ADDRESS__)  // under ASan, freeing is what finds use-after-free
+    if (nbytes >= kMinCached) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      size_t size = bucket(nbytes);
+      if (cached_bytes_ + size <= kMaxCachedBytes) {
+        free_[size].push_back(p);
+        cached_bytes_ += size;
+        return;
+      }
+    }
+#endif
+    std::free(p);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::unordered_map<size_t, std::vector<void*>> free_;
+  size_t cached_bytes_ = 0;
+};
+
+HostPool& host_pool() {
+  static HostPool* pool = new HostPool;  // never destroyed: tensors may outlive static destruction
+  return *pool;
 }
 
-void CpuBackend::deallocate(void* ptr, size_t) { std::free(ptr); }
+}  // namespace
+
+void* CpuBackend::allocate(size_t nbytes) { return host_pool().get(nbytes); }
+void CpuBackend::deallocate(void* ptr, size_t nbytes) { host_pool().put(ptr, nbytes); }
 void CpuBackend::copy_from_host(void* dst, const void* src, size_t nbytes) { std::memcpy(dst, src, nbytes); }
 void CpuBackend::copy_to_host(void* dst, const void* src, size_t nbytes) { std::memcpy(dst, src, nbytes); }
 
