@@ -94,10 +94,11 @@ class Backend {
   virtual void index_add_rows(const View& grad_table, const View& index, const View& grad_out) = 0;
 
   // ---- fused neural-network kernels (contiguous, rows x cols over the last dim) ----
-  // mean/rstd are f32 [rows], saved for the backward.
+  // mean/rstd are f32 [rows] (f64 for f64 input), saved for the backward.
   virtual void layer_norm_forward(const View& y, const View& mean, const View& rstd, const View& x, const View& weight,
                                   const View& bias, double eps) = 0;
-  // dweight/dbias may have data == nullptr: then they are not computed (frozen).
+  // dweight/dbias may have data == nullptr: then they are not computed (frozen);
+  // otherwise they are overwritten, not accumulated.
   virtual void layer_norm_backward(const View& dx, const View& dweight, const View& dbias, const View& dy,
                                    const View& x, const View& weight, const View& mean, const View& rstd) = 0;
   virtual void gelu_forward(const View& y, const View& x) = 0;
@@ -110,8 +111,10 @@ class Backend {
   // dlogits = dloss[i] * (softmax(logits[i]) - onehot(target[i])); dloss [N].
   virtual void cross_entropy_backward(const View& dlogits, const View& dloss, const View& logits, const View& lse,
                                       const View& targets, int64_t ignore_index) = 0;
-  // q, k, v, out [B, H, T, D]; key_mask i32 [B, T] (1 keep, 0 pad) or data == nullptr;
-  // lse f32 [B, H, T] saved for the backward. Rows that see no key give zeros.
+  // q, out [B, H, Tq, D]; k, v [B, H, Tk, D]; key_mask i32 [B, Tk] (1 keep, 0 pad) or
+  // data == nullptr; causal means key j <= query i + Tk - Tq. lse f32 [B, H, Tq] is
+  // saved for the backward; rows that see no key give zeros and lse = -inf. In the
+  // backward, dq/dk/dv may have data == nullptr (not computed); they are overwritten.
   virtual void attention_forward(const View& out, const View& lse, const View& q, const View& k, const View& v,
                                  const View& key_mask, bool causal, double scale) = 0;
   virtual void attention_backward(const View& dq, const View& dk, const View& dv, const View& dout, const View& q,
@@ -121,7 +124,8 @@ class Backend {
   virtual void dropout(const View& out, const View& in, double p, uint64_t seed, uint64_t offset) = 0;
 
   // ---- optimiser ----
-  // One AdamW update of param (f32), in place, with its moments m and v.
+  // One AdamW update of param (f32, or f64 for tests), in place, with its moments
+  // m and v; every array contiguous and of the parameter's dtype.
   virtual void adamw_step(const View& param, const View& grad, const View& m, const View& v,
                           const AdamWArgs& args) = 0;
 };

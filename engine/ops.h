@@ -74,8 +74,10 @@ enum class Reduction { None, Mean, Sum };
 // logits [N, K], targets i32/i64 [N]. Mean divides by the count of non-ignored targets.
 Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index = -100,
                      Reduction reduction = Reduction::Mean);
-// q, k, v [B, H, T, D]; key_padding_mask [B, T] (nonzero = attend) or undefined.
-// Scale defaults to 1/sqrt(D). Returns [B, H, T, D].
+// q [B, H, Tq, D], k and v [B, H, Tk, D]; key_padding_mask [B, Tk] (nonzero =
+// attend) or undefined. If causal, query i sees key j <= i + Tk - Tq (so a
+// KV-cache step needs no extra mask). A row that sees no key gives zeros and
+// zero gradient. Scale defaults to 1/sqrt(D). Returns [B, H, Tq, D].
 Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                     const Tensor& key_padding_mask = Tensor(), bool causal = true,
                                     std::optional<double> scale = std::nullopt);

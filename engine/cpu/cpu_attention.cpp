@@ -1,38 +1,45 @@
 // Causal attention with a key-padding mask on the CPU, flash-attention style:
 // scores are made one tile of queries x keys at a time and folded into the
-// output with an online softmax, so no B x H x T x T matrix ever exists. The
+// output with an online softmax, so no B x H x Tq x Tk matrix ever exists. The
 // backward recomputes each probability tile from q, k and the saved lse.
+//
+// q is [B, H, Tq, D], k and v [B, H, Tk, D], the mask [B, Tk]. Query i sees
+// key j when mask[b, j] != 0 and, if causal, j <= i + (Tk - Tq): the queries
+// are the last Tq positions, as in a KV-cache step (Tq = Tk is plain causal).
 #include "engine/cpu/cpu_backend.h"
 #include "engine/cpu/parallel.h"
 #include "engine/profiler.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace engine {
 
 namespace {
 
-// A tile of 32 queries x 64 keys keeps the score tile (8 KiB in f32) and the
-// key and value tiles (16 KiB each at D = 64) in L1/L2 while they are reused.
+// A tile of 32 queries x 32 keys keeps the score tile (4 KiB in f32) and the
+// key and value tiles (8 KiB each at D = 64) in L1 while they are reused.
+// Square tiles waste least on the tiles the causal diagonal cuts in two.
 constexpr int64_t kQueryTile = 32;
-constexpr int64_t kKeyTile = 64;
+constexpr int64_t kKeyTile = 32;
 
-// One call's geometry. key_mask is [B, T] i32 (nonzero = attend) or null.
+// One call's geometry. key_mask is [B, Tk] i32 (nonzero = attend) or null.
 struct Problem {
-  int64_t B, H, T, D;
+  int64_t B, H, Tq, Tk, D;
   bool causal;
   const int32_t* key_mask;
 
+  int64_t causal_shift() const { return Tk - Tq; }  // query i sits at key position i + Tk - Tq
   // The mask row of the batch element that (batch, head) index bh belongs to.
-  const int32_t* mask_row(int64_t bh) const { return key_mask ? key_mask + (bh / H) * T : nullptr; }
+  const int32_t* mask_row(int64_t bh) const { return key_mask ? key_mask + (bh / H) * Tk : nullptr; }
+  bool allowed(const int32_t* mask, int64_t query, int64_t key) const {
+    return (!mask || mask[key] != 0) && (!causal || key <= query + causal_shift());
+  }
 };
-
-bool allowed(const int32_t* mask_row, bool causal, int64_t query, int64_t key) {
-  return (!mask_row || mask_row[key] != 0) && (!causal || key <= query);
-}
 
 // Keys outside [lo, hi) are padding for every query of this batch row, so
 // tiles there are skipped: left- and right-padded batches cost no more than
@@ -49,36 +56,104 @@ KeyRange key_range(const int32_t* mask_row, int64_t T) {
   return {lo, hi};
 }
 
-// dst [D, n] = src [n, D] transposed. With a transposed key tile a score row
-// becomes a sum of contiguous axpys over keys, which the compiler vectorises
-// without reassociating any dot product.
+// dst [D, n] = src [n, D] transposed, so that products with K^T and V^T read
+// a row-major operand.
 template <typename T>
 void transpose_rows(T* dst, const T* src, int64_t n, int64_t D) {
   for (int64_t j = 0; j < n; ++j)
     for (int64_t d = 0; d < D; ++d) dst[d * n + j] = src[j * D + d];
 }
 
-// s[i, j] = scale * <a_i, b_j> for i < na, j < nb; a is [na, D], bt = b^T is
-// [D, nb], s has row stride kKeyTile.
+// C [m, n] (+)= A [m, k] B [k, n], the small GEMM behind every product of the
+// algorithm. B and C are row-major with row strides ldb and ldc; A's element
+// (i, p) is a[i * a_row + p * a_col], so a transposed A (P^T, dS^T) costs no
+// copy. Each pair of C rows is built kLanes columns at a time in local arrays
+// the compiler keeps in vector registers, so the inner loop loads B once for
+// two rows and never stores until the k loop ends.
 template <typename T>
-void tile_products(T* s, const T* a, int64_t na, const T* bt, int64_t nb, int64_t D, T scale) {
-  for (int64_t i = 0; i < na; ++i) {
-    T* row = s + i * kKeyTile;
-    const T* ai = a + i * D;
-    std::fill(row, row + nb, T(0));
-    for (int64_t d = 0; d < D; ++d) {
-      const T a_id = ai[d];
-      const T* bt_d = bt + d * nb;
-      for (int64_t j = 0; j < nb; ++j) row[j] += a_id * bt_d[j];
+void gemm_tile(bool accumulate, T* c, int64_t ldc, const T* a, int64_t a_row, int64_t a_col, const T* b,
+               int64_t ldb, int64_t m, int64_t n, int64_t k) {
+  constexpr int64_t kLanes = 64 / sizeof(T);  // one cache line of a C row
+  int64_t i = 0;
+  for (; i + 2 <= m; i += 2) {
+    T* c0 = c + i * ldc;
+    T* c1 = c0 + ldc;
+    const T* a0 = a + i * a_row;
+    const T* a1 = a0 + a_row;
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      T acc0[kLanes], acc1[kLanes];
+      for (int64_t w = 0; w < kLanes; ++w) {
+        acc0[w] = accumulate ? c0[j + w] : T(0);
+        acc1[w] = accumulate ? c1[j + w] : T(0);
+      }
+      for (int64_t p = 0; p < k; ++p) {
+        const T x0 = a0[p * a_col], x1 = a1[p * a_col];
+        const T* bp = b + p * ldb + j;
+        // Without this GCC vectorises the k loop instead, gathering A and B.
+#pragma omp simd
+        for (int64_t w = 0; w < kLanes; ++w) {
+          acc0[w] += x0 * bp[w];
+          acc1[w] += x1 * bp[w];
+        }
+      }
+      for (int64_t w = 0; w < kLanes; ++w) {
+        c0[j + w] = acc0[w];
+        c1[j + w] = acc1[w];
+      }
     }
-    for (int64_t j = 0; j < nb; ++j) row[j] *= scale;
+    for (; j < n; ++j) {  // the columns left over (odd D, a short last key tile)
+      T sum0 = accumulate ? c0[j] : T(0), sum1 = accumulate ? c1[j] : T(0);
+      for (int64_t p = 0; p < k; ++p) {
+        sum0 += a0[p * a_col] * b[p * ldb + j];
+        sum1 += a1[p * a_col] * b[p * ldb + j];
+      }
+      c0[j] = sum0;
+      c1[j] = sum1;
+    }
+  }
+  for (; i < m; ++i) {  // an odd last row
+    T* ci = c + i * ldc;
+    const T* ai = a + i * a_row;
+    if (!accumulate) std::fill(ci, ci + n, T(0));
+    for (int64_t p = 0; p < k; ++p) {
+      const T x = ai[p * a_col];
+      const T* bp = b + p * ldb;
+      for (int64_t j = 0; j < n; ++j) ci[j] += x * bp[j];
+    }
   }
 }
 
-// y += alpha * x over D elements.
+// x[j] = exp(x[j] - shift) over a row of scores, exactly 0 for a masked key
+// (-inf). libm's expf is one call per score (a tenth of the forward's time),
+// so f32 uses exp's textbook form, which the compiler vectorises: e^y = 2^k e^r
+// with k = round(y / ln 2), |r| <= ln(2) / 2 and a degree-6 Taylor polynomial
+// for e^r, within 2.5e-7 relative of std::exp. Every select is on integers:
+// GCC will not vectorise a float compare-and-select under its default
+// -ftrapping-math. f64 (gradient checks) keeps std::exp.
 template <typename T>
-void axpy(T* y, T alpha, const T* x, int64_t D) {
-  for (int64_t d = 0; d < D; ++d) y[d] += alpha * x[d];
+void exp_shifted(T* x, int64_t n, T shift) {
+  if constexpr (std::is_same_v<T, double>) {
+    for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j] - shift);
+  } else {
+    constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer kept in the low mantissa bits
+    for (int64_t j = 0; j < n; ++j) {
+      const float y = x[j] - shift;
+      const float t = y * 1.44269504f + kRound;
+      const int32_t t_bits = std::bit_cast<int32_t>(t);
+      const int32_t k = (t_bits & 0x7fffff) - 0x400000;
+      const float kf = t - kRound;
+      const float r = (y - kf * 0.693359375f) + kf * 2.12194440e-4f;  // y - k ln 2, ln 2 split in two (Cody-Waite)
+      const float poly =
+          1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
+      const float e = poly * std::bit_cast<float>((std::max(std::min(k, 127), -126) + 127) << 23);
+      // e^y is 0 in f32 when k < -126, or when t left [2^23, 2^24) because y is
+      // below about -3e6 or -inf. A NaN score stays NaN.
+      const bool is_nan = (std::bit_cast<int32_t>(y) & 0x7fffffff) > 0x7f800000;
+      const bool underflow = (((t_bits >> 23) != 150) | (k < -126)) & !is_nan;
+      x[j] = std::bit_cast<float>(std::bit_cast<int32_t>(e) & (underflow ? 0 : -1));
+    }
+  }
 }
 
 // ---- forward ----
@@ -90,59 +165,66 @@ void axpy(T* y, T alpha, const T* x, int64_t D) {
 template <typename T>
 void attention_forward_tile(const Problem& p, T scale, int64_t bh, int64_t i0, T* out, float* lse, const T* q,
                             const T* k, const T* v) {
-  const int64_t T_ = p.T, D = p.D;
-  const int64_t nq = std::min(kQueryTile, T_ - i0);
+  const int64_t D = p.D;
+  const int64_t nq = std::min(kQueryTile, p.Tq - i0);
   const int32_t* mask = p.mask_row(bh);
-  const T* qb = q + bh * T_ * D;
-  const T* kb = k + bh * T_ * D;
-  const T* vb = v + bh * T_ * D;
+  const T* qb = q + bh * p.Tq * D;
+  const T* kb = k + bh * p.Tk * D;
+  const T* vb = v + bh * p.Tk * D;
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 
-  std::vector<T> s(size_t(kQueryTile * kKeyTile)), kt(size_t(D * kKeyTile)), acc(size_t(nq * D), T(0));
+  std::vector<T> s(size_t(kQueryTile * kKeyTile)), kt(size_t(D * kKeyTile));
+  std::vector<T> acc(size_t(nq * D), T(0));
   std::vector<T> m(size_t(nq), kNegInf), l(size_t(nq), T(0));
+  std::vector<char> saw_key(size_t(nq), false);  // decided by the mask alone, so NaN scores cannot hide as "no key"
 
-  const KeyRange keys = key_range(mask, T_);
-  const int64_t key_end = p.causal ? std::min(keys.hi, i0 + nq) : keys.hi;  // later keys are in every row's future
+  const KeyRange keys = key_range(mask, p.Tk);
+  // Keys from i0 + nq + shift on are in the future of every row of this tile.
+  const int64_t key_end = p.causal ? std::min(keys.hi, i0 + nq + p.causal_shift()) : keys.hi;
   for (int64_t j0 = keys.lo; j0 < key_end; j0 += kKeyTile) {
     const int64_t nk = std::min(kKeyTile, key_end - j0);
     transpose_rows(kt.data(), kb + j0 * D, nk, D);
-    tile_products(s.data(), qb + i0 * D, nq, kt.data(), nk, D, scale);
+    gemm_tile(false, s.data(), kKeyTile, qb + i0 * D, D, int64_t(1), kt.data(), nk, nq, nk, D);  // S = Q K^T
     for (int64_t i = 0; i < nq; ++i) {
       T* row = s.data() + i * kKeyTile;
+      bool any_key = false;
       T tile_max = kNegInf;
       for (int64_t j = 0; j < nk; ++j) {
-        if (allowed(mask, p.causal, i0 + i, j0 + j)) tile_max = std::max(tile_max, row[j]);
-        else row[j] = kNegInf;  // exp gives exactly 0 below
+        const bool visible = p.allowed(mask, i0 + i, j0 + j);
+        any_key |= visible;
+        row[j] = visible ? row[j] * scale : kNegInf;
+        tile_max = std::max(tile_max, row[j]);
       }
-      if (tile_max == kNegInf) continue;  // this row sees no key of this tile
-      const T new_max = std::max(m[size_t(i)], tile_max);
-      T* acc_i = acc.data() + i * D;
-      if (new_max != m[size_t(i)]) {
-        const T rescale = std::exp(m[size_t(i)] - new_max);  // 0 on the first tile (m = -inf)
+      if (!any_key) {  // this row sees no key of this tile: it adds nothing to P V
+        std::fill(row, row + nk, T(0));
+        continue;
+      }
+      saw_key[size_t(i)] = true;
+      T& row_max = m[size_t(i)];
+      if (tile_max > row_max) {
+        const T rescale = std::exp(row_max - tile_max);  // 0 on the row's first keys (m = -inf)
         l[size_t(i)] *= rescale;
-        for (int64_t d = 0; d < D; ++d) acc_i[d] *= rescale;
-        m[size_t(i)] = new_max;
+        for (T* x = acc.data() + i * D; x != acc.data() + (i + 1) * D; ++x) *x *= rescale;
+        row_max = tile_max;
       }
+      exp_shifted(row, nk, row_max);  // a NaN score makes the row NaN, as it should
       T row_sum = 0;
-      for (int64_t j = 0; j < nk; ++j) {
-        const T prob = std::exp(row[j] - new_max);
-        row_sum += prob;
-        if (prob != T(0)) axpy(acc_i, prob, vb + (j0 + j) * D, D);
-      }
+      for (int64_t j = 0; j < nk; ++j) row_sum += row[j];
       l[size_t(i)] += row_sum;
     }
+    gemm_tile(true, acc.data(), D, s.data(), kKeyTile, int64_t(1), vb + j0 * D, D, nq, D, nk);  // acc += P V
   }
 
-  // A row that saw no key (l = 0) outputs zeros and lse = -inf; the backward
-  // then finds every key of that row masked and gives it zero gradient.
+  // A row that saw no key outputs zeros and lse = -inf; the backward then
+  // finds every key of that row masked and gives it zero gradient.
   for (int64_t i = 0; i < nq; ++i) {
-    T* out_i = out + (bh * T_ + i0 + i) * D;
+    T* out_i = out + (bh * p.Tq + i0 + i) * D;
     const T* acc_i = acc.data() + i * D;
-    const T li = l[size_t(i)];
-    const T inv = li > T(0) ? T(1) / li : T(0);
+    const bool seen = saw_key[size_t(i)];
+    const T inv = seen ? T(1) / l[size_t(i)] : T(0);
     for (int64_t d = 0; d < D; ++d) out_i[d] = acc_i[d] * inv;
-    lse[bh * T_ + i0 + i] =
-        li > T(0) ? float(m[size_t(i)] + std::log(li)) : -std::numeric_limits<float>::infinity();
+    lse[bh * p.Tq + i0 + i] =
+        seen ? float(m[size_t(i)] + std::log(l[size_t(i)])) : -std::numeric_limits<float>::infinity();
   }
 }
 
@@ -157,64 +239,66 @@ void attention_forward_tile(const Problem& p, T scale, int64_t bh, int64_t i0, T
 template <typename T>
 void attention_backward_head(const Problem& p, T scale, int64_t bh, T* dq, T* dk, T* dv, const T* dout,
                              const T* q, const T* k, const T* v, const T* out, const float* lse) {
-  const int64_t T_ = p.T, D = p.D, offset = bh * T_ * D;
+  const int64_t D = p.D, q_offset = bh * p.Tq * D, k_offset = bh * p.Tk * D;
   const int32_t* mask = p.mask_row(bh);
-  const T *qb = q + offset, *kb = k + offset, *vb = v + offset, *dob = dout + offset, *ob = out + offset;
-  const float* lse_b = lse + bh * T_;
-  T* dqb = dq ? dq + offset : nullptr;
-  T* dkb = dk ? dk + offset : nullptr;
-  T* dvb = dv ? dv + offset : nullptr;
-  for (T* g : {dqb, dkb, dvb})
-    if (g) std::fill(g, g + T_ * D, T(0));
+  const T *qb = q + q_offset, *dob = dout + q_offset, *ob = out + q_offset;
+  const T *kb = k + k_offset, *vb = v + k_offset;
+  const float* lse_b = lse + bh * p.Tq;
+  T* dqb = dq ? dq + q_offset : nullptr;
+  T* dkb = dk ? dk + k_offset : nullptr;
+  T* dvb = dv ? dv + k_offset : nullptr;
+  if (dqb) std::fill(dqb, dqb + p.Tq * D, T(0));
+  for (T* g : {dkb, dvb})
+    if (g) std::fill(g, g + p.Tk * D, T(0));
   const bool need_ds = dqb || dkb;  // dv alone needs only P
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 
   // delta_i = <dO_i, O_i> = rowsum(P * dP), the softmax backward's correction term.
-  std::vector<T> delta(size_t(T_), T(0));
+  std::vector<T> delta(size_t(p.Tq), T(0));
   if (need_ds)
-    for (int64_t i = 0; i < T_; ++i) {
+    for (int64_t i = 0; i < p.Tq; ++i) {
       T sum = 0;
       for (int64_t d = 0; d < D; ++d) sum += dob[i * D + d] * ob[i * D + d];
       delta[size_t(i)] = sum;
     }
 
-  std::vector<T> prob(size_t(kQueryTile * kKeyTile)), dprob(size_t(kQueryTile * kKeyTile));
+  std::vector<T> prob(size_t(kQueryTile * kKeyTile)), ds(size_t(kQueryTile * kKeyTile));
   std::vector<T> kt(size_t(D * kKeyTile)), vt(size_t(D * kKeyTile));
-  const KeyRange keys = key_range(mask, T_);
+  const KeyRange keys = key_range(mask, p.Tk);
   for (int64_t j0 = keys.lo; j0 < keys.hi; j0 += kKeyTile) {
     const int64_t nk = std::min(kKeyTile, keys.hi - j0);
-    transpose_rows(kt.data(), kb + j0 * D, nk, D);
-    if (need_ds) transpose_rows(vt.data(), vb + j0 * D, nk, D);
-    // Under causal masking, queries before j0 see none of these keys.
-    for (int64_t i0 = p.causal ? j0 : 0; i0 < T_; i0 += kQueryTile) {
-      const int64_t nq = std::min(kQueryTile, T_ - i0);
-      tile_products(prob.data(), qb + i0 * D, nq, kt.data(), nk, D, scale);
+    const T *k_tile = kb + j0 * D, *v_tile = vb + j0 * D;
+    transpose_rows(kt.data(), k_tile, nk, D);
+    if (need_ds) transpose_rows(vt.data(), v_tile, nk, D);
+    // Under causal masking, queries before j0 - shift see none of these keys.
+    for (int64_t i0 = p.causal ? std::max<int64_t>(0, j0 - p.causal_shift()) : 0; i0 < p.Tq; i0 += kQueryTile) {
+      const int64_t nq = std::min(kQueryTile, p.Tq - i0);
+      const T *q_tile = qb + i0 * D, *do_tile = dob + i0 * D;
+      gemm_tile(false, prob.data(), kKeyTile, q_tile, D, int64_t(1), kt.data(), nk, nq, nk, D);  // S = Q K^T
       for (int64_t i = 0; i < nq; ++i) {
         T* row = prob.data() + i * kKeyTile;
-        const T row_lse = T(lse_b[i0 + i]);  // finite whenever some key is allowed
-        for (int64_t j = 0; j < nk; ++j)
-          row[j] = allowed(mask, p.causal, i0 + i, j0 + j) ? std::exp(row[j] - row_lse) : T(0);
-      }
-      if (dvb)
-        for (int64_t i = 0; i < nq; ++i)
-          for (int64_t j = 0; j < nk; ++j) {
-            const T pij = prob[size_t(i * kKeyTile + j)];
-            if (pij != T(0)) axpy(dvb + (j0 + j) * D, pij, dob + (i0 + i) * D, D);
-          }
-      if (!need_ds) continue;
-      tile_products(dprob.data(), dob + i0 * D, nq, vt.data(), nk, D, T(1));
-      for (int64_t i = 0; i < nq; ++i) {
-        T* ds = dprob.data() + i * kKeyTile;  // dS overwrites dP in place, pre-multiplied by scale
-        const T* pi = prob.data() + i * kKeyTile;
-        const T di = delta[size_t(i0 + i)];
-        for (int64_t j = 0; j < nk; ++j) ds[j] = scale * pi[j] * (ds[j] - di);
-      }
-      for (int64_t i = 0; i < nq; ++i)
-        for (int64_t j = 0; j < nk; ++j) {
-          const T dsij = dprob[size_t(i * kKeyTile + j)];
-          if (dsij == T(0)) continue;  // masked (or exactly zero) entries add nothing
-          if (dqb) axpy(dqb + (i0 + i) * D, dsij, kb + (j0 + j) * D, D);
-          if (dkb) axpy(dkb + (j0 + j) * D, dsij, qb + (i0 + i) * D, D);
+        const T row_lse = T(lse_b[i0 + i]);
+        if (row_lse == kNegInf) {  // a row that sees no key at all
+          std::fill(row, row + nk, T(0));
+          continue;
         }
+        for (int64_t j = 0; j < nk; ++j) row[j] = p.allowed(mask, i0 + i, j0 + j) ? row[j] * scale : kNegInf;
+        exp_shifted(row, nk, row_lse);
+      }
+      if (dvb)  // dV += P^T dO
+        gemm_tile(true, dvb + j0 * D, D, prob.data(), int64_t(1), kKeyTile, do_tile, D, nk, D, nq);
+      if (!need_ds) continue;
+      gemm_tile(false, ds.data(), kKeyTile, do_tile, D, int64_t(1), vt.data(), nk, nq, nk, D);  // dP = dO V^T
+      for (int64_t i = 0; i < nq; ++i) {
+        T* ds_i = ds.data() + i * kKeyTile;  // dS overwrites dP, pre-multiplied by scale
+        const T* p_i = prob.data() + i * kKeyTile;
+        const T delta_i = delta[size_t(i0 + i)];
+        for (int64_t j = 0; j < nk; ++j) ds_i[j] = scale * p_i[j] * (ds_i[j] - delta_i);
+      }
+      if (dqb)  // dQ += dS K
+        gemm_tile(true, dqb + i0 * D, D, ds.data(), kKeyTile, int64_t(1), k_tile, D, nq, D, nk);
+      if (dkb)  // dK += dS^T Q
+        gemm_tile(true, dkb + j0 * D, D, ds.data(), int64_t(1), kKeyTile, q_tile, D, nk, D, nq);
     }
   }
 }
@@ -224,22 +308,26 @@ T* optional_ptr(const View& view) {
   return view.data ? view.ptr<T>() : nullptr;
 }
 
-Problem problem_of(const View& q, const View& key_mask, bool causal) {
-  return Problem{q.shape[0], q.shape[1], q.shape[2], q.shape[3], causal,
+Problem problem_of(const View& q, const View& k, const View& key_mask, bool causal) {
+  return Problem{q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], causal,
                  key_mask.data ? key_mask.ptr<const int32_t>() : nullptr};
+}
+
+// Multiply-adds of the Tq x Tk x D products, halved under causal masking.
+double product_flops(const Problem& p) {
+  return 2.0 * double(p.B * p.H) * double(p.Tq) * double(p.Tk) * double(p.D) * (p.causal ? 0.5 : 1.0);
 }
 
 }  // namespace
 
 void CpuBackend::attention_forward(const View& out, const View& lse, const View& q, const View& k, const View& v,
                                    const View& key_mask, bool causal, double scale) {
-  const Problem p = problem_of(q, key_mask, causal);
-  const double flops = 4.0 * double(p.B * p.H) * double(p.T) * double(p.T) * double(p.D) * (causal ? 0.5 : 1.0);
-  ProfileScope profile("attention_forward", flops);
-  const int64_t query_tiles = (p.T + kQueryTile - 1) / kQueryTile;
+  const Problem p = problem_of(q, k, key_mask, causal);
+  ProfileScope profile("attention_forward", 2 * product_flops(p));  // S = Q K^T and P V
+  const int64_t query_tiles = (p.Tq + kQueryTile - 1) / kQueryTile;
   cpu::dispatch_floating(q.dtype, "attention_forward", [&](auto zero) {
     using T = decltype(zero);
-    cpu::parallel_for(p.B * p.H * query_tiles, kQueryTile * p.T * p.D, [&](int64_t task) {
+    cpu::parallel_for(p.B * p.H * query_tiles, kQueryTile * p.Tk * p.D, [&](int64_t task) {
       attention_forward_tile<T>(p, T(scale), task / query_tiles, (task % query_tiles) * kQueryTile, out.ptr<T>(),
                                 lse.ptr<float>(), q.ptr<const T>(), k.ptr<const T>(), v.ptr<const T>());
     });
@@ -249,12 +337,11 @@ void CpuBackend::attention_forward(const View& out, const View& lse, const View&
 void CpuBackend::attention_backward(const View& dq, const View& dk, const View& dv, const View& dout, const View& q,
                                     const View& k, const View& v, const View& out, const View& lse,
                                     const View& key_mask, bool causal, double scale) {
-  const Problem p = problem_of(q, key_mask, causal);
-  const double flops = 8.0 * double(p.B * p.H) * double(p.T) * double(p.T) * double(p.D) * (causal ? 0.5 : 1.0);
-  ProfileScope profile("attention_backward", flops);
+  const Problem p = problem_of(q, k, key_mask, causal);
+  ProfileScope profile("attention_backward", 5 * product_flops(p));  // S, dV, dP, dQ and dK
   cpu::dispatch_floating(q.dtype, "attention_backward", [&](auto zero) {
     using T = decltype(zero);
-    cpu::parallel_for(p.B * p.H, p.T * p.T * p.D, [&](int64_t bh) {
+    cpu::parallel_for(p.B * p.H, p.Tq * p.Tk * p.D, [&](int64_t bh) {
       attention_backward_head<T>(p, T(scale), bh, optional_ptr<T>(dq), optional_ptr<T>(dk), optional_ptr<T>(dv),
                                  dout.ptr<const T>(), q.ptr<const T>(), k.ptr<const T>(), v.ptr<const T>(),
                                  out.ptr<const T>(), lse.ptr<const float>());

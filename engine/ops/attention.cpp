@@ -1,12 +1,17 @@
 // scaled_dot_product_attention: softmax(scale * q k^T, masked) v as one fused
-// op. The kernel saves only the per-row log-sum-exp (lse), never the T x T
+// op. The kernel saves only the per-row log-sum-exp (lse), never the Tq x Tk
 // probabilities; the backward recomputes them from q, k and lse.
 //
-// Masking: query t attends key s when key_padding_mask[b, s] != 0 and, if
-// causal, s <= t. A query row that can attend no key at all (say a padded
-// prefix under causal masking) outputs zeros and gets zero gradient. PyTorch's
-// SDPA gives NaN there (HF GPT-2 works around it); zeros keep padded positions
-// harmless without any workaround in the model.
+// Shapes: q [B, H, Tq, D], k and v [B, H, Tk, D], key_padding_mask [B, Tk].
+// Masking: query i attends key j when key_padding_mask[b, j] != 0 and, if
+// causal, j <= i + (Tk - Tq): the queries are the last Tq positions, so a
+// KV-cache step (new queries against cached plus new keys) needs no mask of
+// its own, and Tq = Tk is plain causal attention.
+//
+// A query row that can attend no key at all (say a padded prefix under causal
+// masking) outputs zeros and gets zero gradient. PyTorch's SDPA gives NaN
+// there (HF GPT-2 works around it); zeros keep padded positions harmless
+// without any workaround in the model.
 #include "engine/ops/common.h"
 
 #include <cmath>
@@ -30,14 +35,15 @@ View view_or_null(const Tensor& t) { return t.defined() ? view_of(t) : View{}; }
 void check_arguments(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask) {
   check(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "{}: q, k, v must be [B, H, T, D], got shapes {}, {}, {}", kOp,
         shape_str(q.shape()), shape_str(k.shape()), shape_str(v.shape()));
-  check(q.shape() == k.shape() && q.shape() == v.shape(), "{}: q, k, v shapes differ: {}, {}, {}", kOp,
-        shape_str(q.shape()), shape_str(k.shape()), shape_str(v.shape()));
+  check(k.shape() == v.shape() && q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
+        "{}: q [B, H, Tq, D] needs k and v [B, H, Tk, D], got shapes {}, {}, {}", kOp, shape_str(q.shape()),
+        shape_str(k.shape()), shape_str(v.shape()));
   detail::check_compatible(q, k, kOp);
   detail::check_compatible(q, v, kOp);
   detail::check_floating(q, kOp);
   if (!mask.defined()) return;
-  check(mask.dim() == 2 && mask.size(0) == q.size(0) && mask.size(1) == q.size(2),
-        "{}: key_padding_mask must be [B, T] = [{}, {}], got {}", kOp, q.size(0), q.size(2), shape_str(mask.shape()));
+  check(mask.dim() == 2 && mask.size(0) == k.size(0) && mask.size(1) == k.size(2),
+        "{}: key_padding_mask must be [B, Tk] = [{}, {}], got {}", kOp, k.size(0), k.size(2), shape_str(mask.shape()));
   check(mask.device() == q.device(), "{}: key_padding_mask on {}, q on {}", kOp, mask.device().str(),
         q.device().str());
 }
@@ -47,7 +53,7 @@ void check_arguments(const Tensor& q, const Tensor& k, const Tensor& v, const Te
 Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& key_padding_mask,
                                     bool causal, std::optional<double> scale_arg) {
   check_arguments(q, k, v, key_padding_mask);
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3);
   const double scale = scale_arg.value_or(D > 0 ? 1.0 / std::sqrt(double(D)) : 1.0);
 
   // GPT-2's q, k, v are permuted views of one c_attn output: copy them
@@ -55,8 +61,12 @@ Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, const Tens
   Tensor qc = q.detach().contiguous(), kc = k.detach().contiguous(), vc = v.detach().contiguous();
   Tensor mask = key_padding_mask.defined() ? keep_mask_i32(key_padding_mask) : Tensor();
   Tensor out = Tensor::empty(q.shape(), q.dtype(), q.device());
-  Tensor lse = Tensor::empty({B, H, T}, DType::F32, q.device());
-  if (out.numel() > 0)
+  Tensor lse = Tensor::empty({B, H, Tq}, DType::F32, q.device());
+  // No query, no key or D = 0: nothing to launch, and every output row is empty (zeros).
+  const bool empty = q.numel() == 0 || k.numel() == 0;
+  if (empty)
+    out.zero_();
+  else
     detail::backend_of(q).attention_forward(view_of(out), view_of(lse), view_of(qc), view_of(kc), view_of(vc),
                                             view_or_null(mask), causal, scale);
 
@@ -64,17 +74,23 @@ Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, const Tens
   // contiguous copies: re-copying costs little time, keeping copies costs a
   // second q, k, v per layer of activation memory.
   record(out, kOp, {q, k, v},
-         [mask, lse, y = out.detach(), causal, scale](const Tensor& grad, const Node& node) -> std::vector<Tensor> {
+         [mask, lse, y = out.detach(), empty, causal, scale](const Tensor& grad,
+                                                             const Node& node) -> std::vector<Tensor> {
            const bool want_q = node.needs_grad(0), want_k = node.needs_grad(1), want_v = node.needs_grad(2);
-           const Tensor& q = node.inputs[0];
-           auto grad_buffer = [&](bool wanted) { return wanted ? Tensor::empty(q.shape(), q.dtype(), q.device()) : Tensor(); };
-           Tensor dq = grad_buffer(want_q), dk = grad_buffer(want_k), dv = grad_buffer(want_v);
-           if (y.numel() > 0) {
-             Tensor qc = q.detach().contiguous(), kc = node.inputs[1].detach().contiguous();
+           const Tensor &q = node.inputs[0], &k = node.inputs[1];
+           auto grad_buffer = [&](bool wanted, const Tensor& like) {
+             return wanted ? Tensor::empty(like.shape(), like.dtype(), like.device()) : Tensor();
+           };
+           Tensor dq = grad_buffer(want_q, q), dk = grad_buffer(want_k, k), dv = grad_buffer(want_v, k);
+           if (empty) {
+             for (Tensor* g : {&dq, &dk, &dv})
+               if (g->defined()) g->zero_();
+           } else {
+             Tensor qc = q.detach().contiguous(), kc = k.detach().contiguous();
              Tensor vc = node.inputs[2].detach().contiguous(), dout = grad.detach().contiguous();
-             detail::backend_of(q).attention_backward(view_or_null(dq), view_or_null(dk), view_or_null(dv), view_of(dout),
-                                                      view_of(qc), view_of(kc), view_of(vc), view_of(y), view_of(lse),
-                                                      view_or_null(mask), causal, scale);
+             detail::backend_of(q).attention_backward(view_or_null(dq), view_or_null(dk), view_or_null(dv),
+                                                      view_of(dout), view_of(qc), view_of(kc), view_of(vc), view_of(y),
+                                                      view_of(lse), view_or_null(mask), causal, scale);
            }
            return {dq, dk, dv};
          });
