@@ -17,17 +17,23 @@ using engine::Tensor;
 
 namespace {
 
+double seconds_of(const std::function<void()>& body) {
+  auto start = std::chrono::steady_clock::now();
+  body();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+double median(std::vector<double> times) {
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
 // Median wall time of `body` over `reps` runs, after one warm-up.
 double median_seconds(int reps, const std::function<void()>& body) {
   body();
   std::vector<double> times;
-  for (int i = 0; i < reps; ++i) {
-    auto start = std::chrono::steady_clock::now();
-    body();
-    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
-  }
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
+  for (int i = 0; i < reps; ++i) times.push_back(seconds_of(body));
+  return median(times);
 }
 
 void bench_matmul(int64_t m, int64_t k, int64_t n, bool transpose_b) {
@@ -36,12 +42,20 @@ void bench_matmul(int64_t m, int64_t k, int64_t n, bool transpose_b) {
   Tensor b = transpose_b ? Tensor::randn({n, k}, gen) : Tensor::randn({k, n}, gen);
   Tensor c = Tensor::empty({m, n});
   engine::NoGradGuard no_grad;
-  const int reps = 10;
-  double raw = median_seconds(reps, [&] {
+  auto raw_call = [&] {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, transpose_b ? CblasTrans : CblasNoTrans, int(m), int(n), int(k), 1.0f,
                 a.data<float>(), int(k), b.data<float>(), transpose_b ? int(k) : int(n), 0.0f, c.data<float>(), int(n));
-  });
-  double ours = median_seconds(reps, [&] { engine::matmul(a, transpose_b ? b.transpose(0, 1) : b); });
+  };
+  auto our_call = [&] { engine::matmul(a, transpose_b ? b.transpose(0, 1) : b); };
+  // Interleaved, so that both see the same machine state (clocks, other load).
+  raw_call();
+  our_call();
+  std::vector<double> raw_times, our_times;
+  for (int i = 0; i < 15; ++i) {
+    raw_times.push_back(seconds_of(raw_call));
+    our_times.push_back(seconds_of(our_call));
+  }
+  double raw = median(raw_times), ours = median(our_times);
   double flops = 2.0 * double(m) * double(n) * double(k);
   fmt::print(R"({{"bench":"matmul","m":{},"k":{},"n":{},"b_transposed":{},"threads":{},"cblas_s":{:.5f},"engine_s":{:.5f},"overhead_pct":{:.2f},"engine_gflops":{:.1f}}})"
              "\n",

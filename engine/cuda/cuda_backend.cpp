@@ -1,24 +1,484 @@
-// Seam for the CUDA backend: host code, compiled by the C++ compiler (kernels
-// will live in .cu files). It finds devices but implements no kernels yet, so
-// asking for a CUDA tensor is a clear error rather than a link failure.
+// CudaBackend: engine::Backend on one CUDA device. Host code only (g++): it
+// checks what the kernels cannot (dtypes, ranks, index ranges), prepares
+// layouts and scratch memory, calls the launchers of engine/cuda/*.cu on the
+// device's stream, and reports every failure as engine::Error.
+//
+// Ordering: all kernels, copies, cuBLAS calls, allocations and frees go to
+// one stream per device, so they run in the order issued and a freed block
+// is never reused before the kernels that read it have run. Host code waits
+// only where it must: copy_to_host, and reading back an index check.
 #include "engine/cuda/cuda_backend.h"
 
+#include "engine/cpu/strided.h"
+#include "engine/cuda/cuda_context.h"
 #include "engine/error.h"
+#include "engine/profiler.h"
 
-#include <cuda_runtime.h>
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
 
 namespace engine {
 
+namespace {
+
+using cuda::DeviceContext;
+using cuda::Scratch;
+
+// ---- argument helpers ----
+
+// Our kernels compute in f32 or f64 (bf16/f16 are storage and GEMM types for now).
+void require_floating(DType dtype, const char* op) {
+  check(dtype == DType::F32 || dtype == DType::F64, "{} on CUDA: computes in f32 or f64, got {}", op,
+        dtype_name(dtype));
+}
+
+// N operands of one shape with their own strides, dims merged where every
+// operand allows it (cpu::coalesce), as the kernels' StridedLayout.
+template <int N>
+cuda::StridedLayout<N> layout_of(const Shape& shape, const std::array<const Shape*, size_t(N)>& strides,
+                                 const char* op) {
+  cuda::StridedLayout<N> layout;
+  layout.numel = numel(shape);
+  if (layout.numel == 0) return layout;
+  const cpu::StridedLayout<size_t(N)> merged = cpu::coalesce<size_t(N)>(shape, strides);
+  check(merged.shape.size() <= size_t(cuda::kMaxDims),
+        "{} on CUDA: shape {} has {} dims that cannot be merged; at most {} are supported", op, shape_str(shape),
+        merged.shape.size(), cuda::kMaxDims);
+  layout.rank = int(merged.shape.size());
+  layout.contiguous = true;
+  for (int d = 0; d < layout.rank; ++d) {
+    layout.shape[d] = merged.shape[size_t(d)];
+    for (int k = 0; k < N; ++k) layout.strides[k][d] = merged.strides[size_t(k)][size_t(d)];
+  }
+  // Contiguous means one merged dim of unit stride everywhere (or one element).
+  if (layout.rank > 1) layout.contiguous = false;
+  for (int k = 0; k < N && layout.rank == 1; ++k) layout.contiguous &= layout.strides[k][0] == 1;
+  return layout;
+}
+
+// A contiguous view as [rows, cols] over its last dim.
+struct Rows {
+  int64_t rows, cols;
+};
+Rows rows_of(const View& v) {
+  const int64_t cols = v.shape.empty() ? 1 : v.shape.back();
+  return {cols == 0 ? 0 : v.numel() / cols, cols};
+}
+
+// The element bit pattern of `value` in `dtype`, rounded as the CPU rounds it.
+uint64_t fill_bits(DType dtype, double value) {
+  uint64_t bits = 0;
+  auto store = [&](auto x) { std::memcpy(&bits, &x, sizeof(x)); };
+  switch (dtype) {
+    case DType::F32: store(float(value)); break;
+    case DType::F64: store(value); break;
+    case DType::BF16: store(float_to_bf16(float(value)).bits); break;
+    case DType::F16: store(float_to_f16(float(value)).bits); break;
+    case DType::I32: store(int32_t(value)); break;
+    case DType::I64: store(int64_t(value)); break;
+  }
+  return bits;
+}
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int index) : ctx_(cuda::device_context(index)) {}
+  Device device() const override { return Device::cuda(ctx_.index()); }
+
+  // ---- memory ----
+
+  void* allocate(size_t nbytes) override { return ctx_.allocate(nbytes, "a tensor"); }
+  void deallocate(void* ptr, size_t) override;
+  void copy_from_host(void* dst, const void* host_src, size_t nbytes) override;
+  void copy_to_host(void* host_dst, const void* src, size_t nbytes) override;
+
+  // ---- copies, fills, elementwise, reductions ----
+
+  void copy(const View& dst, const View& src) override;
+  void fill(const View& dst, double value) override;
+  void fill_uniform(const View& dst, uint64_t seed, uint64_t offset, double low, double high) override;
+  void fill_normal(const View& dst, uint64_t seed, uint64_t offset, double mean, double std) override;
+  void unary(UnaryOp op, const View& out, const View& in, double scalar) override;
+  void binary(BinaryOp op, const View& out, const View& a, const View& b) override;
+  void where(const View& out, const View& condition, const View& a, const View& b) override;
+  void reduce(ReduceOp op, const View& out, const View& in) override;
+  void argmax_last(const View& out, const View& in) override;
+
+  void gemm(const GemmArgs& args) override { cuda::gemm(ctx_, args); }
+
+  // ---- indexing and fused nn kernels ----
+
+  void index_select_rows(const View& out, const View& table, const View& index) override;
+  void index_add_rows(const View& grad_table, const View& index, const View& grad_out) override;
+  void layer_norm_forward(const View& y, const View& mean, const View& rstd, const View& x, const View& weight,
+                          const View& bias, double eps) override;
+  void layer_norm_backward(const View& dx, const View& dweight, const View& dbias, const View& dy, const View& x,
+                           const View& weight, const View& mean, const View& rstd) override;
+  void gelu_forward(const View& y, const View& x) override;
+  void gelu_backward(const View& dx, const View& dy, const View& x) override;
+  void softmax_forward(const View& y, const View& x, bool log) override;
+  void softmax_backward(const View& dx, const View& dy, const View& y, bool log) override;
+  void cross_entropy_forward(const View& loss, const View& lse, const View& logits, const View& targets,
+                             int64_t ignore_index) override;
+  void cross_entropy_backward(const View& dlogits, const View& dloss, const View& logits, const View& lse,
+                              const View& targets, int64_t ignore_index) override;
+  void attention_forward(const View& out, const View& lse, const View& q, const View& k, const View& v,
+                         const View& key_mask, bool causal, double scale) override;
+  void attention_backward(const View& dq, const View& dk, const View& dv, const View& dout, const View& q,
+                          const View& k, const View& v, const View& out, const View& lse, const View& key_mask,
+                          bool causal, double scale) override;
+  void dropout(const View& out, const View& in, double p, uint64_t seed, uint64_t offset) override;
+  void adamw_step(const View& param, const View& grad, const View& m, const View& v, const AdamWArgs& args) override;
+
+ private:
+  // Raises engine::Error when an index is out of range, in the CPU backend's words.
+  void check_indices(const View& index, int64_t rows, const char* op);
+  void check_targets(const View& targets, int64_t classes, int64_t ignore_index, const char* op);
+
+  DeviceContext& ctx_;
+};
+
+// ---- memory ----
+
+void CudaBackend::deallocate(void* ptr, size_t nbytes) { ctx_.deallocate(ptr, nbytes); }
+
+// From pageable host memory, cudaMemcpyAsync returns once the data is staged,
+// so the caller may free its buffer at once. (No pinned staging yet: the
+// copies that matter, batches of token ids, are small.)
+void CudaBackend::copy_from_host(void* dst, const void* host_src, size_t nbytes) {
+  ctx_.launch();
+  cuda::check_cuda(cudaMemcpyAsync(dst, host_src, nbytes, cudaMemcpyHostToDevice, ctx_.stream()), ctx_.index(),
+                   "copy_from_host");
+}
+
+void CudaBackend::copy_to_host(void* host_dst, const void* src, size_t nbytes) {
+  ctx_.launch();
+  cuda::check_cuda(cudaMemcpyAsync(host_dst, src, nbytes, cudaMemcpyDeviceToHost, ctx_.stream()), ctx_.index(),
+                   "copy_to_host");
+  ctx_.synchronize("copy_to_host");
+}
+
+// ---- copies and fills ----
+
+void CudaBackend::copy(const View& dst, const View& src) {
+  if (dst.numel() == 0) return;
+  const cuda::LaunchContext lc = ctx_.launch();
+  if (dst.dtype == src.dtype && dst.is_contiguous() && src.is_contiguous()) {
+    cuda::check_cuda(cudaMemcpyAsync(dst.data, src.data, size_t(dst.numel()) * dtype_size(dst.dtype),
+                                     cudaMemcpyDeviceToDevice, ctx_.stream()),
+                     ctx_.index(), "copy");
+    return;
+  }
+  const auto layout = layout_of<2>(dst.shape, {&dst.strides, &src.strides}, "copy");
+  ctx_.check_launch(cuda::launch_copy(lc, dst.dtype, src.dtype, layout, dst.data, src.data), "copy");
+}
+
+void CudaBackend::fill(const View& dst, double value) {
+  if (dst.numel() == 0) return;
+  const cuda::LaunchContext lc = ctx_.launch();
+  const uint64_t bits = fill_bits(dst.dtype, value);
+  if (bits == 0 && dst.is_contiguous()) {
+    cuda::check_cuda(cudaMemsetAsync(dst.data, 0, size_t(dst.numel()) * dtype_size(dst.dtype), ctx_.stream()),
+                     ctx_.index(), "fill");
+    return;
+  }
+  const auto layout = layout_of<1>(dst.shape, {&dst.strides}, "fill");
+  ctx_.check_launch(cuda::launch_fill(lc, dtype_size(dst.dtype), layout, dst.data, bits), "fill");
+}
+
+void CudaBackend::fill_uniform(const View& dst, uint64_t seed, uint64_t offset, double low, double high) {
+  check(dst.is_contiguous(), "fill_uniform needs a contiguous tensor");
+  ctx_.check_launch(cuda::launch_fill_uniform(ctx_.launch(), dst.dtype, dst.numel(), dst.data, seed, offset, low, high),
+                    "fill_uniform");
+}
+
+void CudaBackend::fill_normal(const View& dst, uint64_t seed, uint64_t offset, double mean, double std) {
+  check(dst.is_contiguous(), "fill_normal needs a contiguous tensor");
+  ctx_.check_launch(cuda::launch_fill_normal(ctx_.launch(), dst.dtype, dst.numel(), dst.data, seed, offset, mean, std),
+                    "fill_normal");
+}
+
+// ---- elementwise ----
+
+void CudaBackend::unary(UnaryOp op, const View& out, const View& in, double scalar) {
+  require_floating(out.dtype, "unary");
+  const auto layout = layout_of<2>(out.shape, {&out.strides, &in.strides}, "unary");
+  ctx_.check_launch(cuda::launch_unary(ctx_.launch(), op, out.dtype, layout, out.data, in.data, scalar), "unary");
+}
+
+void CudaBackend::binary(BinaryOp op, const View& out, const View& a, const View& b) {
+  require_floating(out.dtype, "binary");
+  const auto layout = layout_of<3>(out.shape, {&out.strides, &a.strides, &b.strides}, "binary");
+  ctx_.check_launch(cuda::launch_binary(ctx_.launch(), op, out.dtype, layout, out.data, a.data, b.data), "binary");
+}
+
+void CudaBackend::where(const View& out, const View& condition, const View& a, const View& b) {
+  require_floating(out.dtype, "where");
+  const auto layout =
+      layout_of<4>(out.shape, {&out.strides, &condition.strides, &a.strides, &b.strides}, "where");
+  ctx_.check_launch(
+      cuda::launch_where(ctx_.launch(), out.dtype, condition.dtype, layout, out.data, condition.data, a.data, b.data),
+      "where");
+}
+
+// ---- reductions ----
+
+// `in` split into kept dims (out has the same size there) and reduced dims
+// (out has 1, in more), each merged where memory allows, as the CPU splits it.
+void CudaBackend::reduce(ReduceOp op, const View& out, const View& in) {
+  require_floating(in.dtype, "reduce");
+  if (in.numel() == 0) return;
+  Shape kept_shape, kept_in, kept_out, reduced_shape, reduced_in;
+  for (size_t d = 0; d < in.shape.size(); ++d) {
+    if (out.shape[d] == 1 && in.shape[d] != 1) {
+      reduced_shape.push_back(in.shape[d]);
+      reduced_in.push_back(in.strides[d]);
+    } else {
+      kept_shape.push_back(in.shape[d]);
+      kept_in.push_back(in.strides[d]);
+      kept_out.push_back(out.strides[d]);
+    }
+  }
+  const auto kept = cpu::coalesce<2>(kept_shape, {&kept_in, &kept_out});
+  const auto reduced = cpu::coalesce<1>(reduced_shape, {&reduced_in});
+  check(kept.shape.size() <= size_t(cuda::kMaxDims) && reduced.shape.size() <= size_t(cuda::kMaxDims),
+        "reduce on CUDA: shape {} has too many dims that cannot be merged", shape_str(in.shape));
+  cuda::ReduceLayout layout;
+  layout.kept_rank = int(kept.shape.size());
+  layout.reduced_rank = int(reduced.shape.size());
+  for (int d = 0; d < layout.kept_rank; ++d) {
+    layout.kept_shape[d] = kept.shape[size_t(d)];
+    layout.kept_in_strides[d] = kept.strides[0][size_t(d)];
+    layout.kept_out_strides[d] = kept.strides[1][size_t(d)];
+  }
+  for (int d = 0; d < layout.reduced_rank; ++d) {
+    layout.reduced_shape[d] = reduced.shape[size_t(d)];
+    layout.reduced_strides[d] = reduced.strides[0][size_t(d)];
+  }
+  layout.outputs = numel(kept_shape);
+  layout.block = numel(reduced_shape);
+  const cuda::LaunchContext lc = ctx_.launch();
+  Scratch partials(ctx_, cuda::reduce_scratch_bytes(lc, in.dtype, layout), "reduce partial sums");
+  ctx_.check_launch(cuda::launch_reduce(lc, op, in.dtype, layout, out.data, in.data, partials.get()), "reduce");
+}
+
+void CudaBackend::argmax_last(const View& out, const View& in) {
+  require_floating(in.dtype, "argmax");
+  const auto [rows, cols] = rows_of(in);
+  ctx_.check_launch(cuda::launch_argmax_last(ctx_.launch(), in.dtype, rows, cols, out.ptr<int64_t>(), in.data),
+                    "argmax");
+}
+
+// ---- indexing ----
+
+void CudaBackend::check_indices(const View& index, int64_t rows, const char* op) {
+  if (auto bad = ctx_.find_bad_index(index, rows, std::nullopt, op))
+    fail("{}: index {} (at position {}) is out of range for {} rows", op, ctx_.read_index(index, *bad), *bad, rows);
+}
+
+void CudaBackend::check_targets(const View& targets, int64_t classes, int64_t ignore_index, const char* op) {
+  if (auto bad = ctx_.find_bad_index(targets, classes, ignore_index, op))
+    fail("{}: target {} (row {}) is out of range for {} classes (ignore_index {})", op,
+         ctx_.read_index(targets, *bad), *bad, classes, ignore_index);
+}
+
+void CudaBackend::index_select_rows(const View& out, const View& table, const View& index) {
+  const int64_t n = index.numel();
+  check_indices(index, table.shape.empty() ? 0 : table.shape[0], "index_select");
+  if (n == 0 || out.numel() == 0) return;
+  const size_t row_bytes = size_t(out.numel() / n) * dtype_size(out.dtype);  // rows move as bytes: any dtype
+  ctx_.check_launch(
+      cuda::launch_index_select_rows(ctx_.launch(), n, row_bytes, out.data, table.data, index.data, index.dtype),
+      "index_select");
+}
+
+void CudaBackend::index_add_rows(const View& grad_table, const View& index, const View& grad_out) {
+  require_floating(grad_table.dtype, "index_add");
+  const int64_t n = index.numel();
+  check_indices(index, grad_table.shape.empty() ? 0 : grad_table.shape[0], "index_add");
+  if (n == 0 || grad_out.numel() == 0) return;
+  ctx_.check_launch(cuda::launch_index_add_rows(ctx_.launch(), grad_table.dtype, n, grad_out.numel() / n,
+                                                grad_table.data, index.data, index.dtype, grad_out.data),
+                    "index_add");
+}
+
+// ---- layer norm, gelu, softmax, cross-entropy ----
+
+void CudaBackend::layer_norm_forward(const View& y, const View& mean, const View& rstd, const View& x,
+                                     const View& weight, const View& bias, double eps) {
+  require_floating(x.dtype, "layer_norm");
+  const auto [rows, cols] = rows_of(x);
+  ctx_.check_launch(cuda::launch_layer_norm_forward(ctx_.launch(), x.dtype, rows, cols, y.data, mean.data, rstd.data,
+                                                    x.data, weight.data, bias.data, eps),
+                    "layer_norm");
+}
+
+void CudaBackend::layer_norm_backward(const View& dx, const View& dweight, const View& dbias, const View& dy,
+                                      const View& x, const View& weight, const View& mean, const View& rstd) {
+  require_floating(x.dtype, "layer_norm_backward");
+  const auto [rows, cols] = rows_of(x);
+  const cuda::LaunchContext lc = ctx_.launch();
+  if (dx.data)
+    ctx_.check_launch(cuda::launch_layer_norm_backward_input(lc, x.dtype, rows, cols, dx.data, dy.data, x.data,
+                                                             weight.data, mean.data, rstd.data),
+                      "layer_norm_backward");
+  if (!dweight.data && !dbias.data) return;  // frozen: no column sums at all
+  Scratch partials(ctx_, cuda::layer_norm_params_scratch_bytes(lc, x.dtype, rows, cols), "layer_norm partial sums");
+  ctx_.check_launch(cuda::launch_layer_norm_backward_params(lc, x.dtype, rows, cols, dweight.data, dbias.data, dy.data,
+                                                            x.data, mean.data, rstd.data, partials.get()),
+                    "layer_norm_backward");
+}
+
+void CudaBackend::gelu_forward(const View& y, const View& x) {
+  require_floating(x.dtype, "gelu");
+  ctx_.check_launch(cuda::launch_gelu_forward(ctx_.launch(), x.dtype, x.numel(), y.data, x.data), "gelu");
+}
+
+void CudaBackend::gelu_backward(const View& dx, const View& dy, const View& x) {
+  require_floating(x.dtype, "gelu_backward");
+  ctx_.check_launch(cuda::launch_gelu_backward(ctx_.launch(), x.dtype, x.numel(), dx.data, dy.data, x.data),
+                    "gelu_backward");
+}
+
+void CudaBackend::softmax_forward(const View& y, const View& x, bool log) {
+  require_floating(x.dtype, "softmax");
+  const auto [rows, cols] = rows_of(x);
+  ctx_.check_launch(cuda::launch_softmax_forward(ctx_.launch(), x.dtype, rows, cols, y.data, x.data, log), "softmax");
+}
+
+void CudaBackend::softmax_backward(const View& dx, const View& dy, const View& y, bool log) {
+  require_floating(y.dtype, "softmax_backward");
+  const auto [rows, cols] = rows_of(y);
+  ctx_.check_launch(cuda::launch_softmax_backward(ctx_.launch(), y.dtype, rows, cols, dx.data, dy.data, y.data, log),
+                    "softmax_backward");
+}
+
+void CudaBackend::cross_entropy_forward(const View& loss, const View& lse, const View& logits, const View& targets,
+                                        int64_t ignore_index) {
+  require_floating(logits.dtype, "cross_entropy");
+  const auto [rows, cols] = rows_of(logits);
+  check_targets(targets, cols, ignore_index, "cross_entropy");
+  ctx_.check_launch(cuda::launch_cross_entropy_forward(ctx_.launch(), logits.dtype, rows, cols, loss.data, lse.data,
+                                                       logits.data, targets.data, targets.dtype, ignore_index),
+                    "cross_entropy");
+}
+
+void CudaBackend::cross_entropy_backward(const View& dlogits, const View& dloss, const View& logits, const View& lse,
+                                         const View& targets, int64_t ignore_index) {
+  require_floating(logits.dtype, "cross_entropy_backward");
+  const auto [rows, cols] = rows_of(logits);
+  check_targets(targets, cols, ignore_index, "cross_entropy_backward");  // the saved targets may have been edited
+  ctx_.check_launch(cuda::launch_cross_entropy_backward(ctx_.launch(), logits.dtype, rows, cols, dlogits.data,
+                                                        dloss.data, logits.data, lse.data, targets.data,
+                                                        targets.dtype, ignore_index),
+                    "cross_entropy_backward");
+}
+
+// ---- attention ----
+
+namespace {
+
+cuda::AttentionShape attention_shape(const View& q, const View& k, const View& key_mask, bool causal, double scale) {
+  cuda::AttentionShape s;
+  s.B = q.shape[0], s.H = q.shape[1], s.Tq = q.shape[2], s.Tk = k.shape[2], s.D = q.shape[3];
+  s.key_mask = key_mask.data ? key_mask.ptr<const int32_t>() : nullptr;
+  s.causal = causal;
+  s.scale = scale;
+  return s;
+}
+
+double attention_flops(const cuda::AttentionShape& s, double per_product) {
+  return per_product * double(s.B * s.H) * double(s.Tq) * double(s.Tk) * double(s.D) * (s.causal ? 0.5 : 1.0);
+}
+
+}  // namespace
+
+void CudaBackend::attention_forward(const View& out, const View& lse, const View& q, const View& k, const View& v,
+                                    const View& key_mask, bool causal, double scale) {
+  require_floating(q.dtype, "attention");
+  const cuda::AttentionShape s = attention_shape(q, k, key_mask, causal, scale);
+  ProfileScope profile("attention_forward", attention_flops(s, 4));
+  ctx_.check_launch(cuda::launch_attention_forward(ctx_.launch(), q.dtype, s, out.data, lse.ptr<float>(), q.data,
+                                                   k.data, v.data),
+                    "attention_forward");
+}
+
+void CudaBackend::attention_backward(const View& dq, const View& dk, const View& dv, const View& dout, const View& q,
+                                     const View& k, const View& v, const View& out, const View& lse,
+                                     const View& key_mask, bool causal, double scale) {
+  require_floating(q.dtype, "attention_backward");
+  const cuda::AttentionShape s = attention_shape(q, k, key_mask, causal, scale);
+  ProfileScope profile("attention_backward", attention_flops(s, 10));
+  Scratch delta(ctx_, cuda::attention_backward_scratch_bytes(q.dtype, s), "attention_backward rowsum(dO * O)");
+  ctx_.check_launch(cuda::launch_attention_backward(ctx_.launch(), q.dtype, s, dq.data, dk.data, dv.data, dout.data,
+                                                    q.data, k.data, v.data, out.data, lse.ptr<const float>(),
+                                                    delta.get()),
+                    "attention_backward");
+}
+
+// ---- dropout and AdamW ----
+
+void CudaBackend::dropout(const View& out, const View& in, double p, uint64_t seed, uint64_t offset) {
+  require_floating(in.dtype, "dropout");
+  ctx_.check_launch(cuda::launch_dropout(ctx_.launch(), in.dtype, in.numel(), out.data, in.data, p, seed, offset),
+                    "dropout");
+}
+
+// The per-step scalars are formed in double exactly as cpu_optim.cpp forms
+// them (this file is also built with -ffp-contract=off); see optim.cu.
+void CudaBackend::adamw_step(const View& param, const View& grad, const View& m, const View& v,
+                             const AdamWArgs& a) {
+  require_floating(param.dtype, "adamw_step");
+  const double bias_correction1 = 1 - std::pow(a.beta1, double(a.step));
+  const double bias_correction2 = 1 - std::pow(a.beta2, double(a.step));
+  cuda::AdamWScalars s;
+  s.decay = 1 - a.lr * a.weight_decay;
+  s.beta1 = a.beta1;
+  s.one_minus_beta1 = 1 - a.beta1;
+  s.beta2 = a.beta2;
+  s.one_minus_beta2 = 1 - a.beta2;
+  s.neg_step_size = -(a.lr / bias_correction1);
+  s.bias_correction2_sqrt = std::sqrt(bias_correction2);
+  s.eps = a.eps;
+  ctx_.check_launch(cuda::launch_adamw(ctx_.launch(), param.dtype, param.numel(), param.data, grad.data, m.data,
+                                       v.data, s),
+                    "adamw_step");
+}
+
+}  // namespace
+
+// ---- the public API of cuda_backend.h ----
+
 int cuda_device_count() {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess) return 0;
+  // Devices do not come and go while we run; asking once keeps backend_for cheap.
+  static const int count = [] {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+      cudaGetLastError();  // no driver or no device: not an error for the caller
+      return 0;
+    }
+    return n;
+  }();
   return count;
 }
 
 Backend& cuda_backend(int index) {
-  int count = cuda_device_count();
-  check(index >= 0 && index < count, "cuda:{} requested, but {} CUDA device(s) are present", index, count);
-  fail("cuda:{}: the CUDA backend has no kernels yet", index);
+  static std::mutex mutex;
+  static auto* backends = new std::vector<std::unique_ptr<CudaBackend>>();  // never destroyed: tensors outlive statics
+  cuda::DeviceContext& ctx = cuda::device_context(index);                    // checks the index
+  std::lock_guard<std::mutex> lock(mutex);
+  if (backends->size() <= size_t(index)) backends->resize(size_t(index) + 1);
+  auto& slot = (*backends)[size_t(index)];
+  if (!slot) slot = std::make_unique<CudaBackend>(ctx.index());
+  return *slot;
 }
+
+CudaMemoryStats cuda_memory_stats(int index) { return cuda::device_context(index).memory_stats(); }
+void cuda_reset_peak(int index) { cuda::device_context(index).reset_peak(); }
+void cuda_synchronize(int index) { cuda::device_context(index).synchronize("cuda_synchronize"); }
 
 }  // namespace engine

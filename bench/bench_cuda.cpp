@@ -1,0 +1,190 @@
+// The CUDA backend's speed on GPT-2-large shapes: GEMMs through engine::matmul
+// against raw cuBLAS on the same buffers (f32, TF32, bf16), layer norm and
+// AdamW bandwidth, and attention forward/backward at B=32, H=20, T=256, D=64.
+// Prints one JSON line per case. Run: build-gpu/bench/bench_cuda
+#include "engine/backend.h"
+#include "engine/cuda/cuda_backend.h"
+#include "engine/ops.h"
+#include "engine/optim/optimizer.h"
+#include "engine/rng.h"
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <functional>
+#include <string>
+#include <vector>
+
+using engine::DType;
+using engine::Tensor;
+
+namespace {
+
+const engine::Device kGpu = engine::Device::cuda(0);
+
+// Median seconds per call of `body` (run `inner` times between two device
+// synchronisations, so launch queues stay full), over `reps` repetitions after a warm-up.
+double median_seconds(int reps, int inner, const std::function<void()>& body, const std::function<void()>& sync) {
+  body();
+  sync();
+  std::vector<double> times;
+  for (int r = 0; r < reps; ++r) {
+    const auto start = std::chrono::steady_clock::now();
+    for (int i = 0; i < inner; ++i) body();
+    sync();
+    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / inner);
+  }
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+void engine_sync() { engine::cuda_synchronize(0); }
+
+Tensor randn(const engine::Shape& shape, uint64_t seed, DType dtype = DType::F32) {
+  engine::Generator gen(seed);
+  return Tensor::randn(shape, gen, 0, 1, DType::F32, kGpu).to(dtype);
+}
+
+// ---- GEMM: C [m, n] = A [m, k] @ B [k, n] (or B^T stored [n, k]) ----
+
+void bench_gemm(cublasHandle_t handle, cudaStream_t stream, const char* mode, int64_t m, int64_t k, int64_t n,
+                bool transpose_b) {
+  const DType dtype = std::string(mode) == "bf16" ? DType::BF16 : DType::F32;
+  engine::set_allow_tf32(std::string(mode) == "tf32");
+  Tensor a = randn({m, k}, 1, dtype);
+  Tensor b = transpose_b ? randn({n, k}, 2, dtype) : randn({k, n}, 2, dtype);
+  Tensor c = Tensor::empty({m, n}, dtype, kGpu);
+  engine::NoGradGuard no_grad;
+  const Tensor b_op = transpose_b ? b.transpose(0, 1) : b;
+  const double ours = median_seconds(5, 10, [&] { engine::matmul(a, b_op); }, engine_sync);
+
+  // Raw cuBLAS, the same column-major mapping: C^T = op(B)^T A^T.
+  const cudaDataType_t type = dtype == DType::BF16 ? CUDA_R_16BF : CUDA_R_32F;
+  const cublasComputeType_t compute = std::string(mode) == "tf32" ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+  const float alpha = 1, beta = 0;
+  engine_sync();  // the inputs were made on the engine's stream
+  const double raw = median_seconds(
+      5, 10,
+      [&] {
+        cublasGemmEx(handle, transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N, int(n), int(m), int(k), &alpha,
+                     b.data_ptr(), type, transpose_b ? int(k) : int(n), a.data_ptr(), type, int(k), &beta,
+                     c.data_ptr(), type, int(n), compute, CUBLAS_GEMM_DEFAULT);
+      },
+      [&] { cudaStreamSynchronize(stream); });
+  const double flops = 2.0 * double(m) * double(n) * double(k);
+  fmt::print(R"({{"bench":"gemm","mode":"{}","m":{},"k":{},"n":{},"b_transposed":{},"engine_tflops":{:.1f},"cublas_tflops":{:.1f},"engine_over_cublas":{:.3f}}})"
+             "\n",
+             mode, m, k, n, transpose_b, flops / ours * 1e-12, flops / raw * 1e-12, raw / ours);
+  engine::set_allow_tf32(false);
+}
+
+// ---- layer norm and AdamW: bandwidth ----
+
+void bench_layer_norm(int64_t rows, int64_t cols) {
+  Tensor x = randn({rows, cols}, 3), w = randn({cols}, 4), b = randn({cols}, 5), dy = randn({rows, cols}, 6);
+  x.set_requires_grad(true), w.set_requires_grad(true), b.set_requires_grad(true);
+  const double bytes = 2.0 * double(rows * cols) * 4;  // read x, write y
+  double forward;
+  {
+    engine::NoGradGuard no_grad;
+    forward = median_seconds(5, 20, [&] { engine::layer_norm(x, w, b); }, engine_sync);
+  }
+  // Forward + backward (reads x, dy twice: dx pass and weight/bias pass; writes dx).
+  const double both = median_seconds(
+      5, 10,
+      [&] {
+        Tensor y = engine::layer_norm(x, w, b);
+        y.backward(dy);
+      },
+      engine_sync);
+  fmt::print(R"({{"bench":"layer_norm","rows":{},"cols":{},"forward_us":{:.1f},"forward_gb_per_s":{:.0f},"forward_backward_us":{:.1f}}})"
+             "\n",
+             rows, cols, forward * 1e6, bytes / forward * 1e-9, both * 1e6);
+}
+
+void bench_adamw(int64_t elements) {
+  Tensor p = randn({elements}, 7);
+  p.set_requires_grad(true);
+  p.set_grad(randn({elements}, 8));
+  engine::optim::AdamW opt({p});
+  const double t = median_seconds(5, 10, [&] { opt.step(); }, engine_sync);
+  const double bytes = 7.0 * double(elements) * 4;  // read p, g, m, v; write p, m, v
+  fmt::print(R"({{"bench":"adamw","elements":{},"us":{:.1f},"gb_per_s":{:.0f}}})"
+             "\n",
+             elements, t * 1e6, bytes / t * 1e-9);
+}
+
+// ---- attention at gpt2-large's shape ----
+
+void bench_attention(int64_t B, int64_t H, int64_t T, int64_t D, bool padded) {
+  Tensor q = randn({B, H, T, D}, 9), k = randn({B, H, T, D}, 10), v = randn({B, H, T, D}, 11);
+  Tensor dout = randn({B, H, T, D}, 12);
+  Tensor mask;
+  if (padded) {  // right padding: row b keeps its first T - 4b tokens
+    std::vector<int32_t> m(size_t(B * T), 1);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = std::max<int64_t>(1, T - 4 * b); t < T; ++t) m[size_t(b * T + t)] = 0;
+    mask = Tensor::from_vector(m, {B, T}, kGpu);
+  }
+  double forward;
+  {
+    engine::NoGradGuard no_grad;
+    forward = median_seconds(5, 10, [&] { engine::scaled_dot_product_attention(q, k, v, mask, true); }, engine_sync);
+  }
+  q.set_requires_grad(true), k.set_requires_grad(true), v.set_requires_grad(true);
+  const double both = median_seconds(
+      5, 5,
+      [&] {
+        Tensor out = engine::scaled_dot_product_attention(q, k, v, mask, true);
+        out.backward(dout);
+      },
+      engine_sync);
+  const double causal_flops = 4.0 * double(B * H) * double(T) * double(T) * double(D) * 0.5;
+  const double backward = both - forward;
+  fmt::print(R"({{"bench":"attention","B":{},"H":{},"T":{},"D":{},"causal":true,"padded":{},"forward_ms":{:.3f},"forward_tflops":{:.1f},"backward_ms":{:.3f},"backward_tflops":{:.1f}}})"
+             "\n",
+             B, H, T, D, padded, forward * 1e3, causal_flops / forward * 1e-12, backward * 1e3,
+             2.5 * causal_flops / backward * 1e-12);
+}
+
+}  // namespace
+
+int main() {
+  if (!engine::cuda_available()) {
+    std::fprintf(stderr, "bench_cuda: no CUDA device\n");
+    return 77;
+  }
+  // Raw cuBLAS gets its own handle and stream, with the same workspace size the engine uses.
+  cudaStream_t stream;
+  cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+  cublasHandle_t handle;
+  cublasCreate(&handle);
+  cublasSetStream(handle, stream);
+
+  // gpt2-large at batch 32 x 256 tokens: c_attn, attn c_proj, mlp c_fc, mlp c_proj,
+  // and the weight-gradient GEMM of c_attn (x^T @ dy).
+  const int64_t tokens = 32 * 256, C = 1280;
+  for (const char* mode : {"f32", "tf32", "bf16"}) {
+    bench_gemm(handle, stream, mode, tokens, C, 3 * C, false);
+    bench_gemm(handle, stream, mode, tokens, C, C, false);
+    bench_gemm(handle, stream, mode, tokens, C, 4 * C, false);
+    bench_gemm(handle, stream, mode, tokens, 4 * C, C, false);
+    bench_gemm(handle, stream, mode, tokens, C, 3 * C, true);
+    bench_gemm(handle, stream, mode, 4096, 4096, 4096, false);
+  }
+  bench_layer_norm(tokens, C);
+  bench_adamw(int64_t(36) * C * 3 * C);  // all of gpt2-large's c_attn weights
+  bench_attention(32, 20, 256, 64, false);
+  bench_attention(32, 20, 256, 64, true);
+  const engine::CudaMemoryStats stats = engine::cuda_memory_stats(0);
+  fmt::print(R"({{"bench":"memory","peak_gib":{:.2f},"reserved_gib":{:.2f}}})"
+             "\n",
+             double(stats.peak_bytes) / double(1ull << 30), double(stats.reserved_bytes) / double(1ull << 30));
+  cublasDestroy(handle);
+  cudaStreamDestroy(stream);
+  return 0;
+}

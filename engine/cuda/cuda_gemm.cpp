@@ -1,0 +1,85 @@
+// CUDA matrix multiply on cuBLAS (cublasGemmEx / cublasGemmStridedBatchedEx).
+// GemmArgs are row-major; cuBLAS is column-major. A row-major [r, c] matrix
+// with row stride ld is, read column-major, its own transpose [c, r] with
+// leading dimension ld. So C = op(A) op(B) is computed as the column-major
+// product C^T = op(B)^T op(A)^T: the operands swap places, m and n swap, and
+// each keeps its own transpose flag. No data moves.
+#include "engine/cuda/cuda_context.h"
+
+#include "engine/error.h"
+#include "engine/profiler.h"
+
+#include <atomic>
+#include <climits>
+
+namespace engine {
+
+namespace {
+std::atomic<bool> tf32_allowed{false};
+}  // namespace
+
+void set_allow_tf32(bool allow) { tf32_allowed = allow; }
+bool allow_tf32() { return tf32_allowed; }
+
+namespace cuda {
+
+namespace {
+
+bool fits_int(int64_t v) { return v >= 0 && v <= INT_MAX; }
+
+// How cuBLAS reads each dtype: storage type, compute type, and whether
+// alpha/beta are passed as double (f64 compute) or float (every other case).
+struct GemmTypes {
+  cudaDataType_t storage;
+  cublasComputeType_t compute;
+  bool double_scalars;
+};
+
+GemmTypes gemm_types(DType dtype) {
+  switch (dtype) {
+    case DType::F32:
+      return {CUDA_R_32F, allow_tf32() ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F, false};
+    case DType::F64: return {CUDA_R_64F, CUBLAS_COMPUTE_64F, true};
+    // 16-bit inputs and output, products accumulated in f32 (as torch does).
+    case DType::BF16: return {CUDA_R_16BF, CUBLAS_COMPUTE_32F, false};
+    case DType::F16: return {CUDA_R_16F, CUBLAS_COMPUTE_32F, false};
+    default: fail("gemm on CUDA: needs f32, f64, bf16 or f16, got {}", dtype_name(dtype));
+  }
+}
+
+}  // namespace
+
+void gemm(DeviceContext& ctx, const GemmArgs& g) {
+  ProfileScope scope("gemm", 2.0 * double(g.m) * double(g.n) * double(g.k) * double(g.batch));
+  const GemmTypes types = gemm_types(g.dtype);
+  check(fits_int(g.m) && fits_int(g.n) && fits_int(g.k) && fits_int(g.lda) && fits_int(g.ldb) && fits_int(g.ldc) &&
+            fits_int(g.batch),
+        "gemm on CUDA: sizes m {} n {} k {} (lda {} ldb {} ldc {}, batch {}) exceed cuBLAS's 32-bit limits", g.m, g.n,
+        g.k, g.lda, g.ldb, g.ldc, g.batch);
+  if (g.m == 0 || g.n == 0 || g.batch == 0) return;
+  ctx.launch();
+
+  const float alpha_f = float(g.alpha), beta_f = float(g.beta);
+  const void* alpha = types.double_scalars ? static_cast<const void*>(&g.alpha) : &alpha_f;
+  const void* beta = types.double_scalars ? static_cast<const void*>(&g.beta) : &beta_f;
+  // Column-major C^T [n, m] = op(B)^T [n, k] op(A)^T [k, m]; see the file comment.
+  const cublasOperation_t op_first = g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasOperation_t op_second = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const int m = int(g.n), n = int(g.m), k = int(g.k);
+  cublasStatus_t status;
+  if (g.batch == 1) {
+    status = cublasGemmEx(ctx.cublas(), op_first, op_second, m, n, k, alpha, g.b, types.storage, int(g.ldb), g.a,
+                          types.storage, int(g.lda), beta, g.c, types.storage, int(g.ldc), types.compute,
+                          CUBLAS_GEMM_DEFAULT);
+  } else {
+    status = cublasGemmStridedBatchedEx(ctx.cublas(), op_first, op_second, m, n, k, alpha, g.b, types.storage,
+                                        int(g.ldb), g.stride_b, g.a, types.storage, int(g.lda), g.stride_a, beta, g.c,
+                                        types.storage, int(g.ldc), g.stride_c, int(g.batch), types.compute,
+                                        CUBLAS_GEMM_DEFAULT);
+  }
+  check_cublas(status, ctx.index(), "gemm");
+}
+
+}  // namespace cuda
+
+}  // namespace engine

@@ -1,0 +1,144 @@
+// The CUDA kernels' launchers: plain pointers, sizes and a stream in, the
+// launch status out. nvcc compiles the .cu files that define them and cannot
+// compile {fmt}, so nothing here may include engine/error.h; CudaBackend
+// (cuda_backend.cpp) checks arguments and turns statuses into engine::Error.
+#pragma once
+
+#include "engine/backend.h"  // DType, UnaryOp, BinaryOp, ReduceOp
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace engine::cuda {
+
+// What every launcher needs to know about the device it runs on.
+struct LaunchContext {
+  cudaStream_t stream = nullptr;
+  int sm_count = 1;  // multiprocessors: sizes grids that must fill the GPU
+};
+
+// ---- strided iteration ----
+// Up to kMaxDims dims after merging (cpu::coalesce): more is an error the host reports.
+constexpr int kMaxDims = 8;
+
+// N operands that share a shape but not strides (in elements; 0 = broadcast).
+template <int N>
+struct StridedLayout {
+  int rank = 0;
+  int64_t numel = 0;
+  int64_t shape[kMaxDims] = {};
+  int64_t strides[N][kMaxDims] = {};
+  bool contiguous = false;  // every operand walks memory in order: the fast path
+};
+
+// ---- copies, fills, elementwise (elementwise.cu) ----
+cudaError_t launch_copy(const LaunchContext& ctx, DType dst_dtype, DType src_dtype, const StridedLayout<2>& layout,
+                        void* dst, const void* src);
+// Writes the element bit pattern `bits` (elem_size bytes: 1, 2, 4 or 8) everywhere.
+cudaError_t launch_fill(const LaunchContext& ctx, size_t elem_size, const StridedLayout<1>& layout, void* dst,
+                        uint64_t bits);
+cudaError_t launch_unary(const LaunchContext& ctx, UnaryOp op, DType dtype, const StridedLayout<2>& layout, void* out,
+                         const void* in, double scalar);
+cudaError_t launch_binary(const LaunchContext& ctx, BinaryOp op, DType dtype, const StridedLayout<3>& layout,
+                          void* out, const void* a, const void* b);
+// out = condition != 0 ? a : b; the condition may have any dtype.
+cudaError_t launch_where(const LaunchContext& ctx, DType dtype, DType condition_dtype, const StridedLayout<4>& layout,
+                         void* out, const void* condition, const void* a, const void* b);
+
+// ---- reductions (reduce.cu) ----
+// `in` split into kept dims (one output each) and reduced dims, both merged.
+struct ReduceLayout {
+  int kept_rank = 0, reduced_rank = 0;
+  int64_t kept_shape[kMaxDims] = {}, kept_in_strides[kMaxDims] = {}, kept_out_strides[kMaxDims] = {};
+  int64_t reduced_shape[kMaxDims] = {}, reduced_strides[kMaxDims] = {};
+  int64_t outputs = 1, block = 1;  // output count, elements reduced into each
+};
+// Scratch the reduction needs for partial results (0 when it runs in one pass).
+size_t reduce_scratch_bytes(const LaunchContext& ctx, DType dtype, const ReduceLayout& layout);
+cudaError_t launch_reduce(const LaunchContext& ctx, ReduceOp op, DType dtype, const ReduceLayout& layout, void* out,
+                          const void* in, void* scratch);
+cudaError_t launch_argmax_last(const LaunchContext& ctx, DType dtype, int64_t rows, int64_t cols, int64_t* out,
+                               const void* in);
+
+// ---- random draws (random.cu): the element -> Philox mapping of engine/rng.h ----
+cudaError_t launch_fill_uniform(const LaunchContext& ctx, DType dtype, int64_t n, void* out, uint64_t seed,
+                                uint64_t offset, double low, double high);
+cudaError_t launch_fill_normal(const LaunchContext& ctx, DType dtype, int64_t n, void* out, uint64_t seed,
+                               uint64_t offset, double mean, double std);
+cudaError_t launch_dropout(const LaunchContext& ctx, DType dtype, int64_t n, void* out, const void* in, double p,
+                           uint64_t seed, uint64_t offset);
+
+// ---- indexing (nn.cu) ----
+// Sets *first_bad (initialised by the caller to ~0) to the smallest position i
+// whose index is outside [0, rows) and is not `ignore` (when has_ignore).
+cudaError_t launch_find_bad_index(const LaunchContext& ctx, const void* index, DType index_dtype, int64_t n,
+                                  int64_t rows, bool has_ignore, int64_t ignore, unsigned long long* first_bad);
+// out[i, :] = table[index[i], :], rows of row_bytes bytes (any dtype). Indices already validated.
+cudaError_t launch_index_select_rows(const LaunchContext& ctx, int64_t n, size_t row_bytes, void* out,
+                                     const void* table, const void* index, DType index_dtype);
+// table[index[i], :] += grad[i, :] (atomic adds: repeated indices accumulate in any order).
+cudaError_t launch_index_add_rows(const LaunchContext& ctx, DType dtype, int64_t n, int64_t cols, void* table,
+                                  const void* index, DType index_dtype, const void* grad);
+
+// ---- fused nn kernels over contiguous [rows, cols] (nn.cu) ----
+cudaError_t launch_layer_norm_forward(const LaunchContext& ctx, DType dtype, int64_t rows, int64_t cols, void* y,
+                                      void* mean, void* rstd, const void* x, const void* weight, const void* bias,
+                                      double eps);
+cudaError_t launch_layer_norm_backward_input(const LaunchContext& ctx, DType dtype, int64_t rows, int64_t cols,
+                                             void* dx, const void* dy, const void* x, const void* weight,
+                                             const void* mean, const void* rstd);
+// dweight and dbias (either may be null) are column sums over rows; scratch
+// holds per-chunk partial sums so that the result does not depend on timing.
+size_t layer_norm_params_scratch_bytes(const LaunchContext& ctx, DType dtype, int64_t rows, int64_t cols);
+cudaError_t launch_layer_norm_backward_params(const LaunchContext& ctx, DType dtype, int64_t rows, int64_t cols,
+                                              void* dweight, void* dbias, const void* dy, const void* x,
+                                              const void* mean, const void* rstd, void* scratch);
+cudaError_t launch_gelu_forward(const LaunchContext& ctx, DType dtype, int64_t n, void* y, const void* x);
+cudaError_t launch_gelu_backward(const LaunchContext& ctx, DType dtype, int64_t n, void* dx, const void* dy,
+                                 const void* x);
+
+// ---- softmax and cross-entropy over contiguous [rows, cols] (softmax.cu) ----
+cudaError_t launch_softmax_forward(const LaunchContext& ctx, DType dtype, int64_t rows, int64_t cols, void* y,
+                                   const void* x, bool log);
+cudaError_t launch_softmax_backward(const LaunchContext& ctx, DType dtype, int64_t rows, int64_t cols, void* dx,
+                                    const void* dy, const void* y, bool log);
+// Targets already validated (launch_find_bad_index).
+cudaError_t launch_cross_entropy_forward(const LaunchContext& ctx, DType dtype, int64_t rows, int64_t cols,
+                                         void* loss, void* lse, const void* logits, const void* targets,
+                                         DType target_dtype, int64_t ignore_index);
+cudaError_t launch_cross_entropy_backward(const LaunchContext& ctx, DType dtype, int64_t rows, int64_t cols,
+                                          void* dlogits, const void* dloss, const void* logits, const void* lse,
+                                          const void* targets, DType target_dtype, int64_t ignore_index);
+
+// ---- attention (attention.cu) ----
+// q [B, H, Tq, D], k and v [B, H, Tk, D], key_mask i32 [B, Tk] or null, all
+// contiguous. Query i sees key j when key_mask[b, j] != 0 and, if causal,
+// j <= i + (Tk - Tq) (bottom-right aligned, as PyTorch; Tq == Tk today).
+struct AttentionShape {
+  int64_t B = 0, H = 0, Tq = 0, Tk = 0, D = 0;
+  const int32_t* key_mask = nullptr;
+  bool causal = true;
+  double scale = 1;
+};
+// out [B, H, Tq, D]; lse f32 [B, H, Tq] (-inf for a query that sees no key).
+cudaError_t launch_attention_forward(const LaunchContext& ctx, DType dtype, const AttentionShape& shape, void* out,
+                                     float* lse, const void* q, const void* k, const void* v);
+// Scratch for the per-query rowsum(dO * O).
+size_t attention_backward_scratch_bytes(DType dtype, const AttentionShape& shape);
+// dq, dk, dv may each be null (not wanted).
+cudaError_t launch_attention_backward(const LaunchContext& ctx, DType dtype, const AttentionShape& shape, void* dq,
+                                      void* dk, void* dv, const void* dout, const void* q, const void* k,
+                                      const void* v, const void* out, const float* lse, void* scratch);
+
+// ---- optimiser (optim.cu) ----
+// AdamW's per-step scalars, formed on the host in double exactly as the CPU
+// kernel forms them; the kernel rounds each to the parameter's type.
+struct AdamWScalars {
+  double decay, beta1, one_minus_beta1, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps;
+};
+cudaError_t launch_adamw(const LaunchContext& ctx, DType dtype, int64_t n, void* param, const void* grad, void* m,
+                         void* v, const AdamWScalars& scalars);
+
+}  // namespace engine::cuda

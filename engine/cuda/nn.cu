@@ -1,0 +1,315 @@
+// CUDA kernels of the fused nn ops: index validation, row gather and
+// scatter-add (embedding, index_select), layer norm and gelu_new. Same
+// formulas as engine/cpu/cpu_nn.cpp; sums run in the tensor's type (f32 or
+// f64, as the CPU's layer norm does) but in warp trees, so f32 results agree
+// with the CPU to a few ulps rather than bit for bit.
+#include "engine/cuda/common.cuh"
+
+namespace engine::cuda {
+
+namespace {
+
+// ---- index validation ----
+// Kernels cannot throw, so the host runs this before any kernel that trusts
+// its indices, reads the flag back and raises engine::Error naming the position.
+
+template <typename I>
+__global__ void find_bad_index_kernel(const I* index, int64_t n, int64_t rows, bool has_ignore, int64_t ignore,
+                                      unsigned long long* first_bad) {
+  for (int64_t i = grid_index(); i < n; i += grid_stride()) {
+    const int64_t id = int64_t(index[i]);
+    if (!(has_ignore && id == ignore) && (id < 0 || id >= rows)) atomicMin(first_bad, (unsigned long long)i);
+  }
+}
+
+// ---- gather and scatter-add of rows ----
+
+// Copies rows as units of sizeof(Unit) bytes (16 when sizes and pointers allow).
+template <typename Unit, typename I>
+__global__ void index_select_kernel(int64_t n, int64_t units_per_row, Unit* out, const Unit* table, const I* index) {
+  const int64_t total = n * units_per_row;
+  for (int64_t e = grid_index(); e < total; e += grid_stride()) {
+    const int64_t row = e / units_per_row, unit = e - row * units_per_row;
+    out[e] = table[int64_t(index[row]) * units_per_row + unit];
+  }
+}
+
+template <typename T, typename I>
+__global__ void index_add_kernel(int64_t n, int64_t cols, T* table, const I* index, const T* grad) {
+  const int64_t total = n * cols;
+  for (int64_t e = grid_index(); e < total; e += grid_stride()) {
+    const int64_t row = e / cols, col = e - row * cols;
+    atomicAdd(table + int64_t(index[row]) * cols + col, grad[e]);
+  }
+}
+
+// ---- layer norm ----
+// One warp per row. The variance is taken about the mean in a second pass
+// over the row (from L1 by then), as the CPU does, to avoid cancellation.
+
+constexpr int kRowsPerBlock = kThreads / 32;
+
+__device__ __forceinline__ int64_t warp_row() { return int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32; }
+
+inline unsigned row_blocks(int64_t rows) { return unsigned((rows + kRowsPerBlock - 1) / kRowsPerBlock); }
+
+template <typename T>
+__global__ void layer_norm_forward_kernel(int64_t rows, int64_t cols, T* y, T* mean, T* rstd, const T* x,
+                                          const T* weight, const T* bias, T eps) {
+  const int64_t row = warp_row();
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const T* xr = x + row * cols;
+  T* yr = y + row * cols;
+  T sum = 0;
+  for (int64_t c = lane; c < cols; c += 32) sum += xr[c];
+  const T mu = warp_reduce(sum, SumOp{}) / T(cols);
+  T squares = 0;
+  for (int64_t c = lane; c < cols; c += 32) squares += (xr[c] - mu) * (xr[c] - mu);
+  const T rs = T(1) / math_sqrt(warp_reduce(squares, SumOp{}) / T(cols) + eps);  // biased variance, as torch
+  for (int64_t c = lane; c < cols; c += 32) yr[c] = (xr[c] - mu) * rs * weight[c] + bias[c];
+  if (lane == 0) {
+    mean[row] = mu;
+    rstd[row] = rs;
+  }
+}
+
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * weight, xhat = (x - mean) * rstd.
+template <typename T>
+__global__ void layer_norm_backward_input_kernel(int64_t rows, int64_t cols, T* dx, const T* dy, const T* x,
+                                                 const T* weight, const T* mean, const T* rstd) {
+  const int64_t row = warp_row();
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const T *xr = x + row * cols, *dyr = dy + row * cols;
+  T* dxr = dx + row * cols;
+  const T mu = mean[row], rs = rstd[row];
+  T sum_g = 0, sum_g_xhat = 0;
+  for (int64_t c = lane; c < cols; c += 32) {
+    const T g = dyr[c] * weight[c];
+    sum_g += g;
+    sum_g_xhat += g * (xr[c] - mu) * rs;
+  }
+  const T mean_g = warp_reduce(sum_g, SumOp{}) / T(cols);
+  const T mean_g_xhat = warp_reduce(sum_g_xhat, SumOp{}) / T(cols);
+  for (int64_t c = lane; c < cols; c += 32) dxr[c] = rs * (dyr[c] * weight[c] - mean_g - (xr[c] - mu) * rs * mean_g_xhat);
+}
+
+// dweight[c] = sum_r dy * xhat, dbias[c] = sum_r dy: column sums, laid out as
+// the reductions' "columns" mapping (32 columns x 8 rows per block). Row
+// slices (blockIdx.y) write partials that a second kernel adds in order.
+constexpr int kParamColumns = 32, kParamRows = 8;
+
+struct ParamsPlan {
+  int64_t slices = 1, chunk = 0;
+};
+
+ParamsPlan params_plan(const LaunchContext& ctx, int64_t rows, int64_t cols) {
+  const int64_t column_blocks = (cols + kParamColumns - 1) / kParamColumns;
+  const int64_t target_blocks = int64_t(ctx.sm_count) * 4;
+  const int64_t max_slices = std::max<int64_t>(1, rows / (16 * kParamRows));  // >= 16 rows per thread
+  ParamsPlan p;
+  p.slices = std::clamp<int64_t>((target_blocks + column_blocks - 1) / column_blocks, 1, max_slices);
+  p.chunk = (rows + p.slices - 1) / p.slices;
+  p.slices = (rows + p.chunk - 1) / p.chunk;
+  return p;
+}
+
+template <typename T>
+__global__ void layer_norm_params_kernel(int64_t rows, int64_t cols, int64_t chunk, T* dweight, T* dbias,
+                                         const T* dy, const T* x, const T* mean, const T* rstd) {
+  __shared__ T shared_w[kParamRows][kParamColumns + 1], shared_b[kParamRows][kParamColumns + 1];
+  const int64_t c = int64_t(blockIdx.x) * kParamColumns + threadIdx.x;
+  const int64_t slice = blockIdx.y, begin = slice * chunk, end = min64(rows, begin + chunk);
+  T dw = 0, db = 0;
+  if (c < cols) {
+    for (int64_t r = begin + threadIdx.y; r < end; r += kParamRows) {
+      const T g = dy[r * cols + c];
+      if (dweight) dw += g * (x[r * cols + c] - mean[r]) * rstd[r];
+      db += g;
+    }
+  }
+  shared_w[threadIdx.y][threadIdx.x] = dw;
+  shared_b[threadIdx.y][threadIdx.x] = db;
+  __syncthreads();
+  if (threadIdx.y != 0 || c >= cols) return;
+  for (int y = 1; y < kParamRows; ++y) {
+    dw += shared_w[y][threadIdx.x];
+    db += shared_b[y][threadIdx.x];
+  }
+  // With one slice these are the outputs; otherwise row `slice` of the partials.
+  if (dweight) dweight[slice * cols + c] = dw;
+  if (dbias) dbias[slice * cols + c] = db;
+}
+
+template <typename T>
+__global__ void sum_slices_kernel(int64_t slices, int64_t cols, const T* partial, T* out) {
+  for (int64_t c = grid_index(); c < cols; c += grid_stride()) {
+    T acc = 0;
+    for (int64_t s = 0; s < slices; ++s) acc += partial[s * cols + c];
+    out[c] = acc;
+  }
+}
+
+// ---- gelu_new ----
+// 0.5 x (1 + tanh(u)) computed as x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3),
+// as the CPU computes it; derivative s + x s (1 - s) 2u'.
+
+constexpr double kSqrt2OverPi = 0.79788456080286535588;
+constexpr double kGeluCubic = 0.044715;
+
+template <typename T>
+__global__ void gelu_forward_kernel(int64_t n, T* y, const T* x) {
+  for (int64_t i = grid_index(); i < n; i += grid_stride()) {
+    const T v = x[i];
+    const T two_u = T(2 * kSqrt2OverPi) * (v + T(kGeluCubic) * v * v * v);
+    y[i] = v / (T(1) + math_exp(-two_u));
+  }
+}
+
+template <typename T>
+__global__ void gelu_backward_kernel(int64_t n, T* dx, const T* dy, const T* x) {
+  for (int64_t i = grid_index(); i < n; i += grid_stride()) {
+    const T v = x[i];
+    const T two_u = T(2 * kSqrt2OverPi) * (v + T(kGeluCubic) * v * v * v);
+    const T two_du = T(2 * kSqrt2OverPi) * (T(1) + T(3 * kGeluCubic) * v * v);
+    const T s = T(1) / (T(1) + math_exp(-two_u));
+    dx[i] = dy[i] * (s + v * s * (T(1) - s) * two_du);
+  }
+}
+
+}  // namespace
+
+// ---- launchers ----
+
+cudaError_t launch_find_bad_index(const LaunchContext& ctx, const void* index, DType index_dtype, int64_t n,
+                                  int64_t rows, bool has_ignore, int64_t ignore, unsigned long long* first_bad) {
+  if (n == 0) return cudaSuccess;
+  dispatch_index(index_dtype, [&](auto zero) {
+    using I = decltype(zero);
+    find_bad_index_kernel<<<grid_for(ctx, n), kThreads, 0, ctx.stream>>>(static_cast<const I*>(index), n, rows,
+                                                                          has_ignore, ignore, first_bad);
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_index_select_rows(const LaunchContext& ctx, int64_t n, size_t row_bytes, void* out,
+                                     const void* table, const void* index, DType index_dtype) {
+  if (n == 0 || row_bytes == 0) return cudaSuccess;
+  // The widest unit that divides the row and both base addresses.
+  size_t unit = 16;
+  while (unit > 1 && (row_bytes % unit || reinterpret_cast<uintptr_t>(out) % unit ||
+                      reinterpret_cast<uintptr_t>(table) % unit))
+    unit /= 2;
+  const int64_t units = int64_t(row_bytes / unit);
+  dispatch_index(index_dtype, [&](auto zero) {
+    using I = decltype(zero);
+    const I* ids = static_cast<const I*>(index);
+    const unsigned grid = grid_for(ctx, n * units);
+    auto run = [&](auto unit_zero) {
+      using U = decltype(unit_zero);
+      index_select_kernel<<<grid, kThreads, 0, ctx.stream>>>(n, units, static_cast<U*>(out),
+                                                             static_cast<const U*>(table), ids);
+    };
+    switch (unit) {
+      case 16: run(uint4{}); break;
+      case 8: run(uint2{}); break;
+      case 4: run(uint32_t{}); break;
+      case 2: run(uint16_t{}); break;
+      default: run(uint8_t{}); break;
+    }
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_index_add_rows(const LaunchContext& ctx, DType dtype, int64_t n, int64_t cols, void* table,
+                                  const void* index, DType index_dtype, const void* grad) {
+  if (n == 0 || cols == 0) return cudaSuccess;
+  dispatch_floating(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    dispatch_index(index_dtype, [&](auto izero) {
+      using I = decltype(izero);
+      index_add_kernel<<<grid_for(ctx, n * cols), kThreads, 0, ctx.stream>>>(
+          n, cols, static_cast<T*>(table), static_cast<const I*>(index), static_cast<const T*>(grad));
+    });
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_layer_norm_forward(const LaunchContext& ctx, DType dtype, int64_t rows, int64_t cols, void* y,
+                                      void* mean, void* rstd, const void* x, const void* weight, const void* bias,
+                                      double eps) {
+  if (rows == 0) return cudaSuccess;
+  dispatch_floating(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    layer_norm_forward_kernel<<<row_blocks(rows), kThreads, 0, ctx.stream>>>(
+        rows, cols, static_cast<T*>(y), static_cast<T*>(mean), static_cast<T*>(rstd), static_cast<const T*>(x),
+        static_cast<const T*>(weight), static_cast<const T*>(bias), T(eps));
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_layer_norm_backward_input(const LaunchContext& ctx, DType dtype, int64_t rows, int64_t cols,
+                                             void* dx, const void* dy, const void* x, const void* weight,
+                                             const void* mean, const void* rstd) {
+  if (rows == 0) return cudaSuccess;
+  dispatch_floating(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    layer_norm_backward_input_kernel<<<row_blocks(rows), kThreads, 0, ctx.stream>>>(
+        rows, cols, static_cast<T*>(dx), static_cast<const T*>(dy), static_cast<const T*>(x),
+        static_cast<const T*>(weight), static_cast<const T*>(mean), static_cast<const T*>(rstd));
+  });
+  return cudaGetLastError();
+}
+
+size_t layer_norm_params_scratch_bytes(const LaunchContext& ctx, DType dtype, int64_t rows, int64_t cols) {
+  const ParamsPlan p = params_plan(ctx, rows, cols);
+  return p.slices > 1 ? 2 * size_t(p.slices * cols) * (dtype == DType::F64 ? 8 : 4) : 0;
+}
+
+cudaError_t launch_layer_norm_backward_params(const LaunchContext& ctx, DType dtype, int64_t rows, int64_t cols,
+                                              void* dweight, void* dbias, const void* dy, const void* x,
+                                              const void* mean, const void* rstd, void* scratch) {
+  if (cols == 0 || (!dweight && !dbias)) return cudaSuccess;
+  const ParamsPlan p = params_plan(ctx, rows, cols);
+  dispatch_floating(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    T *w_out = static_cast<T*>(dweight), *b_out = static_cast<T*>(dbias);
+    // With several slices the kernel writes partials into scratch, [slices, cols] for each output.
+    T* w_partial = p.slices > 1 && w_out ? static_cast<T*>(scratch) : w_out;
+    T* b_partial = p.slices > 1 && b_out ? static_cast<T*>(scratch) + p.slices * cols : b_out;
+    const dim3 grid(unsigned((cols + kParamColumns - 1) / kParamColumns), unsigned(p.slices));
+    layer_norm_params_kernel<<<grid, dim3(kParamColumns, kParamRows), 0, ctx.stream>>>(
+        rows, cols, p.chunk, w_partial, b_partial, static_cast<const T*>(dy), static_cast<const T*>(x),
+        static_cast<const T*>(mean), static_cast<const T*>(rstd));
+    if (p.slices > 1) {
+      if (w_out) sum_slices_kernel<<<grid_for(ctx, cols), kThreads, 0, ctx.stream>>>(p.slices, cols, w_partial, w_out);
+      if (b_out) sum_slices_kernel<<<grid_for(ctx, cols), kThreads, 0, ctx.stream>>>(p.slices, cols, b_partial, b_out);
+    }
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_gelu_forward(const LaunchContext& ctx, DType dtype, int64_t n, void* y, const void* x) {
+  if (n == 0) return cudaSuccess;
+  dispatch_floating(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    gelu_forward_kernel<<<grid_for(ctx, n), kThreads, 0, ctx.stream>>>(n, static_cast<T*>(y),
+                                                                       static_cast<const T*>(x));
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_gelu_backward(const LaunchContext& ctx, DType dtype, int64_t n, void* dx, const void* dy,
+                                 const void* x) {
+  if (n == 0) return cudaSuccess;
+  dispatch_floating(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    gelu_backward_kernel<<<grid_for(ctx, n), kThreads, 0, ctx.stream>>>(n, static_cast<T*>(dx),
+                                                                        static_cast<const T*>(dy),
+                                                                        static_cast<const T*>(x));
+  });
+  return cudaGetLastError();
+}
+
+}  // namespace engine::cuda

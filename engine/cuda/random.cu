@@ -1,0 +1,100 @@
+// CUDA random draws and dropout from the Philox stream of engine/rng.h, with
+// the CPU backend's element -> word mapping (cpu_backend.cpp, cpu_nn.cpp), so
+// both devices draw the same values and the same dropout masks:
+//   element i is word i % 4 of block offset + i / 4;
+//   normal elements 2j and 2j+1 are Box-Muller on uniforms 2j and 2j+1.
+// Uniform fills and dropout are bit-identical to the CPU (the same integer
+// and IEEE double arithmetic); normal fills agree up to the last bit of the
+// double log/cos/sin before rounding to the output type. The CPU is built
+// with -ffp-contract=off, so the affine maps here use __dadd_rn/__dmul_rn:
+// nvcc would otherwise fuse them into an FMA and round differently.
+#include "engine/cuda/common.cuh"
+#include "engine/rng.h"
+
+namespace engine::cuda {
+
+namespace {
+
+// The uniform in [0, 1) that word `word` of a Philox block gives (philox_uniform's mapping).
+__device__ __forceinline__ float word_to_uniform(uint32_t word) { return float(word >> 8) * (1.0f / 16777216.0f); }
+
+// One thread per Philox block: elements 4t .. 4t+3.
+template <typename T>
+__global__ void fill_uniform_kernel(int64_t n, T* out, uint64_t seed, uint64_t offset, double low, double high) {
+  for (int64_t t = grid_index(); t * 4 < n; t += grid_stride()) {
+    const Philox4 block = philox4x32_10(seed, offset + uint64_t(t));
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int64_t i = t * 4 + k;
+      if (i < n) out[i] = from_double<T>(__dadd_rn(low, __dmul_rn(high - low, double(word_to_uniform(block.v[k])))));
+    }
+  }
+}
+
+// One thread per pair (2j, 2j+1); a pair's two uniforms sit in one Philox
+// block, since 2j is even and blocks hold four words.
+template <typename T>
+__global__ void fill_normal_kernel(int64_t n, T* out, uint64_t seed, uint64_t offset, double mean, double std) {
+  constexpr double kTwoPi = 2 * 3.14159265358979323846;  // the CPU's 2 * M_PI
+  for (int64_t pair = grid_index(); pair * 2 < n; pair += grid_stride()) {
+    const uint64_t i = uint64_t(2 * pair);
+    const Philox4 block = philox4x32_10(seed, offset + i / 4);
+    const double u1 = 1.0 - double(word_to_uniform(block.v[i % 4]));  // in (0, 1], so log is finite
+    const double u2 = double(word_to_uniform(block.v[i % 4 + 1]));
+    const double radius = sqrt(-2.0 * log(u1));
+    const double scaled = __dmul_rn(std, radius);
+    out[2 * pair] = from_double<T>(__dadd_rn(mean, __dmul_rn(scaled, cos(kTwoPi * u2))));
+    if (2 * pair + 1 < n) out[2 * pair + 1] = from_double<T>(__dadd_rn(mean, __dmul_rn(scaled, sin(kTwoPi * u2))));
+  }
+}
+
+// Keep element i iff its uniform >= p (compared in double, as the CPU
+// promotes it), scaled by 1 / (1 - p) rounded to T.
+template <typename T>
+__global__ void dropout_kernel(int64_t n, T* out, const T* in, double p, T scale, uint64_t seed, uint64_t offset) {
+  for (int64_t t = grid_index(); t * 4 < n; t += grid_stride()) {
+    const Philox4 block = philox4x32_10(seed, offset + uint64_t(t));
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int64_t i = t * 4 + k;
+      if (i < n) out[i] = double(word_to_uniform(block.v[k])) >= p ? in[i] * scale : T(0);
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_fill_uniform(const LaunchContext& ctx, DType dtype, int64_t n, void* out, uint64_t seed,
+                                uint64_t offset, double low, double high) {
+  if (n == 0) return cudaSuccess;
+  dispatch_any(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    fill_uniform_kernel<<<grid_for(ctx, (n + 3) / 4), kThreads, 0, ctx.stream>>>(n, static_cast<T*>(out), seed, offset,
+                                                                                 low, high);
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_fill_normal(const LaunchContext& ctx, DType dtype, int64_t n, void* out, uint64_t seed,
+                               uint64_t offset, double mean, double std) {
+  if (n == 0) return cudaSuccess;
+  dispatch_any(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    fill_normal_kernel<<<grid_for(ctx, (n + 1) / 2), kThreads, 0, ctx.stream>>>(n, static_cast<T*>(out), seed, offset,
+                                                                                mean, std);
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_dropout(const LaunchContext& ctx, DType dtype, int64_t n, void* out, const void* in, double p,
+                           uint64_t seed, uint64_t offset) {
+  if (n == 0) return cudaSuccess;
+  dispatch_floating(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    dropout_kernel<<<grid_for(ctx, (n + 3) / 4), kThreads, 0, ctx.stream>>>(
+        n, static_cast<T*>(out), static_cast<const T*>(in), p, T(1.0 / (1.0 - p)), seed, offset);
+  });
+  return cudaGetLastError();
+}
+
+}  // namespace engine::cuda
