@@ -59,6 +59,8 @@ Tensor GPT2Attention::forward(const Tensor& x, const Tensor& key_mask, Tensor* p
     *past_key = k.detach();
     *past_value = v.detach();
   }
+  // HF also drops attention probabilities (attn_pdrop) in training; the fused
+  // kernel does not yet, so training here differs from HF in that one place.
   Tensor a = engine::scaled_dot_product_attention(q, k, v, key_mask, /*causal=*/true, scale_);
   a = a.permute({0, 2, 1, 3}).reshape({B, T, C});
   return child("resid_dropout")(child("c_proj")(a));

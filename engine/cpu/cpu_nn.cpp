@@ -107,7 +107,8 @@ void CpuBackend::index_add_rows(const View& grad_table, const View& index, const
 
 void CpuBackend::layer_norm_forward(const View& y, const View& mean, const View& rstd, const View& x,
                                     const View& weight, const View& bias, double eps) {
-  const auto [rows, cols] = rows_of(x);
+  const RowShape shape = rows_of(x);
+  const int64_t rows = shape.rows, cols = shape.cols;  // plain locals: lambdas capture them
   cpu::dispatch_floating(x.dtype, "layer_norm", [&](auto zero) {
     using T = decltype(zero);
     const T *px = x.ptr<T>(), *w = weight.ptr<T>(), *b = bias.ptr<T>();
@@ -138,7 +139,8 @@ void CpuBackend::layer_norm_forward(const View& y, const View& mean, const View&
 // added at the end: race-free, and the same result for any thread count.
 void CpuBackend::layer_norm_backward(const View& dx, const View& dweight, const View& dbias, const View& dy,
                                      const View& x, const View& weight, const View& mean, const View& rstd) {
-  const auto [rows, cols] = rows_of(x);
+  const RowShape shape = rows_of(x);
+  const int64_t rows = shape.rows, cols = shape.cols;  // plain locals: lambdas capture them
   const bool want_dweight = dweight.data != nullptr, want_dbias = dbias.data != nullptr;
   constexpr int64_t kChunks = 64;
   const int64_t chunks = std::max<int64_t>(1, std::min(rows, kChunks));
@@ -237,7 +239,8 @@ void CpuBackend::gelu_backward(const View& dx, const View& dy, const View& x) {
 // 50k-wide vocabulary rows accurate in f32.
 
 void CpuBackend::softmax_forward(const View& y, const View& x, bool log) {
-  const auto [rows, cols] = rows_of(x);
+  const RowShape shape = rows_of(x);
+  const int64_t rows = shape.rows, cols = shape.cols;  // plain locals: lambdas capture them
   cpu::dispatch_floating(x.dtype, "softmax", [&](auto zero) {
     using T = decltype(zero);
     const T* px = x.ptr<T>();
@@ -269,7 +272,8 @@ void CpuBackend::softmax_forward(const View& y, const View& x, bool log) {
 // softmax:     dx = y * (dy - sum(dy * y))
 // log_softmax: dx = dy - exp(y) * sum(dy)
 void CpuBackend::softmax_backward(const View& dx, const View& dy, const View& y, bool log) {
-  const auto [rows, cols] = rows_of(y);
+  const RowShape shape = rows_of(y);
+  const int64_t rows = shape.rows, cols = shape.cols;  // plain locals: lambdas capture them
   cpu::dispatch_floating(y.dtype, "softmax_backward", [&](auto zero) {
     using T = decltype(zero);
     const T *py = y.ptr<T>(), *pdy = dy.ptr<T>();
@@ -298,7 +302,8 @@ void CpuBackend::softmax_backward(const View& dx, const View& dy, const View& y,
 
 void CpuBackend::cross_entropy_forward(const View& loss, const View& lse, const View& logits, const View& targets,
                                        int64_t ignore_index) {
-  const auto [rows, cols] = rows_of(logits);
+  const RowShape shape = rows_of(logits);
+  const int64_t rows = shape.rows, cols = shape.cols;  // plain locals: lambdas capture them
   check_targets(targets, cols, ignore_index, "cross_entropy");
   cpu::dispatch_floating(logits.dtype, "cross_entropy", [&](auto zero) {
     using T = decltype(zero);
@@ -322,7 +327,8 @@ void CpuBackend::cross_entropy_forward(const View& loss, const View& lse, const 
 // dlogits[i] = dloss[i] * (softmax(logits[i]) - onehot(target[i])); ignored rows get 0.
 void CpuBackend::cross_entropy_backward(const View& dlogits, const View& dloss, const View& logits, const View& lse,
                                         const View& targets, int64_t ignore_index) {
-  const auto [rows, cols] = rows_of(logits);
+  const RowShape shape = rows_of(logits);
+  const int64_t rows = shape.rows, cols = shape.cols;  // plain locals: lambdas capture them
   check_targets(targets, cols, ignore_index, "cross_entropy_backward");  // the saved targets may have been edited
   cpu::dispatch_floating(logits.dtype, "cross_entropy_backward", [&](auto zero) {
     using T = decltype(zero);
