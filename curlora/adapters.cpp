@@ -1,0 +1,131 @@
+// CurLoRALinear and LoRALinear: factored forwards, merge/unmerge, and the
+// Frobenius norm of ΔW from small Gram matrices.
+#include "curlora/adapters.h"
+
+#include "engine/error.h"
+#include "engine/ops.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace curlora {
+
+using engine::check;
+using engine::DType;
+using engine::matmul;
+using engine::WeightLayout;
+
+namespace {
+
+Tensor as_f64(const Tensor& t) { return t.detach().to(engine::Device::cpu()).to(DType::F64); }
+
+// ||L M R||_F without forming the product: ||L M R||^2 = tr(LᵀL · M · R Rᵀ · Mᵀ),
+// and tr(X Mᵀ) is the sum of X ∘ M. An undefined M stands for the identity.
+double product_norm(const Tensor& left, const Tensor& middle, const Tensor& right) {
+  engine::NoGradGuard no_grad;
+  const Tensor l = as_f64(left), r = as_f64(right);
+  const Tensor gram_left = matmul(l.transpose(0, 1), l), gram_right = matmul(r, r.transpose(0, 1));
+  double squared;
+  if (middle.defined()) {
+    const Tensor m = as_f64(middle);
+    squared = engine::sum(matmul(matmul(gram_left, m), gram_right) * m).item();
+  } else {
+    squared = engine::sum(gram_left * gram_right).item();  // both symmetric
+  }
+  return std::sqrt(std::max(squared, 0.0));  // rounding can leave a tiny negative
+}
+
+Tensor scaled(const Tensor& t, double alpha) { return alpha == 1.0 ? t : t * alpha; }
+
+}  // namespace
+
+// ---- AdapterLinear ----
+
+AdapterLinear::AdapterLinear(std::shared_ptr<Linear> base, double alpha) : alpha_(alpha) {
+  check(base != nullptr, "adapter: the base layer is null");
+  check(std::isfinite(alpha), "adapter: alpha must be finite, got {}", alpha);
+  for (const auto& [name, t] : base->named_parameters()) Tensor(t).set_requires_grad(false);
+  register_module("base_layer", std::move(base));
+}
+
+Linear& AdapterLinear::base_layer() const { return static_cast<Linear&>(child("base_layer")); }
+
+Tensor AdapterLinear::forward(const Tensor& x) {
+  if (capture_) captured_ = x.detach();
+  Tensor y = child("base_layer")(x);
+  return merged_ ? y : y + update(x);
+}
+
+void AdapterLinear::merge() {
+  check(!merged_, "{}: already merged", type_name());
+  engine::NoGradGuard no_grad;
+  Tensor& w = base_layer().weight;
+  const DType compute = w.dtype() == DType::F64 ? DType::F64 : DType::F32;
+  w.copy_((w.to(compute) + delta_weight().to(compute)).to(w.dtype()));
+  merged_ = true;
+}
+
+void AdapterLinear::unmerge() {
+  check(merged_, "{}: not merged", type_name());
+  engine::NoGradGuard no_grad;
+  Tensor& w = base_layer().weight;
+  const DType compute = w.dtype() == DType::F64 ? DType::F64 : DType::F32;
+  w.copy_((w.to(compute) - delta_weight().to(compute)).to(w.dtype()));
+  merged_ = false;
+}
+
+void AdapterLinear::capture_inputs(bool enabled) {
+  capture_ = enabled;
+  if (!enabled) captured_ = Tensor();
+}
+
+// ---- CurLoRALinear ----
+
+CurLoRALinear::CurLoRALinear(std::shared_ptr<Linear> base, CurSelection selection, double alpha)
+    : AdapterLinear(base, alpha), selection_(std::move(selection)) {
+  const int64_t r = int64_t(selection_.cols.size());
+  check(r > 0 && selection_.rows.size() == selection_.cols.size(),
+        "CurLoRALinear: need as many rows as columns (> 0), got {} columns and {} rows", selection_.cols.size(),
+        selection_.rows.size());
+  const Tensor& w = base->weight;
+  C = register_buffer("C", gather_columns(w, selection_.cols));
+  R = register_buffer("R", gather_rows(w, selection_.rows));
+  U = register_parameter("U", Tensor::zeros({r, r}, w.dtype(), w.device()));
+}
+
+Tensor CurLoRALinear::update(const Tensor& x) const {
+  if (base_layer().layout == WeightLayout::InOut) return matmul(matmul(scaled(matmul(x, C), alpha()), U), R);
+  return matmul(matmul(scaled(matmul(x, R.transpose(0, 1)), alpha()), U.transpose(0, 1)), C.transpose(0, 1));
+}
+
+Tensor CurLoRALinear::delta_weight() const {
+  engine::NoGradGuard no_grad;
+  return scaled(matmul(matmul(C, U), R), alpha());  // the stored layout in both cases
+}
+
+double CurLoRALinear::delta_norm() const { return std::abs(alpha()) * product_norm(C, U, R); }
+
+// ---- LoRALinear ----
+
+LoRALinear::LoRALinear(std::shared_ptr<Linear> base, int64_t rank, double alpha, engine::Generator& gen)
+    : AdapterLinear(base, alpha) {
+  check(rank > 0, "LoRALinear: rank must be positive, got {}", rank);
+  const Tensor& w = base->weight;
+  // torch.nn.init.kaiming_uniform_(A, a=sqrt(5)) on A [in, r]: gain sqrt(2/(1+5)),
+  // bound = gain * sqrt(3 / fan_in) = 1/sqrt(fan_in), and fan_in is size(1) = r.
+  const double bound = 1.0 / std::sqrt(double(rank));
+  A = register_parameter("A", Tensor::rand({base->in_features, rank}, gen, -bound, bound, w.dtype(), w.device()));
+  B = register_parameter("B", Tensor::zeros({rank, base->out_features}, w.dtype(), w.device()));
+}
+
+Tensor LoRALinear::update(const Tensor& x) const { return matmul(scaled(matmul(x, A), alpha()), B); }
+
+Tensor LoRALinear::delta_weight() const {
+  engine::NoGradGuard no_grad;
+  Tensor ab = scaled(matmul(A, B), alpha());  // [in, out]
+  return base_layer().layout == WeightLayout::InOut ? ab : ab.transpose(0, 1).contiguous();
+}
+
+double LoRALinear::delta_norm() const { return std::abs(alpha()) * product_norm(A, Tensor(), B); }
+
+}  // namespace curlora

@@ -1,0 +1,106 @@
+// Adapter layers that wrap a frozen Linear: y = base(x) + x ΔW, with ΔW kept
+// factored while training. CurLoRALinear: ΔW = α C U R (paper §3, only U
+// trains). LoRALinear: ΔW = α A B (the reference code's LoRALayer). Both can
+// merge ΔW into the base weight for zero-cost inference, and unmerge it.
+#pragma once
+
+#include "curlora/cur.h"
+#include "engine/nn/layers.h"
+
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace curlora {
+
+using engine::nn::Linear;
+
+// What CURLoRA and LoRA share: the wrapped layer (child "base_layer", frozen
+// by the constructor), the scale α, merging, and ΔW for diagnostics.
+class AdapterLinear : public engine::nn::Module {
+ public:
+  AdapterLinear(std::shared_ptr<Linear> base, double alpha);
+
+  // base(x) + x ΔW; once merged, base(x) alone (ΔW is inside the weight).
+  // Merged adapters are for inference: U (or A, B) gets no gradient then.
+  Tensor forward(const Tensor& x) override;
+
+  Linear& base_layer() const;
+  double alpha() const { return alpha_; }
+  virtual int64_t rank() const = 0;
+  bool merged() const { return merged_; }
+
+  // W <- W + ΔW and W <- W - ΔW, computed in f32 (at least). Merging twice,
+  // or unmerging an unmerged layer, is an error.
+  void merge();
+  void unmerge();
+
+  // ΔW in the base weight's stored layout ([in, out] for Conv1D). It builds
+  // the m x n matrix, so it is for merging and diagnostics, never training.
+  virtual Tensor delta_weight() const = 0;
+  // ||ΔW||_F from r x r Gram matrices, in f64: no m x n matrix is built.
+  virtual double delta_norm() const = 0;
+  // x ΔW for an input batch, factored (the change this adapter makes to the output).
+  virtual Tensor update(const Tensor& x) const = 0;
+  // The trainable tensors by name ("U", or "A" and "B"), for reports.
+  virtual std::vector<std::pair<std::string, Tensor>> trainable_tensors() const = 0;
+
+  // While on, forward() keeps (detached) its latest input, for output-shift diagnostics.
+  void capture_inputs(bool enabled);
+  const Tensor& captured_input() const { return captured_; }
+
+ private:
+  double alpha_;
+  bool merged_ = false;
+  bool capture_ = false;
+  Tensor captured_;
+};
+
+// CURLoRA: C = W[:, cols] and R = W[rows, :] are fixed buffers taken from the
+// weight as stored; U (r x r) starts at zero and is the only parameter.
+// For a Conv1D weight [in, out]: x ΔW = α ((x C) U) R, never forming C U R.
+// For a torch Linear [out, in] ΔW is applied transposed, as the reference
+// does for nn.Linear: x (C U R)^T = α ((x R^T) U^T) C^T. (The reference picks
+// the orientation by trying x (C U R)^T first, so on a square Conv1D such as
+// attn.c_proj it would transpose too; we follow the layout, not that accident.)
+class CurLoRALinear : public AdapterLinear {
+ public:
+  CurLoRALinear(std::shared_ptr<Linear> base, CurSelection selection, double alpha);
+
+  std::string type_name() const override { return "CurLoRALinear"; }
+  int64_t rank() const override { return int64_t(selection_.cols.size()); }
+  const CurSelection& selection() const { return selection_; }
+
+  Tensor delta_weight() const override;
+  double delta_norm() const override;
+  Tensor update(const Tensor& x) const override;
+  std::vector<std::pair<std::string, Tensor>> trainable_tensors() const override { return {{"U", U}}; }
+
+  Tensor U;     // [r, r], trainable
+  Tensor C, R;  // [rows of W, r] and [r, cols of W], buffers
+
+ private:
+  CurSelection selection_;
+};
+
+// LoRA as the reference code builds it: A [in, r] from torch's
+// kaiming_uniform_(a=sqrt(5)) (fan_in = size(1) = r, so U(-1/sqrt(r), 1/sqrt(r))),
+// B [r, out] zeros, and x ΔW = α (x A) B whatever the base's weight layout.
+class LoRALinear : public AdapterLinear {
+ public:
+  LoRALinear(std::shared_ptr<Linear> base, int64_t rank, double alpha, engine::Generator& gen);
+
+  std::string type_name() const override { return "LoRALinear"; }
+  int64_t rank() const override { return A.size(1); }
+
+  Tensor delta_weight() const override;
+  double delta_norm() const override;
+  Tensor update(const Tensor& x) const override;
+  std::vector<std::pair<std::string, Tensor>> trainable_tensors() const override { return {{"A", A}, {"B", B}}; }
+
+  Tensor A;  // [in, r]
+  Tensor B;  // [r, out]
+};
+
+}  // namespace curlora
