@@ -21,6 +21,7 @@ int main(int argc, char** argv) {
   add("tokenize", "GPT-2 token ids of stdin", cli::add_tokenize);
   add("generate", "continue a prompt", cli::add_generate);
   add("perplexity", "perplexity of a text file", cli::add_perplexity);
+  add("bench", "the continual-learning benchmark (the paper's Table 2) from a config", cli::add_bench);
   try {
     app.parse(argc, argv);
     for (auto& [sub, run] : commands)

@@ -15,5 +15,6 @@ Command add_info(CLI::App& app);
 Command add_tokenize(CLI::App& app);
 Command add_generate(CLI::App& app);
 Command add_perplexity(CLI::App& app);
+Command add_bench(CLI::App& app);
 
 }  // namespace cli
