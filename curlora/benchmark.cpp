@@ -802,7 +802,8 @@ bool run_one(Sweep& s, Run& run, const std::function<void(const json&)>& publish
 
   for (size_t t = first_task; t < c.tasks.size(); ++t) {
     const TaskConfig& task = c.tasks[t];
-    // A fresh head, drawn as torch.manual_seed(head_seed); nn.Linear(C, K) is before every task of the paper.
+    // A fresh head per task from a generator seeded anew, as the reference calls
+    // torch.manual_seed(1311) before every nn.Linear(C, K).
     engine::Generator head_gen(c.optimizer.head_seed);
     run.heads.push_back(std::make_shared<Linear>(run.model->config().n_embd, task.num_classes, head_gen, true,
                                                  engine::WeightLayout::OutIn, engine::DType::F32, s.device));
@@ -838,6 +839,7 @@ bool run_one(Sweep& s, Run& run, const std::function<void(const json&)>& publish
     record["timings"] = timings;
     run.results["tasks"].push_back(record);
 
+    run.results["peak_memory"] = {{"cuda_peak_bytes", cuda_peak_bytes(s.device, /*reset=*/false)}};
     auto start_save = Clock::now();
     save_checkpoint(s, run, optimizer, t + 1);
     run.results["tasks"].back()["timings"]["checkpoint_seconds"] = seconds_since(start_save);
@@ -845,7 +847,6 @@ bool run_one(Sweep& s, Run& run, const std::function<void(const json&)>& publish
     s.note(fmt::format("{} | {}: accuracy {:.4f} | perplexity {:.3f} | {:.1f} s", run.label, task.name,
                        accuracy[task.name].get<double>(), record["perplexity"]["ppl"].get<double>(),
                        seconds_since(start)));
-    run.results["peak_memory"] = {{"cuda_peak_bytes", cuda_peak_bytes(s.device, /*reset=*/false)}};
     publish(run.results);
     if (s.options.stop_after_tasks && s.tasks_completed >= *s.options.stop_after_tasks) return false;
   }
