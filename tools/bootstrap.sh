@@ -19,5 +19,5 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-[ -f "$build/build.ninja" ] || meson setup "$build" --buildtype=release "$@"
+[ -f "$build/build.ninja" ] || meson setup "$build" "$@"  # buildtype: release by default (meson.build)
 ninja -C "$build"
