@@ -1,4 +1,5 @@
 // curlora info | generate | perplexity: the GPT-2 model commands.
+#include "curlora/inject.h"
 #include "data/gpt2_tokenizer.h"
 #include "data/wikitext.h"
 #include "engine/error.h"
@@ -82,12 +83,28 @@ struct ModelOptions {
 Command add_info(CLI::App& app) {
   auto model = std::make_shared<std::string>();
   auto json = std::make_shared<bool>(false);
+  auto adapter = std::make_shared<std::string>();
+  auto adapter_config = std::make_shared<curlora::AdapterConfig>();
   app.add_option("model", *model, "Hugging Face GPT-2 folder, or gpt2|gpt2-medium|gpt2-large|gpt2-xl")->required();
   app.add_flag("--json", *json, "print JSON");
+  app.add_option("--adapter", *adapter, "count with an adapter injected: curlora or lora");
+  app.add_option("--rank", adapter_config->rank, "adapter rank")->capture_default_str();
+  app.add_option("--alpha", adapter_config->alpha, "adapter scale")->capture_default_str();
+  app.add_option("--targets", adapter_config->targets, "module names to adapt (default attn.c_attn)");
   return [=] {
     models::GPT2Config config = config_of(*model);
-    nlohmann::json out = {{"model", *model}, {"config", config.to_json()},
-                          {"parameters", {{"total", config.num_parameters()}, {"trainable", config.num_parameters()}}}};
+    int64_t total = config.num_parameters(), trainable = total;
+    nlohmann::json out = {{"model", *model}, {"config", config.to_json()}};
+    if (!adapter->empty()) {  // counted from the config alone: no weights are built
+      curlora::AdapterConfig ac = *adapter_config;
+      ac.method = curlora::parse_method(*adapter);
+      curlora::ParameterCounts counts = curlora::count_parameters(config, ac);
+      total = counts.base + counts.trainable;
+      trainable = counts.trainable;
+      out["adapter"] = {{"method", *adapter}, {"rank", ac.rank}, {"alpha", ac.alpha}, {"targets", ac.targets},
+                        {"adapted_modules", counts.adapted.size()}};
+    }
+    out["parameters"] = {{"total", total}, {"trainable", trainable}};
     if (*json) {
       std::puts(out.dump(1).c_str());
       return;
@@ -98,8 +115,10 @@ Command add_info(CLI::App& app) {
     fmt::print("context      {}\nvocabulary   {}\ntied head    {}\n", config.n_positions, config.vocab_size,
                config.tie_word_embeddings ? "yes" : "no");
     fmt::print("dropout      embd {} attn {} resid {}\n", config.embd_pdrop, config.attn_pdrop, config.resid_pdrop);
-    fmt::print("parameters   {} total, {} trainable\n", with_commas(config.num_parameters()),
-               with_commas(config.num_parameters()));
+    if (out.contains("adapter"))
+      fmt::print("adapter      {} rank {} alpha {} on {} modules\n", *adapter, adapter_config->rank,
+                 adapter_config->alpha, out["adapter"]["adapted_modules"].get<size_t>());
+    fmt::print("parameters   {} total, {} trainable\n", with_commas(total), with_commas(trainable));
   };
 }
 
