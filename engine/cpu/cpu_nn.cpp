@@ -116,10 +116,12 @@ void CpuBackend::layer_norm_forward(const View& y, const View& mean, const View&
     cpu::parallel_for(rows, cols, [&](int64_t r) {
       const T* xr = px + r * cols;
       T* yr = py + r * cols;
-      T sum = 0;
+      // The mean is summed in f64: an f32 running sum of a row with a large
+      // mean loses digits at every step unless the loop happens to vectorise.
+      double sum = 0;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < cols; ++c) sum += xr[c];
-      const T mu = sum / T(cols);
+      for (int64_t c = 0; c < cols; ++c) sum += double(xr[c]);
+      const T mu = T(sum / double(cols));
       T squares = 0;
 #pragma omp simd reduction(+ : squares)
       for (int64_t c = 0; c < cols; ++c) squares += (xr[c] - mu) * (xr[c] - mu);
