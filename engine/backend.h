@@ -50,6 +50,19 @@ struct GemmArgs {
   double alpha = 1, beta = 0;
 };
 
+// How attention masks, scales and drops its scores. Query i sees key j when the
+// key mask keeps j and, if causal, j <= i + Tk - Tq. With dropout_p > 0 each
+// probability P[b, h, i, j] is kept, times 1 / (1 - p), when
+// philox_uniform(dropout_seed, dropout_offset, ((b * H + h) * Tq + i) * Tk + j) >= p:
+// a pure function of its index, so the backward and the CPU and CUDA kernels
+// all drop the same entries without storing a mask.
+struct AttentionArgs {
+  bool causal = true;
+  double scale = 1;
+  double dropout_p = 0;
+  uint64_t dropout_seed = 0, dropout_offset = 0;
+};
+
 // Hyper-parameters of one AdamW update (torch.optim.AdamW semantics).
 struct AdamWArgs {
   double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.01;
@@ -112,14 +125,14 @@ class Backend {
   virtual void cross_entropy_backward(const View& dlogits, const View& dloss, const View& logits, const View& lse,
                                       const View& targets, int64_t ignore_index) = 0;
   // q, out [B, H, Tq, D]; k, v [B, H, Tk, D]; key_mask i32 [B, Tk] (1 keep, 0 pad) or
-  // data == nullptr; causal means key j <= query i + Tk - Tq. lse f32 [B, H, Tq] is
+  // data == nullptr. lse f32 [B, H, Tq] (of the probabilities before dropout) is
   // saved for the backward; rows that see no key give zeros and lse = -inf. In the
   // backward, dq/dk/dv may have data == nullptr (not computed); they are overwritten.
   virtual void attention_forward(const View& out, const View& lse, const View& q, const View& k, const View& v,
-                                 const View& key_mask, bool causal, double scale) = 0;
+                                 const View& key_mask, const AttentionArgs& args) = 0;
   virtual void attention_backward(const View& dq, const View& dk, const View& dv, const View& dout, const View& q,
                                   const View& k, const View& v, const View& out, const View& lse,
-                                  const View& key_mask, bool causal, double scale) = 0;
+                                  const View& key_mask, const AttentionArgs& args) = 0;
   // out = in * keep / (1 - p), keep = philox_uniform(seed, offset, i) >= p; the backward calls it on the gradient.
   virtual void dropout(const View& out, const View& in, double p, uint64_t seed, uint64_t offset) = 0;
 

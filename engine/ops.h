@@ -77,10 +77,13 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore
 // q [B, H, Tq, D], k and v [B, H, Tk, D]; key_padding_mask [B, Tk] (nonzero =
 // attend) or undefined. If causal, query i sees key j <= i + Tk - Tq (so a
 // KV-cache step needs no extra mask). A row that sees no key gives zeros and
-// zero gradient. Scale defaults to 1/sqrt(D). Returns [B, H, Tq, D].
+// zero gradient. Scale defaults to 1/sqrt(D). With dropout_p > 0 the
+// probabilities are dropped (inverted dropout, as torch's dropout_p) with a
+// mask drawn from `generator`, which must then be given. Returns [B, H, Tq, D].
 Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                     const Tensor& key_padding_mask = Tensor(), bool causal = true,
-                                    std::optional<double> scale = std::nullopt);
+                                    std::optional<double> scale = std::nullopt, double dropout_p = 0,
+                                    Generator* generator = nullptr);
 // Inverted dropout; identity when !training or p == 0.
 Tensor dropout(const Tensor& x, double p, bool training, Generator& gen);
 

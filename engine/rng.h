@@ -39,11 +39,17 @@ ENGINE_HOST_DEVICE inline Philox4 philox4x32_10(uint64_t seed, uint64_t counter)
   return Philox4{{c0, c1, c2, c3}};
 }
 
+// A random word as a uniform in [0, 1): its top 24 bits, exact in f32.
+ENGINE_HOST_DEVICE inline float philox_word_to_uniform(uint32_t word) {
+  return float(word >> 8) * (1.0f / 16777216.0f);
+}
+
 // Element i of a stream starting at block `offset` is word i % 4 of block
-// offset + i / 4, mapped to [0, 1) with 24 bits (exact in f32).
+// offset + i / 4, mapped to [0, 1). Kernels that walk consecutive elements
+// make each block once and take its four words instead.
 ENGINE_HOST_DEVICE inline float philox_uniform(uint64_t seed, uint64_t offset, uint64_t i) {
   Philox4 block = philox4x32_10(seed, offset + i / 4);
-  return float(block.v[i % 4] >> 8) * (1.0f / 16777216.0f);
+  return philox_word_to_uniform(block.v[i % 4]);
 }
 
 // A seed plus a running block offset. Each draw reserves the blocks it uses,

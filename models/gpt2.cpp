@@ -59,9 +59,9 @@ Tensor GPT2Attention::forward(const Tensor& x, const Tensor& key_mask, Tensor* p
     *past_key = k.detach();
     *past_value = v.detach();
   }
-  // HF also drops attention probabilities (attn_pdrop) in training; the fused
-  // kernel does not yet, so training here differs from HF in that one place.
-  Tensor a = engine::scaled_dot_product_attention(q, k, v, key_mask, /*causal=*/true, scale_);
+  // In training, attn_pdrop drops attention probabilities inside the fused kernel, as HF does.
+  const double dropout_p = is_training() ? attn_pdrop_ : 0.0;
+  Tensor a = engine::scaled_dot_product_attention(q, k, v, key_mask, /*causal=*/true, scale_, dropout_p, &dropout_gen_);
   a = a.permute({0, 2, 1, 3}).reshape({B, T, C});
   return child("resid_dropout")(child("c_proj")(a));
 }

@@ -49,11 +49,22 @@ Tensor mask_tensor(Padding kind, int64_t B, int64_t T) {
   return Tensor::from_vector(make_mask(kind, B, T), {B, T});
 }
 
+// Dropout as engine/backend.h defines it for attention, one element at a time:
+// the probability's flat index in [B, H, Tq, Tk] picks its Philox uniform.
+struct NaiveDropout {
+  double p = 0;
+  uint64_t seed = 0, offset = 0;
+  double factor(uint64_t index) const {
+    if (p == 0) return 1;
+    return engine::philox_uniform(seed, offset, index) >= p ? 1 / (1 - p) : 0;
+  }
+};
+
 // Softmax attention by definition, in double, for q [B, H, Tq, D] and k, v
 // [B, H, Tk, D]: query t sits at key position t + Tk - Tq. A row with no
 // visible key gives zeros (our documented choice).
 std::vector<double> naive_attention(const Tensor& q, const Tensor& k, const Tensor& v, const std::vector<int32_t>& mask,
-                                    bool causal, double scale) {
+                                    bool causal, double scale, const NaiveDropout& dropout = {}) {
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Tk = k.size(2), D = q.size(3);
   const std::vector<double> qv = q.to_vector<double>(), kv = k.to_vector<double>(), vv = v.to_vector<double>();
   std::vector<double> out(size_t(B * H * Tq * D), 0.0);
@@ -73,9 +84,10 @@ std::vector<double> naive_attention(const Tensor& q, const Tensor& k, const Tens
         if (max_score == -std::numeric_limits<double>::infinity()) continue;  // no visible key: zeros
         double total = 0;
         for (double& x : score) total += (x = std::exp(x - max_score));
-        for (int64_t s = 0; s < Tk; ++s)
-          for (int64_t d = 0; d < D; ++d)
-            out[size_t(q_base + t * D + d)] += score[size_t(s)] / total * vv[size_t(k_base + s * D + d)];
+        for (int64_t s = 0; s < Tk; ++s) {
+          const double weight = score[size_t(s)] / total * dropout.factor(uint64_t(((b * H + h) * Tq + t) * Tk + s));
+          for (int64_t d = 0; d < D; ++d) out[size_t(q_base + t * D + d)] += weight * vv[size_t(k_base + s * D + d)];
+        }
       }
     }
   return out;
@@ -235,6 +247,59 @@ TEST_CASE("attention gradients match finite differences", "[attention][gradcheck
     };
     testing::check_gradients(f, {testing::random_f64(c.q_shape(), 11), testing::random_f64(c.k_shape(), 12),
                                  testing::random_f64(c.k_shape(), 13)});
+  }
+}
+
+TEST_CASE("attention dropout drops the probabilities the Philox stream names", "[attention][dropout]") {
+  // A fresh generator's first draw starts at block 0, so the naive reference
+  // can name every element's uniform itself. p = 0.5 drops half of the weights,
+  // so a wrong mask, scale or index would move outputs by O(1).
+  for (const Case& c : {Case{2, 3, 37, 64, true, Padding::Left, {}}, Case{2, 2, 70, 5, false, Padding::Holes, {}},
+                        Case{1, 2, 3, 8, true, Padding::None, {}, 40}}) {
+    INFO(describe(c));
+    const uint64_t seed = 4242;
+    for (double p : {0.1, 0.5}) {
+      engine::Generator gen(seed);
+      const Tensor q = random_tensor(c.q_shape(), 1, DType::F32), k = random_tensor(c.k_shape(), 2, DType::F32);
+      const Tensor v = random_tensor(c.k_shape(), 3, DType::F32);
+      const std::vector<int32_t> mask = c.padding == Padding::None ? std::vector<int32_t>{}
+                                                                    : make_mask(c.padding, c.B, c.keys());
+      const double scale = 1 / std::sqrt(double(c.D));
+      Tensor out = engine::scaled_dot_product_attention(q, k, v, mask_tensor(c.padding, c.B, c.keys()), c.causal, {},
+                                                        p, &gen);
+      testing::require_close(out, naive_attention(q, k, v, mask, c.causal, scale, {p, seed, 0}), 2e-5);
+      // The next call draws new blocks, so it drops other probabilities.
+      Tensor again = engine::scaled_dot_product_attention(q, k, v, mask_tensor(c.padding, c.B, c.keys()), c.causal,
+                                                          {}, p, &gen);
+      const std::vector<double> first = out.to_vector<double>(), second = again.to_vector<double>();
+      double largest_change = 0;
+      for (size_t i = 0; i < first.size(); ++i) largest_change = std::max(largest_change, std::abs(first[i] - second[i]));
+      REQUIRE(largest_change > 1e-3);
+    }
+  }
+  // Training switches dropout on explicitly; p = 0 needs no generator.
+  const Tensor x = random_tensor({1, 1, 4, 2}, 5, DType::F32);
+  REQUIRE_NOTHROW(engine::scaled_dot_product_attention(x, x, x, Tensor(), true, {}, 0.0, nullptr));
+  REQUIRE_THROWS_AS(engine::scaled_dot_product_attention(x, x, x, Tensor(), true, {}, 0.1, nullptr), engine::Error);
+  engine::Generator gen(1);
+  REQUIRE_THROWS_AS(engine::scaled_dot_product_attention(x, x, x, Tensor(), true, {}, 1.0, &gen), engine::Error);
+}
+
+TEST_CASE("attention gradients with dropout match finite differences", "[attention][gradcheck][dropout]") {
+  // Each evaluation restarts the generator, so every call drops the same entries.
+  const std::vector<Case> cases = {
+      {2, 2, 5, 3, true, Padding::None, {}}, {1, 1, 70, 2, true, Padding::Left, {}},
+      {2, 1, 6, 3, false, Padding::Holes, {}, 4}, {2, 2, 2, 3, true, Padding::Right, {}, 6},
+  };
+  for (const Case& c : cases) {
+    INFO(describe(c));
+    Tensor mask = mask_tensor(c.padding, c.B, c.keys());
+    auto f = [&](const std::vector<Tensor>& x) {
+      engine::Generator gen(77);
+      return engine::scaled_dot_product_attention(x[0], x[1], x[2], mask, c.causal, c.scale, 0.4, &gen);
+    };
+    testing::check_gradients(f, {testing::random_f64(c.q_shape(), 31), testing::random_f64(c.k_shape(), 32),
+                                 testing::random_f64(c.k_shape(), 33)});
   }
 }
 

@@ -498,17 +498,22 @@ Tensor make_mask(Padding kind, int64_t B, int64_t T) {
   return Tensor::from_vector(mask, {B, T});
 }
 
-// Attention on both devices; out and every gradient of q, k, v compared.
+// Attention on both devices; out and every gradient of q, k, v compared. With
+// dropout, both devices draw from generators in the same state, so they must
+// drop the same probabilities for the outputs to agree.
 void check_attention(int64_t B, int64_t H, int64_t T, int64_t D, DType dtype, bool causal, Padding padding,
-                     bool grad_q = true, bool grad_k = true, bool grad_v = true) {
+                     bool grad_q = true, bool grad_k = true, bool grad_v = true, double dropout = 0) {
   INFO("B " << B << " H " << H << " T " << T << " D " << D << " " << engine::dtype_name(dtype) << " causal "
-            << causal << " padding " << int(padding) << " grads " << grad_q << grad_k << grad_v);
+            << causal << " padding " << int(padding) << " grads " << grad_q << grad_k << grad_v << " dropout "
+            << dropout);
   Tensor q = random({B, H, T, D}, 1, dtype), k = random({B, H, T, D}, 2, dtype), v = random({B, H, T, D}, 3, dtype);
   q.set_requires_grad(grad_q), k.set_requires_grad(grad_k), v.set_requires_grad(grad_v);
   Tensor qg = gpu_leaf(q), kg = gpu_leaf(k), vg = gpu_leaf(v);
   Tensor mask = make_mask(padding, B, T);
-  Tensor out = engine::scaled_dot_product_attention(q, k, v, mask, causal);
-  Tensor out_g = engine::scaled_dot_product_attention(qg, kg, vg, mask.defined() ? mask.to(kGpu) : Tensor(), causal);
+  engine::Generator cpu_gen(99), gpu_gen(99);
+  Tensor out = engine::scaled_dot_product_attention(q, k, v, mask, causal, {}, dropout, &cpu_gen);
+  Tensor out_g = engine::scaled_dot_product_attention(qg, kg, vg, mask.defined() ? mask.to(kGpu) : Tensor(), causal,
+                                                      {}, dropout, &gpu_gen);
   // f32: D-term dot products, the CPU's polynomial exp (2.5e-7 relative) and
   // other summation orders; outputs are averages of values in [-1, 1].
   // f64: both sides recompute P from the same f32 lse, so 1e-6 rather than 1e-13.
@@ -541,6 +546,15 @@ TEST_CASE("cuda: attention for other head sizes, in f64, and with some gradients
   check_attention(2, 2, 100, 64, DType::F32, true, Padding::Left, false, false, true);   // dv alone
   check_attention(2, 2, 100, 64, DType::F32, true, Padding::Left, true, false, false);   // dq alone
   check_attention(2, 2, 100, 64, DType::F32, false, Padding::Right, false, true, false); // dk alone
+}
+
+TEST_CASE("cuda: attention dropout drops the same probabilities as the CPU", "[cuda][attention]") {
+  for (int64_t T : {1, 33, 130})
+    for (Padding padding : {Padding::None, Padding::Left, Padding::Holes})
+      check_attention(2, 3, T, 64, DType::F32, true, padding, true, true, true, 0.3);
+  check_attention(2, 2, 70, 48, DType::F32, false, Padding::Right, true, true, true, 0.1);  // tiled at DMAX 64
+  check_attention(2, 2, 40, 160, DType::F32, true, Padding::Left, true, true, true, 0.5);   // fallback
+  check_attention(2, 2, 33, 24, DType::F64, true, Padding::Holes, true, true, true, 0.2);
 }
 
 // ---------------------------------------------------------------- optimiser

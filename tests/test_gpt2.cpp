@@ -103,6 +103,43 @@ TEST_CASE("the KV cache gives the same logits as a full forward", "[gpt2]") {
   testing::require_close(engine::cat({first, second}, 1), full.to_vector<double>(), 1e-10);
 }
 
+TEST_CASE("training mode drops attention probabilities with attn_pdrop, reproducibly", "[gpt2][dropout]") {
+  // Only attn_pdrop is set, so every random draw of the forward is attention dropout.
+  GPT2Config config = GPT2Config::builtin("gpt2");
+  config.n_layer = 2, config.n_embd = 40, config.n_head = 5, config.vocab_size = 97, config.n_positions = 32;
+  config.embd_pdrop = config.resid_pdrop = 0;
+  auto make = [&](double attn_pdrop) {
+    config.attn_pdrop = attn_pdrop;
+    engine::Generator init(3);
+    return std::make_shared<GPT2LMHeadModel>(
+        config, engine::nn::VarBuilder(std::make_shared<engine::nn::RandomSource>(init, DType::F64,
+                                                                                  engine::Device::cpu())),
+        /*dropout_seed=*/11);
+  };
+  engine::NoGradGuard no_grad;
+  const Tensor ids = Tensor::from_vector<int32_t>({5, 17, 3, 88, 42, 0, 9, 1, 2, 3, 4, 5, 6, 7}, {2, 7});
+  auto model = make(0.5);
+  model->eval();
+  const std::vector<double> eval_logits = model->forward(ids).to_vector<double>();
+
+  model->train();
+  const std::vector<double> train_logits = model->forward(ids).to_vector<double>();
+  // One uniform per probability: 2 layers x [B 2, H 5, T 7, T 7], four per Philox block.
+  CHECK(model->dropout_generator().offset() == uint64_t(2 * ((2 * 5 * 7 * 7 + 3) / 4)));
+  double largest_change = 0;
+  for (size_t i = 0; i < eval_logits.size(); ++i)
+    largest_change = std::max(largest_change, std::abs(train_logits[i] - eval_logits[i]));
+  CHECK(largest_change > 1e-3);
+
+  auto twin = make(0.5);  // the same dropout seed draws the same masks
+  twin->train();
+  testing::require_close(twin->forward(ids), train_logits, 0.0);
+
+  auto no_dropout = make(0.0);  // p = 0 in training is the eval forward
+  no_dropout->train();
+  testing::require_close(no_dropout->forward(ids), eval_logits, 0.0);
+}
+
 TEST_CASE("parameter counts of the published sizes", "[gpt2]") {
   // transformers' GPT2LMHeadModel.num_parameters() for each size.
   CHECK(GPT2Config::builtin("gpt2").num_parameters() == 124439808);

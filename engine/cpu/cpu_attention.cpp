@@ -6,9 +6,12 @@
 // q is [B, H, Tq, D], k and v [B, H, Tk, D], the mask [B, Tk]. Query i sees
 // key j when mask[b, j] != 0 and, if causal, j <= i + (Tk - Tq): the queries
 // are the last Tq positions, as in a KV-cache step (Tq = Tk is plain causal).
+// Dropout on the probabilities regenerates its keep mask from Philox in the
+// backward (engine/backend.h, AttentionArgs).
 #include "engine/cpu/cpu_backend.h"
 #include "engine/cpu/parallel.h"
 #include "engine/profiler.h"
+#include "engine/rng.h"
 
 #include <algorithm>
 #include <bit>
@@ -32,6 +35,8 @@ struct Problem {
   int64_t B, H, Tq, Tk, D;
   bool causal;
   const int32_t* key_mask;
+  double dropout_p = 0;  // AttentionArgs' dropout of the probabilities
+  uint64_t dropout_seed = 0, dropout_offset = 0;
 
   int64_t causal_shift() const { return Tk - Tq; }  // query i sits at key position i + Tk - Tq
   // The mask row of the batch element that (batch, head) index bh belongs to.
@@ -40,6 +45,21 @@ struct Problem {
     return (!mask || mask[key] != 0) && (!causal || key <= query + causal_shift());
   }
 };
+
+// Dropout's factors for keys key0 .. key0+n-1 of one query row: 1 / (1 - p)
+// where the probability is kept, else 0. Element e = (bh * Tq + query) * Tk + key
+// is word e % 4 of Philox block offset + e / 4, so one block serves four keys.
+template <typename T>
+void dropout_factors(T* factor, const Problem& p, int64_t bh, int64_t query, int64_t key0, int64_t n) {
+  const uint64_t first = uint64_t(bh * p.Tq + query) * uint64_t(p.Tk) + uint64_t(key0);
+  const T keep = T(1.0 / (1.0 - p.dropout_p));
+  for (int64_t j = 0; j < n;) {
+    const uint64_t e = first + uint64_t(j);
+    const Philox4 block = philox4x32_10(p.dropout_seed, p.dropout_offset + e / 4);
+    for (uint64_t word = e % 4; word < 4 && j < n; ++word, ++j)
+      factor[j] = philox_word_to_uniform(block.v[word]) >= p.dropout_p ? keep : T(0);
+  }
+}
 
 // Keys outside [lo, hi) are padding for every query of this batch row, so
 // tiles there are skipped: left- and right-padded batches cost no more than
@@ -173,7 +193,7 @@ void attention_forward_tile(const Problem& p, T scale, int64_t bh, int64_t i0, T
   const T* vb = v + bh * p.Tk * D;
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 
-  std::vector<T> s(size_t(kQueryTile * kKeyTile)), kt(size_t(D * kKeyTile));
+  std::vector<T> s(size_t(kQueryTile * kKeyTile)), kt(size_t(D * kKeyTile)), factor(kKeyTile);
   std::vector<T> acc(size_t(nq * D), T(0));
   std::vector<T> m(size_t(nq), kNegInf), l(size_t(nq), T(0));
   std::vector<char> saw_key(size_t(nq), false);  // decided by the mask alone, so NaN scores cannot hide as "no key"
@@ -210,7 +230,11 @@ void attention_forward_tile(const Problem& p, T scale, int64_t bh, int64_t i0, T
       exp_shifted(row, nk, row_max);  // a NaN score makes the row NaN, as it should
       T row_sum = 0;
       for (int64_t j = 0; j < nk; ++j) row_sum += row[j];
-      l[size_t(i)] += row_sum;
+      l[size_t(i)] += row_sum;  // the normaliser counts every probability, dropped or not
+      if (p.dropout_p > 0) {
+        dropout_factors(factor.data(), p, bh, i0 + i, j0, nk);
+        for (int64_t j = 0; j < nk; ++j) row[j] *= factor[size_t(j)];
+      }
     }
     gemm_tile(true, acc.data(), D, s.data(), kKeyTile, int64_t(1), vb + j0 * D, D, nq, D, nk);  // acc += P V
   }
@@ -230,9 +254,11 @@ void attention_forward_tile(const Problem& p, T scale, int64_t bh, int64_t i0, T
 
 // ---- backward ----
 //
-// With P = exp(S - lse) recomputed tile by tile:
-//   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),
+// With P = exp(S - lse) recomputed tile by tile, and F the dropout factors
+// (all 1 without dropout) so that the forward used P * F:
+//   dV = (P * F)^T dO,  dP = dO V^T * F,  dS = P * (dP - rowsum(dO * O)),
 //   dQ = scale * dS K,  dK = scale * dS^T Q.
+// rowsum(dO * O) = rowsum(P * dP) holds with dropout too, since O = (P * F) V.
 // dK and dV sum over queries, so one task owns a whole (batch, head): it walks
 // key tiles in the outer loop (their dK/dV rows stay hot) and query tiles in
 // the inner one, and nothing is shared between threads.
@@ -263,6 +289,8 @@ void attention_backward_head(const Problem& p, T scale, int64_t bh, T* dq, T* dk
     }
 
   std::vector<T> prob(size_t(kQueryTile * kKeyTile)), ds(size_t(kQueryTile * kKeyTile));
+  const bool dropout = p.dropout_p > 0;
+  std::vector<T> factor(dropout ? size_t(kQueryTile * kKeyTile) : 0), dropped(factor.size());
   std::vector<T> kt(size_t(D * kKeyTile)), vt(size_t(D * kKeyTile));
   const KeyRange keys = key_range(mask, p.Tk);
   for (int64_t j0 = keys.lo; j0 < keys.hi; j0 += kKeyTile) {
@@ -285,15 +313,30 @@ void attention_backward_head(const Problem& p, T scale, int64_t bh, T* dq, T* dk
         for (int64_t j = 0; j < nk; ++j) row[j] = p.allowed(mask, i0 + i, j0 + j) ? row[j] * scale : kNegInf;
         exp_shifted(row, nk, row_lse);
       }
-      if (dvb)  // dV += P^T dO
-        gemm_tile(true, dvb + j0 * D, D, prob.data(), int64_t(1), kKeyTile, do_tile, D, nk, D, nq);
+      const T* used = prob.data();  // the probabilities the forward multiplied V by
+      if (dropout) {
+        for (int64_t i = 0; i < nq; ++i) {
+          T* f_i = factor.data() + i * kKeyTile;
+          const T* p_i = prob.data() + i * kKeyTile;
+          dropout_factors(f_i, p, bh, i0 + i, j0, nk);
+          for (int64_t j = 0; j < nk; ++j) dropped[size_t(i * kKeyTile + j)] = p_i[j] * f_i[j];
+        }
+        used = dropped.data();
+      }
+      if (dvb)  // dV += (P * F)^T dO
+        gemm_tile(true, dvb + j0 * D, D, used, int64_t(1), kKeyTile, do_tile, D, nk, D, nq);
       if (!need_ds) continue;
-      gemm_tile(false, ds.data(), kKeyTile, do_tile, D, int64_t(1), vt.data(), nk, nq, nk, D);  // dP = dO V^T
+      gemm_tile(false, ds.data(), kKeyTile, do_tile, D, int64_t(1), vt.data(), nk, nq, nk, D);  // dO V^T
       for (int64_t i = 0; i < nq; ++i) {
-        T* ds_i = ds.data() + i * kKeyTile;  // dS overwrites dP, pre-multiplied by scale
+        T* ds_i = ds.data() + i * kKeyTile;  // dS overwrites dO V^T, pre-multiplied by scale
         const T* p_i = prob.data() + i * kKeyTile;
         const T delta_i = delta[size_t(i0 + i)];
-        for (int64_t j = 0; j < nk; ++j) ds_i[j] = scale * p_i[j] * (ds_i[j] - delta_i);
+        if (dropout) {
+          const T* f_i = factor.data() + i * kKeyTile;
+          for (int64_t j = 0; j < nk; ++j) ds_i[j] = scale * p_i[j] * (ds_i[j] * f_i[j] - delta_i);
+        } else {
+          for (int64_t j = 0; j < nk; ++j) ds_i[j] = scale * p_i[j] * (ds_i[j] - delta_i);
+        }
       }
       if (dqb)  // dQ += dS K
         gemm_tile(true, dqb + i0 * D, D, ds.data(), kKeyTile, int64_t(1), k_tile, D, nq, D, nk);
@@ -308,9 +351,13 @@ T* optional_ptr(const View& view) {
   return view.data ? view.ptr<T>() : nullptr;
 }
 
-Problem problem_of(const View& q, const View& k, const View& key_mask, bool causal) {
-  return Problem{q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], causal,
-                 key_mask.data ? key_mask.ptr<const int32_t>() : nullptr};
+Problem problem_of(const View& q, const View& k, const View& key_mask, const AttentionArgs& args) {
+  Problem p{q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], args.causal,
+            key_mask.data ? key_mask.ptr<const int32_t>() : nullptr};
+  p.dropout_p = args.dropout_p;
+  p.dropout_seed = args.dropout_seed;
+  p.dropout_offset = args.dropout_offset;
+  return p;
 }
 
 // Multiply-adds of the Tq x Tk x D products, halved under causal masking.
@@ -321,14 +368,14 @@ double product_flops(const Problem& p) {
 }  // namespace
 
 void CpuBackend::attention_forward(const View& out, const View& lse, const View& q, const View& k, const View& v,
-                                   const View& key_mask, bool causal, double scale) {
-  const Problem p = problem_of(q, k, key_mask, causal);
+                                   const View& key_mask, const AttentionArgs& args) {
+  const Problem p = problem_of(q, k, key_mask, args);
   ProfileScope profile("attention_forward", 2 * product_flops(p));  // S = Q K^T and P V
   const int64_t query_tiles = (p.Tq + kQueryTile - 1) / kQueryTile;
   cpu::dispatch_floating(q.dtype, "attention_forward", [&](auto zero) {
     using T = decltype(zero);
     cpu::parallel_for(p.B * p.H * query_tiles, kQueryTile * p.Tk * p.D, [&](int64_t task) {
-      attention_forward_tile<T>(p, T(scale), task / query_tiles, (task % query_tiles) * kQueryTile, out.ptr<T>(),
+      attention_forward_tile<T>(p, T(args.scale), task / query_tiles, (task % query_tiles) * kQueryTile, out.ptr<T>(),
                                 lse.ptr<float>(), q.ptr<const T>(), k.ptr<const T>(), v.ptr<const T>());
     });
   });
@@ -336,13 +383,13 @@ void CpuBackend::attention_forward(const View& out, const View& lse, const View&
 
 void CpuBackend::attention_backward(const View& dq, const View& dk, const View& dv, const View& dout, const View& q,
                                     const View& k, const View& v, const View& out, const View& lse,
-                                    const View& key_mask, bool causal, double scale) {
-  const Problem p = problem_of(q, k, key_mask, causal);
+                                    const View& key_mask, const AttentionArgs& args) {
+  const Problem p = problem_of(q, k, key_mask, args);
   ProfileScope profile("attention_backward", 5 * product_flops(p));  // S, dV, dP, dQ and dK
   cpu::dispatch_floating(q.dtype, "attention_backward", [&](auto zero) {
     using T = decltype(zero);
     cpu::parallel_for(p.B * p.H, p.Tq * p.Tk * p.D, [&](int64_t bh) {
-      attention_backward_head<T>(p, T(scale), bh, optional_ptr<T>(dq), optional_ptr<T>(dk), optional_ptr<T>(dv),
+      attention_backward_head<T>(p, T(args.scale), bh, optional_ptr<T>(dq), optional_ptr<T>(dk), optional_ptr<T>(dv),
                                  dout.ptr<const T>(), q.ptr<const T>(), k.ptr<const T>(), v.ptr<const T>(),
                                  out.ptr<const T>(), lse.ptr<const float>());
     });

@@ -45,10 +45,10 @@ class CpuBackend final : public Backend {
   void cross_entropy_backward(const View& dlogits, const View& dloss, const View& logits, const View& lse,
                               const View& targets, int64_t ignore_index) override;
   void attention_forward(const View& out, const View& lse, const View& q, const View& k, const View& v,
-                         const View& key_mask, bool causal, double scale) override;
+                         const View& key_mask, const AttentionArgs& args) override;
   void attention_backward(const View& dq, const View& dk, const View& dv, const View& dout, const View& q,
                           const View& k, const View& v, const View& out, const View& lse, const View& key_mask,
-                          bool causal, double scale) override;
+                          const AttentionArgs& args) override;
   void dropout(const View& out, const View& in, double p, uint64_t seed, uint64_t offset) override;
 
   void adamw_step(const View& param, const View& grad, const View& m, const View& v, const AdamWArgs& args) override;

@@ -355,8 +355,7 @@ void CpuBackend::cross_entropy_backward(const View& dlogits, const View& dloss, 
 // Element i is kept iff philox_uniform(seed, offset, i) >= p. One Philox call
 // yields the four uniforms of elements 4k..4k+3, so it is made once per block
 // of four (a quarter of the cost of calling philox_uniform per element); the
-// word-to-uniform mapping below is philox_uniform's, and the tests compare the
-// two element by element.
+// tests compare the two element by element.
 
 void CpuBackend::dropout(const View& out, const View& in, double p, uint64_t seed, uint64_t offset) {
   cpu::dispatch_floating(in.dtype, "dropout", [&](auto zero) {
@@ -368,8 +367,7 @@ void CpuBackend::dropout(const View& out, const View& in, double p, uint64_t see
       for (int64_t i = begin; i < end; i += 4) {  // begin is a multiple of 4
         const Philox4 block = philox4x32_10(seed, offset + uint64_t(i) / 4);
         for (int64_t k = 0; k < 4 && i + k < end; ++k) {
-          const float uniform = float(block.v[k] >> 8) * (1.0f / 16777216.0f);
-          py[i + k] = uniform >= p ? px[i + k] * scale : T(0);
+          py[i + k] = philox_word_to_uniform(block.v[k]) >= p ? px[i + k] * scale : T(0);
         }
       }
     });

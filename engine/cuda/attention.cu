@@ -4,7 +4,9 @@
 // (lse); the backward recomputes each probability tile from q, k and lse.
 // Conventions are engine/cpu/cpu_attention.cpp's: query i sees key j when
 // key_mask[b, j] != 0 and, if causal, j <= i + (Tk - Tq); a query that sees
-// no key outputs zeros with lse = -inf and gets zero gradient.
+// no key outputs zeros with lse = -inf and gets zero gradient. Dropout on the
+// probabilities draws each keep decision from Philox by the probability's
+// index, exactly as the CPU does, so the backward regenerates the mask.
 //
 // Two implementations:
 //   tiled:    f32 with head dim D <= 128 (GPT-2 has 64). A block of 256
@@ -19,6 +21,7 @@
 // query tiles and dK/dV over key tiles, each recomputing P (and dP) on its
 // own, so that no gradient needs atomics and results are deterministic.
 #include "engine/cuda/common.cuh"
+#include "engine/rng.h"
 
 namespace engine::cuda {
 
@@ -30,6 +33,9 @@ struct Problem {
   const int32_t* key_mask;  // [B, Tk] or null
   bool causal;
   int64_t causal_shift;  // Tk - Tq: query i sees keys j <= i + causal_shift
+  double dropout_p = 0;     // 0: no dropout
+  double keep_scale = 1;    // 1 / (1 - dropout_p)
+  uint64_t dropout_seed = 0, dropout_offset = 0;
 
   __device__ const int32_t* mask_row(int64_t bh) const { return key_mask ? key_mask + (bh / H) * Tk : nullptr; }
   __device__ bool key_kept(const int32_t* mask, int64_t j) const { return !mask || mask[j] != 0; }
@@ -38,10 +44,23 @@ struct Problem {
   __device__ int64_t key_end(int64_t query_end) const {
     return causal ? max64(0, min64(Tk, query_end + causal_shift)) : Tk;
   }
+  // What probability (i, j) of head bh is multiplied by after the softmax:
+  // 1 without dropout, else 1 / (1 - p) if kept and 0 if dropped.
+  template <typename T>
+  __device__ T dropout_factor(int64_t bh, int64_t i, int64_t j) const {
+    if (dropout_p <= 0) return T(1);
+    const uint64_t element = uint64_t(bh * Tq + i) * uint64_t(Tk) + uint64_t(j);
+    return double(philox_uniform(dropout_seed, dropout_offset, element)) >= dropout_p ? T(keep_scale) : T(0);
+  }
 };
 
 Problem problem_of(const AttentionShape& s) {
-  return Problem{s.H, s.Tq, s.Tk, s.D, s.key_mask, s.causal, s.Tk - s.Tq};
+  Problem p{s.H, s.Tq, s.Tk, s.D, s.key_mask, s.causal, s.Tk - s.Tq};
+  p.dropout_p = s.dropout_p;
+  p.keep_scale = 1.0 / (1.0 - s.dropout_p);
+  p.dropout_seed = s.dropout_seed;
+  p.dropout_offset = s.dropout_offset;
+  return p;
 }
 
 // ======================= tiled kernels (f32, D <= 128) =======================
@@ -208,8 +227,9 @@ __global__ void __launch_bounds__(kTileThreads) attention_forward_tiled(Problem 
 #pragma unroll
       for (int b = 0; b < kPer; ++b) {
         const float prob = any ? expf(s[a][b] - new_max) : 0.f;  // a NaN score makes the row NaN, as it should
-        probs[(ty + kSub * a) * kScoreLd + tx + kSub * b] = prob;
-        sum += prob;
+        const int jl = tx + kSub * b;
+        probs[(ty + kSub * a) * kScoreLd + jl] = prob * p.dropout_factor<float>(bh, i, j0 + jl);
+        sum += prob;  // the normaliser counts every probability, dropped or not
       }
       sum = row_sum(sum);
       if (any) {
@@ -240,7 +260,8 @@ __device__ __forceinline__ float probability(bool visible, float s, float scale,
   return visible && row_lse != -INFINITY ? expf(s * scale - row_lse) : 0.f;
 }
 
-// dQ for one (batch * head, query tile): dQ = dS K, dS = scale * P * (dP - delta), dP = dO V^T.
+// dQ for one (batch * head, query tile): dQ = dS K, dS = scale * P * (dP - delta),
+// dP = dO V^T * F, with F the dropout factors (1 without dropout).
 template <int DMAX>
 __global__ void __launch_bounds__(kTileThreads)
     attention_backward_dq_tiled(Problem p, float scale, float* dq, const float* dout, const float* q, const float* k,
@@ -287,7 +308,8 @@ __global__ void __launch_bounds__(kTileThreads)
         const int jl = tx + kSub * b;
         const bool visible = key_ok[jl] && i < p.Tq && p.in_causal_window(i, j0 + jl);
         const float prob = probability(visible, s[a][b], scale, row_lse[a]);
-        ds_tile[(ty + kSub * a) * kScoreLd + jl] = scale * prob * (dp[a][b] - row_delta[a]);
+        const float factor = p.dropout_factor<float>(bh, i, j0 + jl);
+        ds_tile[(ty + kSub * a) * kScoreLd + jl] = scale * prob * (dp[a][b] * factor - row_delta[a]);
       }
     }
     __syncthreads();
@@ -297,7 +319,7 @@ __global__ void __launch_bounds__(kTileThreads)
   store_rows<DMAX>(dq + bh * p.Tq * p.D, acc, one, i0, p.Tq, p.D, ty, tx);
 }
 
-// dK and dV for one (batch * head, key tile): dV = P^T dO, dK = dS^T Q. Here
+// dK and dV for one (batch * head, key tile): dV = (P * F)^T dO, dK = dS^T Q. Here
 // the thread grid's rows are keys and its score columns are queries, so the
 // tiles below hold P^T and dS^T.
 template <int DMAX>
@@ -353,12 +375,13 @@ __global__ void __launch_bounds__(kTileThreads)
           const int64_t i = i0 + il;
           const bool visible = key_ok[jl] && i < p.Tq && p.in_causal_window(i, j0 + jl);
           const float prob = probability(visible, s[a][b], scale, tile_lse[il]);
-          p_tile[jl * kScoreLd + il] = prob;
-          if (need_ds) ds_tile[jl * kScoreLd + il] = scale * prob * (dp[a][b] - tile_delta[il]);
+          const float factor = p.dropout_factor<float>(bh, i, j0 + jl);
+          p_tile[jl * kScoreLd + il] = prob * factor;
+          if (need_ds) ds_tile[jl * kScoreLd + il] = scale * prob * (dp[a][b] * factor - tile_delta[il]);
         }
       }
       __syncthreads();
-      tile_accumulate<DMAX>(dv_acc, p_tile, do_tile, ty, tx);              // dV += P^T dO
+      tile_accumulate<DMAX>(dv_acc, p_tile, do_tile, ty, tx);              // dV += (P * F)^T dO
       if (need_ds) tile_accumulate<DMAX>(dk_acc, ds_tile, q_tile, ty, tx);  // dK += dS^T Q
     }
   }
@@ -408,9 +431,10 @@ __global__ void attention_forward_fallback(Problem p, T scale, T* out, float* ls
       m = s;
     }
     const T prob = math_exp(s - m);
-    l += prob;
+    l += prob;  // the normaliser counts every probability, dropped or not
+    const T used = prob * p.dropout_factor<T>(bh, i, j);
     const T* v_row = v + (bh * p.Tk + j) * p.D;
-    for (int64_t d = lane; d < p.D; d += 32) out_row[d] += prob * v_row[d];
+    for (int64_t d = lane; d < p.D; d += 32) out_row[d] += used * v_row[d];
   }
   const T inverse = seen ? T(1) / l : T(0);
   for (int64_t d = lane; d < p.D; d += 32) out_row[d] *= inverse;
@@ -435,12 +459,13 @@ __global__ void attention_backward_dq_fallback(Problem p, T scale, T* dq, const 
     if (!p.key_kept(mask, j)) continue;
     const T *k_row = k + (bh * p.Tk + j) * p.D, *v_row = v + (bh * p.Tk + j) * p.D;
     const T prob = math_exp(warp_dot(q_row, k_row, p.D) * scale - T(row_lse));
-    const T ds = scale * prob * (warp_dot(do_row, v_row, p.D) - delta[row]);
+    const T factor = p.dropout_factor<T>(bh, i, j);
+    const T ds = scale * prob * (warp_dot(do_row, v_row, p.D) * factor - delta[row]);
     for (int64_t d = lane; d < p.D; d += 32) dq_row[d] += ds * k_row[d];
   }
 }
 
-// One warp per key row: dV_j = sum_i P_ij dO_i, dK_j = sum_i dS_ij Q_i.
+// One warp per key row: dV_j = sum_i P_ij F_ij dO_i, dK_j = sum_i dS_ij Q_i.
 template <typename T>
 __global__ void attention_backward_dkv_fallback(Problem p, T scale, T* dk, T* dv, const T* dout, const T* q,
                                                 const T* k, const T* v, const float* lse, const T* delta) {
@@ -462,10 +487,11 @@ __global__ void attention_backward_dkv_fallback(Problem p, T scale, T* dk, T* dv
     if (row_lse == -INFINITY) continue;
     const T *q_row = q + row * p.D, *do_row = dout + row * p.D;
     const T prob = math_exp(warp_dot(q_row, k_row, p.D) * scale - T(row_lse));
+    const T factor = p.dropout_factor<T>(bh, i, j);
     if (dv_row)
-      for (int64_t d = lane; d < p.D; d += 32) dv_row[d] += prob * do_row[d];
+      for (int64_t d = lane; d < p.D; d += 32) dv_row[d] += prob * factor * do_row[d];
     if (dk_row) {
-      const T ds = scale * prob * (warp_dot(do_row, v_row, p.D) - delta[row]);
+      const T ds = scale * prob * (warp_dot(do_row, v_row, p.D) * factor - delta[row]);
       for (int64_t d = lane; d < p.D; d += 32) dk_row[d] += ds * q_row[d];
     }
   }

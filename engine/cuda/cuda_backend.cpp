@@ -127,10 +127,10 @@ class CudaBackend final : public Backend {
   void cross_entropy_backward(const View& dlogits, const View& dloss, const View& logits, const View& lse,
                               const View& targets, int64_t ignore_index) override;
   void attention_forward(const View& out, const View& lse, const View& q, const View& k, const View& v,
-                         const View& key_mask, bool causal, double scale) override;
+                         const View& key_mask, const AttentionArgs& args) override;
   void attention_backward(const View& dq, const View& dk, const View& dv, const View& dout, const View& q,
                           const View& k, const View& v, const View& out, const View& lse, const View& key_mask,
-                          bool causal, double scale) override;
+                          const AttentionArgs& args) override;
   void dropout(const View& out, const View& in, double p, uint64_t seed, uint64_t offset) override;
   void adamw_step(const View& param, const View& grad, const View& m, const View& v, const AdamWArgs& args) override;
 
@@ -382,12 +382,15 @@ void CudaBackend::cross_entropy_backward(const View& dlogits, const View& dloss,
 
 namespace {
 
-cuda::AttentionShape attention_shape(const View& q, const View& k, const View& key_mask, bool causal, double scale) {
+cuda::AttentionShape attention_shape(const View& q, const View& k, const View& key_mask, const AttentionArgs& args) {
   cuda::AttentionShape s;
   s.B = q.shape[0], s.H = q.shape[1], s.Tq = q.shape[2], s.Tk = k.shape[2], s.D = q.shape[3];
   s.key_mask = key_mask.data ? key_mask.ptr<const int32_t>() : nullptr;
-  s.causal = causal;
-  s.scale = scale;
+  s.causal = args.causal;
+  s.scale = args.scale;
+  s.dropout_p = args.dropout_p;
+  s.dropout_seed = args.dropout_seed;
+  s.dropout_offset = args.dropout_offset;
   return s;
 }
 
@@ -398,9 +401,9 @@ double attention_flops(const cuda::AttentionShape& s, double per_product) {
 }  // namespace
 
 void CudaBackend::attention_forward(const View& out, const View& lse, const View& q, const View& k, const View& v,
-                                    const View& key_mask, bool causal, double scale) {
+                                    const View& key_mask, const AttentionArgs& args) {
   require_floating(q.dtype, "attention");
-  const cuda::AttentionShape s = attention_shape(q, k, key_mask, causal, scale);
+  const cuda::AttentionShape s = attention_shape(q, k, key_mask, args);
   ProfileScope profile("attention_forward", attention_flops(s, 4));
   ctx_.check_launch(cuda::launch_attention_forward(ctx_.launch(), q.dtype, s, out.data, lse.ptr<float>(), q.data,
                                                    k.data, v.data),
@@ -409,9 +412,9 @@ void CudaBackend::attention_forward(const View& out, const View& lse, const View
 
 void CudaBackend::attention_backward(const View& dq, const View& dk, const View& dv, const View& dout, const View& q,
                                      const View& k, const View& v, const View& out, const View& lse,
-                                     const View& key_mask, bool causal, double scale) {
+                                     const View& key_mask, const AttentionArgs& args) {
   require_floating(q.dtype, "attention_backward");
-  const cuda::AttentionShape s = attention_shape(q, k, key_mask, causal, scale);
+  const cuda::AttentionShape s = attention_shape(q, k, key_mask, args);
   ProfileScope profile("attention_backward", attention_flops(s, 10));
   Scratch delta(ctx_, cuda::attention_backward_scratch_bytes(q.dtype, s), "attention_backward rowsum(dO * O)");
   ctx_.check_launch(cuda::launch_attention_backward(ctx_.launch(), q.dtype, s, dq.data, dk.data, dv.data, dout.data,

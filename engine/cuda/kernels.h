@@ -121,6 +121,8 @@ struct AttentionShape {
   const int32_t* key_mask = nullptr;
   bool causal = true;
   double scale = 1;
+  double dropout_p = 0;  // engine/backend.h's AttentionArgs: probabilities dropped by Philox
+  uint64_t dropout_seed = 0, dropout_offset = 0;
 };
 // out [B, H, Tq, D]; lse f32 [B, H, Tq] (-inf for a query that sees no key).
 cudaError_t launch_attention_forward(const LaunchContext& ctx, DType dtype, const AttentionShape& shape, void* out,

@@ -15,9 +15,6 @@ namespace engine::cuda {
 
 namespace {
 
-// The uniform in [0, 1) that word `word` of a Philox block gives (philox_uniform's mapping).
-__device__ __forceinline__ float word_to_uniform(uint32_t word) { return float(word >> 8) * (1.0f / 16777216.0f); }
-
 // One thread per Philox block: elements 4t .. 4t+3.
 template <typename T>
 __global__ void fill_uniform_kernel(int64_t n, T* out, uint64_t seed, uint64_t offset, double low, double high) {
@@ -26,7 +23,8 @@ __global__ void fill_uniform_kernel(int64_t n, T* out, uint64_t seed, uint64_t o
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int64_t i = t * 4 + k;
-      if (i < n) out[i] = from_double<T>(__dadd_rn(low, __dmul_rn(high - low, double(word_to_uniform(block.v[k])))));
+      if (i < n)
+        out[i] = from_double<T>(__dadd_rn(low, __dmul_rn(high - low, double(philox_word_to_uniform(block.v[k])))));
     }
   }
 }
@@ -39,8 +37,8 @@ __global__ void fill_normal_kernel(int64_t n, T* out, uint64_t seed, uint64_t of
   for (int64_t pair = grid_index(); pair * 2 < n; pair += grid_stride()) {
     const uint64_t i = uint64_t(2 * pair);
     const Philox4 block = philox4x32_10(seed, offset + i / 4);
-    const double u1 = 1.0 - double(word_to_uniform(block.v[i % 4]));  // in (0, 1], so log is finite
-    const double u2 = double(word_to_uniform(block.v[i % 4 + 1]));
+    const double u1 = 1.0 - double(philox_word_to_uniform(block.v[i % 4]));  // in (0, 1], so log is finite
+    const double u2 = double(philox_word_to_uniform(block.v[i % 4 + 1]));
     const double radius = sqrt(-2.0 * log(u1));
     const double scaled = __dmul_rn(std, radius);
     out[2 * pair] = from_double<T>(__dadd_rn(mean, __dmul_rn(scaled, cos(kTwoPi * u2))));
@@ -57,7 +55,7 @@ __global__ void dropout_kernel(int64_t n, T* out, const T* in, double p, T scale
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int64_t i = t * 4 + k;
-      if (i < n) out[i] = double(word_to_uniform(block.v[k])) >= p ? in[i] * scale : T(0);
+      if (i < n) out[i] = double(philox_word_to_uniform(block.v[k])) >= p ? in[i] * scale : T(0);
     }
   }
 }

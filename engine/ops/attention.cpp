@@ -13,6 +13,7 @@
 // there (HF GPT-2 works around it); zeros keep padded positions harmless
 // without any workaround in the model.
 #include "engine/ops/common.h"
+#include "engine/rng.h"
 
 #include <cmath>
 
@@ -51,10 +52,19 @@ void check_arguments(const Tensor& q, const Tensor& k, const Tensor& v, const Te
 }  // namespace
 
 Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& key_padding_mask,
-                                    bool causal, std::optional<double> scale_arg) {
+                                    bool causal, std::optional<double> scale, double dropout_p, Generator* generator) {
   check_arguments(q, k, v, key_padding_mask);
-  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3);
-  const double scale = scale_arg.value_or(D > 0 ? 1.0 / std::sqrt(double(D)) : 1.0);
+  check(dropout_p >= 0 && dropout_p < 1, "{}: dropout_p must be in [0, 1), got {}", kOp, dropout_p);
+  check(dropout_p == 0 || generator, "{}: dropout_p = {} needs a generator", kOp, dropout_p);
+  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Tk = k.size(2), D = q.size(3);
+  AttentionArgs args;
+  args.causal = causal;
+  args.scale = scale.value_or(D > 0 ? 1.0 / std::sqrt(double(D)) : 1.0);
+  if (dropout_p > 0) {  // one uniform per probability, B * H * Tq * Tk of them
+    args.dropout_p = dropout_p;
+    args.dropout_seed = generator->seed();
+    args.dropout_offset = generator->reserve(uint64_t(B * H * Tq * Tk));
+  }
 
   // GPT-2's q, k, v are permuted views of one c_attn output: copy them
   // contiguous once here, since the kernel walks rows of D.
@@ -68,14 +78,13 @@ Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, const Tens
     out.zero_();
   else
     detail::backend_of(q).attention_forward(view_of(out), view_of(lse), view_of(qc), view_of(kc), view_of(vc),
-                                            view_or_null(mask), causal, scale);
+                                            view_or_null(mask), args);
 
   // The backward keeps the inputs as given (in node.inputs) rather than their
   // contiguous copies: re-copying costs little time, keeping copies costs a
   // second q, k, v per layer of activation memory.
   record(out, kOp, {q, k, v},
-         [mask, lse, y = out.detach(), empty, causal, scale](const Tensor& grad,
-                                                             const Node& node) -> std::vector<Tensor> {
+         [mask, lse, y = out.detach(), empty, args](const Tensor& grad, const Node& node) -> std::vector<Tensor> {
            const bool want_q = node.needs_grad(0), want_k = node.needs_grad(1), want_v = node.needs_grad(2);
            const Tensor &q = node.inputs[0], &k = node.inputs[1];
            auto grad_buffer = [&](bool wanted, const Tensor& like) {
@@ -90,7 +99,7 @@ Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, const Tens
              Tensor vc = node.inputs[2].detach().contiguous(), dout = grad.detach().contiguous();
              detail::backend_of(q).attention_backward(view_or_null(dq), view_or_null(dk), view_or_null(dv),
                                                       view_of(dout), view_of(qc), view_of(kc), view_of(vc), view_of(y),
-                                                      view_of(lse), view_or_null(mask), causal, scale);
+                                                      view_of(lse), view_or_null(mask), args);
            }
            return {dq, dk, dv};
          });
