@@ -4,11 +4,11 @@
 #include "curlora/bench_state.h"
 
 #include "curlora/adapter_io.h"
+#include "curlora/revision.h"
 #include "engine/error.h"
 
 #include <fmt/format.h>
 
-#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <map>
@@ -55,15 +55,12 @@ json read_json(const fs::path& path) {
   return value;
 }
 
+// The revision this binary was built from; CURLORA_GIT_REVISION overrides it
+// for builds made from a copy of the tree without .git (the GPU machine's).
 std::string git_revision() {
-  FILE* pipe = ::popen("git rev-parse HEAD 2>/dev/null", "r");
-  if (pipe == nullptr) return "unknown";
-  char buffer[128] = {};
-  const bool got = std::fgets(buffer, sizeof buffer, pipe) != nullptr;
-  ::pclose(pipe);
-  std::string rev = got ? std::string(buffer) : "";
-  while (!rev.empty() && (rev.back() == '\n' || rev.back() == '\r')) rev.pop_back();
-  return rev.size() == 40 ? rev : "unknown";
+  const char* given = std::getenv("CURLORA_GIT_REVISION");
+  if (given != nullptr && *given != '\0') return given;
+  return CURLORA_BUILD_REVISION;
 }
 
 int64_t peak_rss_bytes() {
