@@ -15,13 +15,13 @@ double PerplexityResult::ppl() const { return scored > 0 ? std::exp(nll_sum / do
 
 namespace {
 
-// Sum of -log p(ids[p] | ids[begin..p)) for targets p in [first_target, end).
+// Sum of -log p(ids[p] | ids[begin..p)) for targets p in [first_target, end), first_target > begin.
 double window_nll(GPT2LMHeadModel& model, const std::vector<int32_t>& ids, int64_t begin, int64_t end,
                   int64_t first_target) {
   engine::Device device = model.transformer().token_embedding().device();
   std::vector<int32_t> window(ids.begin() + begin, ids.begin() + end);
   std::vector<int32_t> targets(window.size(), -100);  // position t predicts token t + 1
-  for (int64_t p = std::max(first_target, begin + 1); p < end; ++p) targets[size_t(p - begin - 1)] = ids[size_t(p)];
+  for (int64_t p = first_target; p < end; ++p) targets[size_t(p - begin - 1)] = ids[size_t(p)];
   const int64_t T = end - begin;
   Tensor logits = model.forward(Tensor::from_vector<int32_t>(window, {1, T}, device));
   Tensor nll = engine::cross_entropy(logits.reshape({T, -1}).to(engine::DType::F32),
@@ -46,7 +46,9 @@ PerplexityResult sliding_window_perplexity(GPT2LMHeadModel& model, const std::ve
   int64_t scored_until = 0;  // targets before this position are done
   for (int64_t begin = 0; begin < result.tokens; begin += stride) {
     const int64_t end = std::min(begin + max_length, result.tokens);
-    const int64_t first_target = std::max<int64_t>(scored_until, 1);
+    // A window's first token has no context inside it, so it is never a target
+    // (with stride == max_length transformers skips it too).
+    const int64_t first_target = std::max(scored_until, begin + 1);
     if (end > first_target) {
       result.nll_sum += window_nll(model, ids, begin, end, first_target);
       result.scored += end - first_target;

@@ -1,6 +1,7 @@
 // Perplexity of a causal LM over a token stream. The sliding window follows
 // the transformers docs (window max_length, step stride, earlier tokens as
-// context only) but scores every target exactly once; the single window is
+// context only) and scores each target at most once, as they do: every one
+// when windows overlap (stride < max_length); the single window is
 // the paper's reference code (one forward over the start of the text).
 #pragma once
 
