@@ -120,7 +120,7 @@ void bench_adamw(int64_t elements) {
 
 // ---- attention at gpt2-large's shape ----
 
-void bench_attention(int64_t B, int64_t H, int64_t T, int64_t D, bool padded) {
+void bench_attention(int64_t B, int64_t H, int64_t T, int64_t D, bool padded, double dropout = 0) {
   Tensor q = randn({B, H, T, D}, 9), k = randn({B, H, T, D}, 10), v = randn({B, H, T, D}, 11);
   Tensor dout = randn({B, H, T, D}, 12);
   Tensor mask;
@@ -133,21 +133,24 @@ void bench_attention(int64_t B, int64_t H, int64_t T, int64_t D, bool padded) {
   double forward;
   {
     engine::NoGradGuard no_grad;
-    forward = median_seconds(5, 10, [&] { engine::scaled_dot_product_attention(q, k, v, mask, true); }, engine_sync);
+    engine::Generator gen(1);
+    forward = median_seconds(
+        5, 10, [&] { engine::scaled_dot_product_attention(q, k, v, mask, true, {}, dropout, &gen); }, engine_sync);
   }
   q.set_requires_grad(true), k.set_requires_grad(true), v.set_requires_grad(true);
+  engine::Generator gen(2);
   const double both = median_seconds(
       5, 5,
       [&] {
-        Tensor out = engine::scaled_dot_product_attention(q, k, v, mask, true);
+        Tensor out = engine::scaled_dot_product_attention(q, k, v, mask, true, {}, dropout, &gen);
         out.backward(dout);
       },
       engine_sync);
   const double causal_flops = 4.0 * double(B * H) * double(T) * double(T) * double(D) * 0.5;
   const double backward = both - forward;
-  fmt::print(R"({{"bench":"attention","B":{},"H":{},"T":{},"D":{},"causal":true,"padded":{},"forward_ms":{:.3f},"forward_tflops":{:.1f},"backward_ms":{:.3f},"backward_tflops":{:.1f}}})"
+  fmt::print(R"({{"bench":"attention","B":{},"H":{},"T":{},"D":{},"causal":true,"padded":{},"dropout":{},"forward_ms":{:.3f},"forward_tflops":{:.1f},"backward_ms":{:.3f},"backward_tflops":{:.1f}}})"
              "\n",
-             B, H, T, D, padded, forward * 1e3, causal_flops / forward * 1e-12, backward * 1e3,
+             B, H, T, D, padded, dropout, forward * 1e3, causal_flops / forward * 1e-12, backward * 1e3,
              2.5 * causal_flops / backward * 1e-12);
 }
 
@@ -180,6 +183,7 @@ int main() {
   bench_adamw(int64_t(36) * C * 3 * C);  // all of gpt2-large's c_attn weights
   bench_attention(32, 20, 256, 64, false);
   bench_attention(32, 20, 256, 64, true);
+  bench_attention(32, 20, 256, 64, false, 0.1);  // training: GPT-2's attn_pdrop
   const engine::CudaMemoryStats stats = engine::cuda_memory_stats(0);
   fmt::print(R"({{"bench":"memory","peak_gib":{:.2f},"reserved_gib":{:.2f}}})"
              "\n",

@@ -522,8 +522,15 @@ void check_attention(int64_t B, int64_t H, int64_t T, int64_t D, DType dtype, bo
   Tensor up = random({B, H, T, D}, 4, dtype);
   engine::sum(engine::mul(out, up)).backward();
   engine::sum(engine::mul(out_g, up.to(kGpu))).backward();
-  if (grad_q) require_near(qg.grad(), q.grad(), 4 * tolerance, "dq");
-  if (grad_k) require_near(kg.grad(), k.grad(), 4 * tolerance, "dk");
+  // dq and dk are scale * P * (dP - delta): differences of terms as large as
+  // dO and V. Where they cancel (at T = 1 a query's one key has P = 1, so with
+  // dropout dq is F (dO . V) - dO . (F V), zero up to rounding) both devices
+  // keep noise of that size, so it, not the tiny result, sets the scale.
+  auto require_near_terms = [&](const Tensor& gpu, const Tensor& cpu, const std::string& what) {
+    compare(gpu, cpu, [&](double, double scale) { return 4 * tolerance * std::max(scale, 1.0); }, what);
+  };
+  if (grad_q) require_near_terms(qg.grad(), q.grad(), "dq");
+  if (grad_k) require_near_terms(kg.grad(), k.grad(), "dk");
   if (grad_v) require_near(vg.grad(), v.grad(), 4 * tolerance, "dv");
 }
 

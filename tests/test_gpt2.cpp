@@ -89,6 +89,23 @@ TEST_CASE("logits, loss and greedy ids match transformers", "[gpt2][golden]") {
   }
 }
 
+TEST_CASE("the KV cache gives the same logits as a full forward", "[gpt2]") {
+  GPT2Config config = GPT2Config::builtin("gpt2");
+  config.n_layer = 2, config.n_embd = 40, config.n_head = 5, config.vocab_size = 97, config.n_positions = 32;
+  engine::Generator gen(3);
+  GPT2LMHeadModel model(config, engine::nn::VarBuilder(std::make_shared<engine::nn::RandomSource>(gen, DType::F64,
+                                                                                                   engine::Device::cpu())));
+  model.eval();
+  engine::NoGradGuard no_grad;
+  Tensor ids = Tensor::from_vector<int32_t>({5, 17, 3, 88, 42, 0, 9}, {1, 7});
+  Tensor full = model.forward(ids);
+  models::KVCache cache;
+  Tensor first = model.forward(ids.slice(1, 0, 4), Tensor(), &cache);
+  Tensor second = model.forward(ids.slice(1, 4, 7), Tensor(), &cache);
+  CHECK(cache.length() == 7);
+  testing::require_close(engine::cat({first, second}, 1), full.to_vector<double>(), 1e-10);
+}
+
 TEST_CASE("training mode drops attention probabilities with attn_pdrop, reproducibly", "[gpt2][dropout]") {
   // Only attn_pdrop is set, so every random draw of the forward is attention dropout.
   GPT2Config config = GPT2Config::builtin("gpt2");
