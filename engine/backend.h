@@ -10,6 +10,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <span>
 
 namespace engine {
 
@@ -67,6 +68,11 @@ struct AttentionArgs {
 struct AdamWArgs {
   double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.01;
   int64_t step = 1;  // 1-based, after incrementing, for bias correction
+};
+
+// One parameter's arrays for AdamW: the parameter, its gradient and moments.
+struct AdamWTensors {
+  View param, grad, m, v;
 };
 
 class Backend {
@@ -137,10 +143,10 @@ class Backend {
   virtual void dropout(const View& out, const View& in, double p, uint64_t seed, uint64_t offset) = 0;
 
   // ---- optimiser ----
-  // One AdamW update of param (f32, or f64 for tests), in place, with its moments
-  // m and v; every array contiguous and of the parameter's dtype.
-  virtual void adamw_step(const View& param, const View& grad, const View& m, const View& v,
-                          const AdamWArgs& args) = 0;
+  // One AdamW update of every listed parameter, in place, with its moments m
+  // and v: all arrays contiguous and of one dtype (f32, or f64 for tests), all
+  // parameters at the same step. A list, so CUDA updates them in one launch.
+  virtual void adamw_step(std::span<const AdamWTensors> tensors, const AdamWArgs& args) = 0;
 };
 
 // The backend that owns `device`'s memory. Throws engine::Error for a CUDA

@@ -51,7 +51,7 @@ class CpuBackend final : public Backend {
                           const AttentionArgs& args) override;
   void dropout(const View& out, const View& in, double p, uint64_t seed, uint64_t offset) override;
 
-  void adamw_step(const View& param, const View& grad, const View& m, const View& v, const AdamWArgs& args) override;
+  void adamw_step(std::span<const AdamWTensors> tensors, const AdamWArgs& args) override;
 };
 
 CpuBackend& cpu_backend();

@@ -68,22 +68,24 @@ template <typename T>
 
 }  // namespace
 
-void CpuBackend::adamw_step(const View& param, const View& grad, const View& m, const View& v, const AdamWArgs& args) {
-  cpu::dispatch_floating(param.dtype, "adamw_step", [&](auto zero) {
-    using T = decltype(zero);
-    // Contiguous chunks: each is an independent, vectorisable loop.
-    constexpr int64_t kChunk = 1 << 14;
-    const int64_t n = param.numel();
-    const int64_t chunks = (n + kChunk - 1) / kChunk;
-    cpu::parallel_for(chunks, kChunk, [&](int64_t c) {
-      const int64_t begin = c * kChunk;
-      const int64_t count = std::min(kChunk, n - begin);
-      T *p = param.ptr<T>() + begin, *mo = m.ptr<T>() + begin, *vo = v.ptr<T>() + begin;
-      const T* g = grad.ptr<T>() + begin;
-      if constexpr (std::is_same_v<T, float>) adamw_f32(p, g, mo, vo, count, args);
-      else adamw_f64(p, g, mo, vo, count, args);
+void CpuBackend::adamw_step(std::span<const AdamWTensors> tensors, const AdamWArgs& args) {
+  for (const AdamWTensors& t : tensors) {
+    cpu::dispatch_floating(t.param.dtype, "adamw_step", [&](auto zero) {
+      using T = decltype(zero);
+      // Contiguous chunks: each is an independent, vectorisable loop.
+      constexpr int64_t kChunk = 1 << 14;
+      const int64_t n = t.param.numel();
+      const int64_t chunks = (n + kChunk - 1) / kChunk;
+      cpu::parallel_for(chunks, kChunk, [&](int64_t c) {
+        const int64_t begin = c * kChunk;
+        const int64_t count = std::min(kChunk, n - begin);
+        T *p = t.param.ptr<T>() + begin, *m = t.m.ptr<T>() + begin, *v = t.v.ptr<T>() + begin;
+        const T* g = t.grad.ptr<T>() + begin;
+        if constexpr (std::is_same_v<T, float>) adamw_f32(p, g, m, v, count, args);
+        else adamw_f64(p, g, m, v, count, args);
+      });
     });
-  });
+  }
 }
 
 }  // namespace engine

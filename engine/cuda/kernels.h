@@ -10,6 +10,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace engine::cuda {
 
@@ -140,7 +141,16 @@ cudaError_t launch_attention_backward(const LaunchContext& ctx, DType dtype, con
 struct AdamWScalars {
   double decay, beta1, one_minus_beta1, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps;
 };
-cudaError_t launch_adamw(const LaunchContext& ctx, DType dtype, int64_t n, void* param, const void* grad, void* m,
-                         void* v, const AdamWScalars& scalars);
+// One parameter: n elements of param, grad and the moments m and v.
+struct AdamWBuffers {
+  int64_t n;
+  void* param;
+  const void* grad;
+  void* m;
+  void* v;
+};
+// Updates every listed parameter, a few dozen per launch.
+cudaError_t launch_adamw(const LaunchContext& ctx, DType dtype, const std::vector<AdamWBuffers>& tensors,
+                         const AdamWScalars& scalars);
 
 }  // namespace engine::cuda

@@ -1,5 +1,7 @@
 // The fused AdamW update on CUDA: one pass over param, grad and both moments,
-// one thread per element. It is engine/cpu/cpu_optim.cpp's arithmetic op for
+// for a whole list of parameters per launch (an adapter has dozens of small
+// ones, and a launch each would cost more than the update). It is
+// engine/cpu/cpu_optim.cpp's arithmetic op for
 // op: every operation is rounded to T on its own, with a fused multiply-add
 // exactly where the CPU (and torch) use one. nvcc would contract other
 // a * b + c into FMAs, so each step is written with an explicitly rounded
@@ -27,9 +29,33 @@ struct Scalars {
   T decay, beta1, one_minus_beta1, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps;
 };
 
+// Up to kMaxTensors parameters per launch: their pointers travel in the
+// kernel's arguments (under the 4 KiB limit), and each block updates
+// kPerBlock consecutive elements of one of them. first_block[t] is the first
+// block of tensor t, so a block finds its tensor by scanning at most 48 entries.
+constexpr int kMaxTensors = 48;
+constexpr int64_t kPerBlock = 4 * kThreads;
+
 template <typename T>
-__global__ void adamw_kernel(int64_t n, T* param, const T* grad, T* m, T* v, Scalars<T> s) {
-  for (int64_t i = grid_index(); i < n; i += grid_stride()) {
+struct TensorList {
+  int count;
+  int64_t first_block[kMaxTensors + 1];
+  int64_t n[kMaxTensors];
+  T* param[kMaxTensors];
+  const T* grad[kMaxTensors];
+  T* m[kMaxTensors];
+  T* v[kMaxTensors];
+};
+
+template <typename T>
+__global__ void adamw_kernel(TensorList<T> list, Scalars<T> s) {
+  int t = 0;
+  while (t + 1 < list.count && list.first_block[t + 1] <= int64_t(blockIdx.x)) ++t;
+  const int64_t begin = (int64_t(blockIdx.x) - list.first_block[t]) * kPerBlock;
+  const int64_t end = min64(begin + kPerBlock, list.n[t]);
+  T *param = list.param[t], *m = list.m[t], *v = list.v[t];
+  const T* grad = list.grad[t];
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     const T g = grad[i];
     const T exp_avg = fma_rn(g, s.one_minus_beta1, mul_rn(m[i], s.beta1));                   // mul_(b1).add_(g, 1-b1)
     const T exp_avg_sq = fma_rn(mul_rn(s.one_minus_beta2, g), g, mul_rn(v[i], s.beta2));     // addcmul_(g, g, 1-b2)
@@ -43,17 +69,41 @@ __global__ void adamw_kernel(int64_t n, T* param, const T* grad, T* m, T* v, Sca
 
 }  // namespace
 
-cudaError_t launch_adamw(const LaunchContext& ctx, DType dtype, int64_t n, void* param, const void* grad, void* m,
-                         void* v, const AdamWScalars& a) {
-  if (n == 0) return cudaSuccess;
+cudaError_t launch_adamw(const LaunchContext& ctx, DType dtype, const std::vector<AdamWBuffers>& tensors,
+                         const AdamWScalars& a) {
+  cudaError_t status = cudaSuccess;
   dispatch_floating(dtype, [&](auto zero) {
     using T = decltype(zero);
     const Scalars<T> s{T(a.decay),         T(a.beta1),         T(a.one_minus_beta1),         T(a.beta2),
                        T(a.one_minus_beta2), T(a.neg_step_size), T(a.bias_correction2_sqrt), T(a.eps)};
-    adamw_kernel<<<grid_for(ctx, n), kThreads, 0, ctx.stream>>>(n, static_cast<T*>(param), static_cast<const T*>(grad),
-                                                                static_cast<T*>(m), static_cast<T*>(v), s);
+    TensorList<T> list{};
+    auto launch = [&] {
+      const int64_t blocks = list.first_block[list.count];
+      if (blocks > 0 && status == cudaSuccess) {
+        if (blocks > int64_t(INT32_MAX)) {
+          status = cudaErrorInvalidConfiguration;
+          return;
+        }
+        adamw_kernel<<<unsigned(blocks), kThreads, 0, ctx.stream>>>(list, s);
+        status = cudaGetLastError();
+      }
+      list.count = 0;
+      list.first_block[0] = 0;
+    };
+    for (const AdamWBuffers& b : tensors) {
+      if (b.n == 0) continue;
+      const int t = list.count++;
+      list.n[t] = b.n;
+      list.param[t] = static_cast<T*>(b.param);
+      list.grad[t] = static_cast<const T*>(b.grad);
+      list.m[t] = static_cast<T*>(b.m);
+      list.v[t] = static_cast<T*>(b.v);
+      list.first_block[t + 1] = list.first_block[t] + (b.n + kPerBlock - 1) / kPerBlock;
+      if (list.count == kMaxTensors) launch();
+    }
+    if (list.count > 0) launch();
   });
-  return cudaGetLastError();
+  return status;
 }
 
 }  // namespace engine::cuda

@@ -7,6 +7,7 @@
 #include "engine/backend.h"
 #include "engine/ops.h"
 
+#include <algorithm>
 #include <cmath>
 #include <set>
 #include <unordered_set>
@@ -152,6 +153,16 @@ void AdamW::check_options(const AdamWOptions& o) {
 }
 
 void AdamW::step() {
+  // Parameters that share a device, a dtype and a step count are updated by
+  // one backend call (one kernel launch on CUDA for dozens of them).
+  struct Group {
+    Device device;
+    DType dtype;
+    int64_t step;
+    std::vector<AdamWTensors> tensors;
+    std::vector<Tensor> gradients;  // keeps contiguous copies alive until the update
+  };
+  std::vector<Group> groups;
   for (size_t i = 0; i < params_.size(); ++i) {
     Tensor g = gradient_of(i, "AdamW");
     if (!g.defined()) continue;
@@ -163,16 +174,23 @@ void AdamW::step() {
       s.slots["exp_avg_sq"] = Tensor::zeros(p.shape(), p.dtype(), p.device());
     }
     ++s.step;
+    if (p.numel() == 0) continue;
+    auto group = std::find_if(groups.begin(), groups.end(), [&](const Group& candidate) {
+      return candidate.device == p.device() && candidate.dtype == p.dtype() && candidate.step == s.step;
+    });
+    if (group == groups.end()) group = groups.insert(groups.end(), Group{p.device(), p.dtype(), s.step, {}, {}});
+    group->tensors.push_back({view_of(p), view_of(g), view_of(s.slots["exp_avg"]), view_of(s.slots["exp_avg_sq"])});
+    group->gradients.push_back(g);
+  }
+  for (const Group& group : groups) {
     AdamWArgs args;
     args.lr = lr_;
     args.beta1 = options_.beta1;
     args.beta2 = options_.beta2;
     args.eps = options_.eps;
     args.weight_decay = options_.weight_decay;
-    args.step = s.step;
-    if (p.numel() == 0) continue;
-    backend_for(p.device())
-        .adamw_step(view_of(p), view_of(g), view_of(s.slots["exp_avg"]), view_of(s.slots["exp_avg_sq"]), args);
+    args.step = group.step;
+    backend_for(group.device).adamw_step(group.tensors, args);
   }
   ++step_count_;
 }
