@@ -11,6 +11,7 @@
 
 #include "engine/cpu/strided.h"
 #include "engine/cuda/cuda_context.h"
+#include "engine/cuda/staging.h"
 #include "engine/error.h"
 #include "engine/profiler.h"
 
@@ -86,7 +87,7 @@ uint64_t fill_bits(DType dtype, double value) {
 
 class CudaBackend final : public Backend {
  public:
-  explicit CudaBackend(int index) : ctx_(cuda::device_context(index)) {}
+  explicit CudaBackend(int index) : ctx_(cuda::device_context(index)), staging_(index) {}
   Device device() const override { return Device::cuda(ctx_.index()); }
 
   // ---- memory ----
@@ -132,7 +133,7 @@ class CudaBackend final : public Backend {
                           const View& k, const View& v, const View& out, const View& lse, const View& key_mask,
                           const AttentionArgs& args) override;
   void dropout(const View& out, const View& in, double p, uint64_t seed, uint64_t offset) override;
-  void adamw_step(const View& param, const View& grad, const View& m, const View& v, const AdamWArgs& args) override;
+  void adamw_step(std::span<const AdamWTensors> tensors, const AdamWArgs& args) override;
 
  private:
   // Raises engine::Error when an index is out of range, in the CPU backend's words.
@@ -140,17 +141,20 @@ class CudaBackend final : public Backend {
   void check_targets(const View& targets, int64_t classes, int64_t ignore_index, const char* op);
 
   DeviceContext& ctx_;
+  cuda::PinnedStaging staging_;  // for large uploads
 };
 
 // ---- memory ----
 
 void CudaBackend::deallocate(void* ptr, size_t nbytes) { ctx_.deallocate(ptr, nbytes); }
 
-// From pageable host memory, cudaMemcpyAsync returns once the data is staged,
-// so the caller may free its buffer at once. (No pinned staging yet: the
-// copies that matter, batches of token ids, are small.)
+// Large uploads (checkpoints) go through pinned staging buffers. Small ones
+// (batches of token ids) go straight from pageable memory: cudaMemcpyAsync
+// returns once the driver has staged them, so either way the caller may free
+// its buffer as soon as the call returns.
 void CudaBackend::copy_from_host(void* dst, const void* host_src, size_t nbytes) {
   ctx_.launch();
+  if (nbytes >= cuda::PinnedStaging::kMinBytes) return staging_.to_device(dst, host_src, nbytes, ctx_.stream());
   cuda::check_cuda(cudaMemcpyAsync(dst, host_src, nbytes, cudaMemcpyHostToDevice, ctx_.stream()), ctx_.index(),
                    "copy_from_host");
 }
@@ -433,9 +437,14 @@ void CudaBackend::dropout(const View& out, const View& in, double p, uint64_t se
 
 // The per-step scalars are formed in double exactly as cpu_optim.cpp forms
 // them (this file is also built with -ffp-contract=off); see optim.cu.
-void CudaBackend::adamw_step(const View& param, const View& grad, const View& m, const View& v,
-                             const AdamWArgs& a) {
-  require_floating(param.dtype, "adamw_step");
+void CudaBackend::adamw_step(std::span<const AdamWTensors> tensors, const AdamWArgs& a) {
+  if (tensors.empty()) return;
+  const DType dtype = tensors[0].param.dtype;
+  require_floating(dtype, "adamw_step");
+  std::vector<cuda::AdamWBuffers> buffers;
+  buffers.reserve(tensors.size());
+  for (const AdamWTensors& t : tensors)
+    buffers.push_back({t.param.numel(), t.param.data, t.grad.data, t.m.data, t.v.data});
   const double bias_correction1 = 1 - std::pow(a.beta1, double(a.step));
   const double bias_correction2 = 1 - std::pow(a.beta2, double(a.step));
   cuda::AdamWScalars s;
@@ -447,9 +456,7 @@ void CudaBackend::adamw_step(const View& param, const View& grad, const View& m,
   s.neg_step_size = -(a.lr / bias_correction1);
   s.bias_correction2_sqrt = std::sqrt(bias_correction2);
   s.eps = a.eps;
-  ctx_.check_launch(cuda::launch_adamw(ctx_.launch(), param.dtype, param.numel(), param.data, grad.data, m.data,
-                                       v.data, s),
-                    "adamw_step");
+  ctx_.check_launch(cuda::launch_adamw(ctx_.launch(), dtype, buffers, s), "adamw_step");
 }
 
 }  // namespace
