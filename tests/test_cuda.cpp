@@ -165,6 +165,21 @@ TEST_CASE("cuda: copies between every dtype pair, on strided views, round as the
   require_equal(dst_gpu, dst_cpu, "copy_ into a strided view");
 }
 
+TEST_CASE("cuda: large host copies through the pinned staging buffers arrive intact", "[cuda][copy]") {
+  // 5M + 3 floats: two full 8 MiB chunks of each staging buffer and a ragged
+  // last one; values that differ everywhere, so a chunk out of place shows.
+  const int64_t n = 5 * (int64_t(1) << 20) + 3;
+  std::vector<int32_t> values(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) values[size_t(i)] = int32_t(i * 2654435761u % 1000003u);
+  Tensor device = Tensor::from_vector(values, {n}).to(kGpu);  // the host tensor dies right after the call
+  REQUIRE(device.to(engine::Device::cpu()).to_vector<int32_t>() == values);
+  // Back-to-back uploads reuse the buffers: the second must not clobber the first's DMA.
+  std::vector<int32_t> other(values.rbegin(), values.rend());
+  Tensor a = Tensor::from_vector(values, {n}).to(kGpu), b = Tensor::from_vector(other, {n}).to(kGpu);
+  REQUIRE(a.to_vector<int32_t>() == values);
+  REQUIRE(b.to_vector<int32_t>() == other);
+}
+
 TEST_CASE("cuda: fill on strided views of every dtype", "[cuda][copy]") {
   for (DType dtype : {DType::F32, DType::F64, DType::BF16, DType::F16, DType::I32, DType::I64}) {
     INFO(engine::dtype_name(dtype));
@@ -587,6 +602,36 @@ TEST_CASE("cuda: AdamW steps are bit-identical to the CPU's", "[cuda][optim]") {
         require_equal(pg, p, "parameters after step " + std::to_string(step + 1));
       }
     }
+}
+
+TEST_CASE("cuda: one AdamW launch over many parameters matches the CPU bit for bit", "[cuda][optim]") {
+  // 53 parameters (more than one launch's 48), sizes around the 1024-element
+  // block, an empty one, and one that misses a step (so two step counts).
+  std::vector<Tensor> cpu_params, gpu_params;
+  for (int64_t i = 0; i < 53; ++i) {
+    const int64_t n = i == 7 ? 0 : (i * 379) % 2100 + 1;
+    Tensor p = random({n}, uint64_t(100 + i), DType::F32);
+    p.set_requires_grad(true);
+    cpu_params.push_back(p);
+    gpu_params.push_back(gpu_leaf(p));
+  }
+  engine::optim::AdamWOptions options;
+  options.lr = 3e-3;
+  options.weight_decay = 0.1;
+  engine::optim::AdamW cpu_opt(cpu_params, options), gpu_opt(gpu_params, options);
+  for (int step = 0; step < 3; ++step) {
+    cpu_opt.zero_grad(), gpu_opt.zero_grad();
+    for (size_t i = 0; i < cpu_params.size(); ++i) {
+      if (step == 1 && i == 30) continue;  // no gradient: this one stays a step behind
+      const Tensor w = random(cpu_params[i].shape(), uint64_t(1000 + 100 * step + int64_t(i)), DType::F32, -3, 3);
+      engine::sum(engine::mul(engine::square(cpu_params[i]), w)).backward();
+      engine::sum(engine::mul(engine::square(gpu_params[i]), w.to(kGpu))).backward();
+    }
+    cpu_opt.step(), gpu_opt.step();
+    for (size_t i = 0; i < cpu_params.size(); ++i)
+      require_equal(gpu_params[i], cpu_params[i], "parameter " + std::to_string(i) + " after step " +
+                                                      std::to_string(step + 1));
+  }
 }
 
 // ---------------------------------------------------------------- autograd integration
