@@ -30,6 +30,7 @@ class GPT2Attention : public engine::nn::Module {
   std::string type_name() const override { return "GPT2Attention"; }
   // x [B, T, C]; key_mask [B, T_past + T] (nonzero = attend) or undefined.
   Tensor forward(const Tensor& x, const Tensor& key_mask, Tensor* past_key, Tensor* past_value);
+  using engine::nn::Module::forward;  // keeps the one-input form visible (it refuses: a mask is needed)
 
  private:
   int64_t n_head_;
@@ -51,6 +52,7 @@ class GPT2Block : public engine::nn::Module {
             engine::Generator& dropout_gen);
   std::string type_name() const override { return "GPT2Block"; }
   Tensor forward(const Tensor& x, const Tensor& key_mask, Tensor* past_key, Tensor* past_value);
+  using engine::nn::Module::forward;  // keeps the one-input form visible (it refuses: a mask is needed)
 
  private:
   std::shared_ptr<GPT2Attention> attn_;
@@ -64,6 +66,7 @@ class GPT2Model : public engine::nn::Module {
   std::string type_name() const override { return "GPT2Model"; }
   // ids [B, T] (i32/i64); attention_mask [B, T_past + T] or undefined; cache may be null.
   Tensor forward(const Tensor& ids, const Tensor& attention_mask, KVCache* cache = nullptr);
+  using engine::nn::Module::forward;  // keeps the one-input form visible (it refuses: a mask is needed)
 
   const Tensor& token_embedding() const { return wte_->weight; }
 
@@ -93,7 +96,8 @@ class GPT2LMHeadModel : public engine::nn::Module {
   Tensor hidden_states(const Tensor& ids, const Tensor& attention_mask = Tensor(), KVCache* cache = nullptr);
   // The "lm_head" child applied to hidden states: logits [B, T, V] (or [.., K]
   // once a task head has replaced it).
-  Tensor forward(const Tensor& ids, const Tensor& attention_mask = Tensor(), KVCache* cache = nullptr);
+  Tensor forward(const Tensor& ids, const Tensor& attention_mask, KVCache* cache = nullptr);
+  Tensor forward(const Tensor& ids) override { return forward(ids, Tensor()); }
 
  private:
   GPT2Config config_;
