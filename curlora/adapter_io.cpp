@@ -228,7 +228,8 @@ AdapterConfig load_curlora(models::GPT2LMHeadModel& model, const std::string& pa
   config.alpha = parse_number<double>(file, "alpha");
   config.epsilon = parse_number<double>(file, "epsilon");
   config.seed = parse_number<uint64_t>(file, "seed");
-  const std::string& replacement = field(file, "with_replacement");
+  // A copy: GCC 13 takes a reference here for one into the temporary key.
+  const std::string replacement = field(file, "with_replacement");
   check(replacement == "true" || replacement == "false", "{}: with_replacement is '{}'", path, replacement);
   config.with_replacement = replacement == "true";
   config.targets = string_list(parse_json(field(file, "targets"), path + " targets"), path + " targets");
