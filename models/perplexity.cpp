@@ -16,16 +16,19 @@ double PerplexityResult::ppl() const { return scored > 0 ? std::exp(nll_sum / do
 namespace {
 
 // Sum of -log p(ids[p] | ids[begin..p)) for targets p in [first_target, end), first_target > begin.
+// Only the positions that predict a target go through lm_head: with stride
+// max_length / 2 that is half the window, and lm_head is most of a small model.
 double window_nll(GPT2LMHeadModel& model, const std::vector<int32_t>& ids, int64_t begin, int64_t end,
                   int64_t first_target) {
   engine::Device device = model.transformer().token_embedding().device();
   std::vector<int32_t> window(ids.begin() + begin, ids.begin() + end);
-  std::vector<int32_t> targets(window.size(), -100);  // position t predicts token t + 1
-  for (int64_t p = first_target; p < end; ++p) targets[size_t(p - begin - 1)] = ids[size_t(p)];
-  const int64_t T = end - begin;
-  Tensor logits = model.forward(Tensor::from_vector<int32_t>(window, {1, T}, device));
-  Tensor nll = engine::cross_entropy(logits.reshape({T, -1}).to(engine::DType::F32),
-                                     Tensor::from_vector<int32_t>(targets, {T}, device), -100,
+  std::vector<int32_t> targets(ids.begin() + first_target, ids.begin() + end);
+  const int64_t T = end - begin, n = end - first_target;
+  Tensor hidden = model.hidden_states(Tensor::from_vector<int32_t>(window, {1, T}, device));
+  // Position t predicts token t + 1, so targets [first_target, end) come from positions [first_target - 1, end - 1).
+  Tensor logits = model.child("lm_head")(hidden.slice(1, first_target - begin - 1, T - 1));
+  Tensor nll = engine::cross_entropy(logits.reshape({n, -1}).to(engine::DType::F32),
+                                     Tensor::from_vector<int32_t>(targets, {n}, device), -100,
                                      engine::Reduction::Sum);
   return nll.item();
 }

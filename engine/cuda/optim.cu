@@ -1,8 +1,8 @@
 // The fused AdamW update on CUDA: one pass over param, grad and both moments,
 // for a whole list of parameters per launch (an adapter has dozens of small
 // ones, and a launch each would cost more than the update). It is
-// engine/cpu/cpu_optim.cpp's arithmetic op for
-// op: every operation is rounded to T on its own, with a fused multiply-add
+// engine/cpu/cpu_optim.cpp's arithmetic op for op: every operation is
+// rounded to T on its own, with a fused multiply-add
 // exactly where the CPU (and torch) use one. nvcc would contract other
 // a * b + c into FMAs, so each step is written with an explicitly rounded
 // intrinsic (__fmul_rn, __fadd_rn, ...), which it never fuses. The result is
