@@ -6,6 +6,7 @@
 #include "engine/cuda/cuda_backend.h"
 #include "engine/ops.h"
 #include "engine/optim/optimizer.h"
+#include "engine/precision.h"
 #include "engine/rng.h"
 
 #include <cublas_v2.h>
@@ -158,8 +159,12 @@ void bench_host_copies() {
 
 // ---- attention at gpt2-large's shape ----
 
-void bench_attention(int64_t B, int64_t H, int64_t T, int64_t D, bool padded, double dropout = 0) {
-  Tensor q = randn({B, H, T, D}, 9), k = randn({B, H, T, D}, 10), v = randn({B, H, T, D}, 11);
+// bf16: q, k, v given in bf16 under autocast, so the tensor-core kernels are
+// timed without the casts (torch's bf16 SDPA also takes bf16 inputs).
+void bench_attention(int64_t B, int64_t H, int64_t T, int64_t D, bool padded, double dropout = 0, bool bf16 = false) {
+  const engine::AutocastGuard autocast(bf16 ? DType::BF16 : DType::F32);
+  const DType in = bf16 ? DType::BF16 : DType::F32;
+  Tensor q = randn({B, H, T, D}, 9).to(in), k = randn({B, H, T, D}, 10).to(in), v = randn({B, H, T, D}, 11).to(in);
   Tensor dout = randn({B, H, T, D}, 12);
   Tensor mask;
   if (padded) {  // right padding: row b keeps its first T - 4b tokens
@@ -186,9 +191,9 @@ void bench_attention(int64_t B, int64_t H, int64_t T, int64_t D, bool padded, do
       engine_sync);
   const double causal_flops = 4.0 * double(B * H) * double(T) * double(T) * double(D) * 0.5;
   const double backward = both - forward;
-  fmt::print(R"({{"bench":"attention","B":{},"H":{},"T":{},"D":{},"causal":true,"padded":{},"dropout":{},"forward_ms":{:.3f},"forward_tflops":{:.1f},"backward_ms":{:.3f},"backward_tflops":{:.1f}}})"
+  fmt::print(R"({{"bench":"attention","dtype":"{}","B":{},"H":{},"T":{},"D":{},"causal":true,"padded":{},"dropout":{},"forward_ms":{:.3f},"forward_tflops":{:.1f},"backward_ms":{:.3f},"backward_tflops":{:.1f}}})"
              "\n",
-             B, H, T, D, padded, dropout, forward * 1e3, causal_flops / forward * 1e-12, backward * 1e3,
+             bf16 ? "bf16" : "f32", B, H, T, D, padded, dropout, forward * 1e3, causal_flops / forward * 1e-12, backward * 1e3,
              2.5 * causal_flops / backward * 1e-12);
 }
 
@@ -224,6 +229,8 @@ int main() {
   bench_attention(32, 20, 256, 64, false);
   bench_attention(32, 20, 256, 64, true);
   bench_attention(32, 20, 256, 64, false, 0.1);  // training: GPT-2's attn_pdrop
+  bench_attention(32, 20, 256, 64, false, 0, true);
+  bench_attention(32, 20, 256, 64, false, 0.1, true);
   const engine::CudaMemoryStats stats = engine::cuda_memory_stats(0);
   fmt::print(R"({{"bench":"memory","peak_gib":{:.2f},"reserved_gib":{:.2f}}})"
              "\n",

@@ -8,6 +8,7 @@
 // Inputs are random token ids [B, T], an all-ones mask and random labels.
 // Prints one JSON line on stdout. bench/run_step_bench.sh runs it beside the peer.
 //   bench_step --model gpt2-large --device cuda --tf32 --eval
+//   bench_step --model gpt2-large --device cuda --bf16 --eval
 //   bench_step --model ../shared/data/gpt2-mini-wiki --device cpu --batch 8 --seq 128 --threads 2
 #include "curlora/inject.h"
 #include "engine/backend.h"
@@ -16,6 +17,7 @@
 #include "engine/nn/layers.h"
 #include "engine/ops.h"
 #include "engine/optim/optimizer.h"
+#include "engine/precision.h"
 #include "engine/profiler.h"
 #include "models/gpt2.h"
 
@@ -52,6 +54,7 @@ struct Options {
   int64_t batch = 32, seq = 256, rank = 8;
   int steps = 10, warmup = 3;
   bool tf32 = false;
+  bool bf16 = false;  // the mixed-precision policy: autocast + bf16 frozen weights
   int threads = 0;  // 0: the engine's default
   bool eval = false;
   int64_t eval_batch = 8, eval_seq = 1024;
@@ -173,6 +176,7 @@ json run(const Options& o) {
                 "batch, seq, steps, eval-batch and eval-seq must be positive");
   engine::check(o.warmup >= 0 && o.eval_warmup >= 0, "warmup and eval-warmup must be >= 0");
   engine::check(!o.tf32 || device.is_cuda(), "--tf32 applies to --device cuda only");
+  engine::check(!(o.tf32 && o.bf16), "--tf32 and --bf16 exclude each other");
   if (device.is_cpu() && o.threads > 0) engine::set_num_threads(o.threads);
   set_tf32(o.tf32);
 
@@ -191,6 +195,10 @@ json run(const Options& o) {
   auto head = std::make_shared<engine::nn::Linear>(config.n_embd, 2, head_gen, true, engine::WeightLayout::OutIn,
                                                    DType::F32, device);
   model->replace_module("lm_head", head);
+  // The policy is one switch: the frozen weights move to bf16 here, and every
+  // step below runs under the guard (the peer's torch.autocast(bfloat16)).
+  const engine::AutocastGuard autocast(o.bf16 ? DType::BF16 : DType::F32);
+  if (o.bf16) engine::nn::store_frozen_linear_weights(*model, DType::BF16);
   model->train();  // dropout on, as in the peer's HF model
 
   engine::optim::AdamWOptions adamw;
@@ -224,7 +232,7 @@ json run(const Options& o) {
                  {"adapter", adapter_label(adapter.method)},
                  {"rank", o.rank},
                  {"device", device.str()},
-                 {"dtype", "fp32"},
+                 {"dtype", o.bf16 ? "bf16-mixed" : "fp32"},
                  {"tf32", o.tf32},
                  {"batch", o.batch},
                  {"seq", o.seq},
@@ -274,6 +282,7 @@ int main(int argc, char** argv) {
   app.add_option("--warmup", o.warmup, "untimed steps before them")->capture_default_str();
   app.add_option("--rank", o.rank, "adapter rank")->capture_default_str();
   app.add_flag("--tf32", o.tf32, "let f32 GEMMs use TF32 tensor cores (CUDA)");
+  app.add_flag("--bf16", o.bf16, "mixed precision: bf16 GEMMs and attention, bf16 frozen weights, f32 masters");
   app.add_option("--threads", o.threads, "CPU threads for our loops and OpenBLAS (default: the engine's)");
   app.add_flag("--eval", o.eval, "also time a no-grad forward, as the peer's time_eval");
   app.add_option("--eval-batch", o.eval_batch, "eval batch")->capture_default_str();

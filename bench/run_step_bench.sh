@@ -30,9 +30,12 @@ case $mode in
     for size in ${SIZES//,/ }; do
       "$bench" --device cuda --model "$size" --eval | tee -a "$ours"
       "$bench" --device cuda --model "$size" --eval --tf32 | tee -a "$ours"
+      "$bench" --device cuda --model "$size" --eval --bf16 | tee -a "$ours"
     done
     # The peer times every adapter and precision; the table reads its curlora-factored rows.
     "${PEER_PYTHON:-python3}" "$PEER_DIR/torch_reference.py" "$SIZES" | grep '^{' | tee "$peer"
+    # The peer reports no memory: its own step again, under torch's peak counter.
+    "${PEER_PYTHON:-python3}" bench/torch_peak_memory.py "$SIZES" "$PEER_DIR" | grep '^{' | tee "$work/peer_mem.jsonl"
     ;;
   cpu)
     MODEL=${MODEL:-${CURLORA_DATA_DIR:-../shared/data}/gpt2-mini-wiki}
@@ -47,10 +50,11 @@ case $mode in
     ;;
 esac
 
-python3 - "$mode" "$ours" "$peer" <<'EOF'
-import json, sys
+python3 - "$mode" "$ours" "$peer" "$work/peer_mem.jsonl" <<'EOF'
+import json, os, sys
 
-mode, ours_path, peer_path = sys.argv[1:]
+mode, ours_path, peer_path, mem_path = sys.argv[1:]
+peer_mem = [json.loads(l) for l in open(mem_path) if l.startswith("{")] if os.path.exists(mem_path) else []
 ours = [json.loads(l) for l in open(ours_path) if l.startswith("{")]
 peer = [json.loads(l) for l in open(peer_path) if l.startswith("{")]
 
@@ -75,16 +79,22 @@ def peer_row(size, amp, tf32):
 eval_key = "eval_b8_t1024_s"
 for size in dict.fromkeys(o["size"] for o in ours):
     bf16 = peer_row(size, True, False)
+    def precision(o):
+        return "bf16" if o["dtype"] == "bf16-mixed" else "tf32" if o["tf32"] else "fp32"
     for o in (o for o in ours if o["size"] == size):
-        prec = "tf32" if o["tf32"] else "fp32"
-        same = peer_row(size, False, o["tf32"])
+        prec = precision(o)
         train_tokens, eval_tokens = o["batch"] * o["seq"], 8 * 1024
-        row(f"{size} train {prec}", o["train_step_s"], same["train_step_s"], train_tokens)
+        if prec != "bf16":
+            same = peer_row(size, False, o["tf32"])
+            row(f"{size} train {prec}", o["train_step_s"], same["train_step_s"], train_tokens)
+            row(f"{size} eval {prec}", o[eval_key], same[eval_key], eval_tokens)
         row(f"{size} train {prec} vs torch bf16", o["train_step_s"], bf16["train_step_s"], train_tokens)
-        row(f"{size} eval {prec}", o[eval_key], same[eval_key], eval_tokens)
         row(f"{size} eval {prec} vs torch bf16", o[eval_key], bf16[eval_key], eval_tokens)
     for o in (o for o in ours if o["size"] == size):
-        print(f"  ours {size} {'tf32' if o['tf32'] else 'fp32'}: trainable {o['trainable']} (torch "
+        amp, tf32 = precision(o) == "bf16", precision(o) == "tf32"
+        mem = [m for m in peer_mem if (m["size"], m["amp_bf16"], m["tf32"]) == (size, amp, tf32)]
+        peak = f", torch train peak {mem[0]['peak_bytes'] / 2**30:.2f} GiB" if mem else ""
+        print(f"  ours {size} {precision(o)}: trainable {o['trainable']} (torch "
               f"{bf16['trainable']}), train peak {o['peak_bytes'] / 2**30:.2f} GiB, eval peak "
-              f"{o['eval_peak_bytes'] / 2**30:.2f} GiB, median step {o['train_step_s_median']:.4f} s")
+              f"{o['eval_peak_bytes'] / 2**30:.2f} GiB, median step {o['train_step_s_median']:.4f} s{peak}")
 EOF

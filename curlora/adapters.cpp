@@ -37,6 +37,10 @@ double product_norm(const Tensor& left, const Tensor& middle, const Tensor& righ
 
 Tensor scaled(const Tensor& t, double alpha) { return alpha == 1.0 ? t : t * alpha; }
 
+// Trainable adapter weights are f32 master copies even when the frozen base
+// weight is stored in bf16 (mixed precision, engine/precision.h).
+DType master_dtype(const Tensor& base_weight) { return base_weight.dtype() == DType::F64 ? DType::F64 : DType::F32; }
+
 }  // namespace
 
 // ---- AdapterLinear ----
@@ -60,7 +64,7 @@ void AdapterLinear::merge() {
   check(!merged_, "{}: already merged", type_name());
   engine::NoGradGuard no_grad;
   Tensor& w = base_layer().weight;
-  const DType compute = w.dtype() == DType::F64 ? DType::F64 : DType::F32;
+  const DType compute = master_dtype(w);
   w.copy_((w.to(compute) + delta_weight().to(compute)).to(w.dtype()));
   merged_ = true;
 }
@@ -69,7 +73,7 @@ void AdapterLinear::unmerge() {
   check(merged_, "{}: not merged", type_name());
   engine::NoGradGuard no_grad;
   Tensor& w = base_layer().weight;
-  const DType compute = w.dtype() == DType::F64 ? DType::F64 : DType::F32;
+  const DType compute = master_dtype(w);
   w.copy_((w.to(compute) - delta_weight().to(compute)).to(w.dtype()));
   merged_ = false;
 }
@@ -90,7 +94,7 @@ CurLoRALinear::CurLoRALinear(std::shared_ptr<Linear> base, CurSelection selectio
   const Tensor& w = base->weight;
   C = register_buffer("C", gather_columns(w, selection_.cols));
   R = register_buffer("R", gather_rows(w, selection_.rows));
-  U = register_parameter("U", Tensor::zeros({r, r}, w.dtype(), w.device()));
+  U = register_parameter("U", Tensor::zeros({r, r}, master_dtype(w), w.device()));
 }
 
 Tensor CurLoRALinear::update(const Tensor& x) const {
@@ -100,7 +104,8 @@ Tensor CurLoRALinear::update(const Tensor& x) const {
 
 Tensor CurLoRALinear::delta_weight() const {
   engine::NoGradGuard no_grad;
-  return scaled(matmul(matmul(C, U), R), alpha());  // the stored layout in both cases
+  // In U's (master) dtype: C and R may be bf16 copies of a bf16-stored weight.
+  return scaled(matmul(matmul(C.to(U.dtype()), U), R.to(U.dtype())), alpha());  // the stored layout in both cases
 }
 
 double CurLoRALinear::delta_norm() const { return std::abs(alpha()) * product_norm(C, U, R); }
@@ -114,8 +119,8 @@ LoRALinear::LoRALinear(std::shared_ptr<Linear> base, int64_t rank, double alpha,
   // torch.nn.init.kaiming_uniform_(A, a=sqrt(5)) on A [in, r]: gain sqrt(2/(1+5)),
   // bound = gain * sqrt(3 / fan_in) = 1/sqrt(fan_in), and fan_in is size(1) = r.
   const double bound = 1.0 / std::sqrt(double(rank));
-  A = register_parameter("A", Tensor::rand({base->in_features, rank}, gen, -bound, bound, w.dtype(), w.device()));
-  B = register_parameter("B", Tensor::zeros({rank, base->out_features}, w.dtype(), w.device()));
+  A = register_parameter("A", Tensor::rand({base->in_features, rank}, gen, -bound, bound, master_dtype(w), w.device()));
+  B = register_parameter("B", Tensor::zeros({rank, base->out_features}, master_dtype(w), w.device()));
 }
 
 Tensor LoRALinear::update(const Tensor& x) const { return matmul(scaled(matmul(x, A), alpha()), B); }

@@ -303,8 +303,8 @@ BenchConfig parse_config(const json& root, const std::string& source, const std:
   c.base.device = b.get<std::string>("device", "auto");
   if (c.base.device != "auto") engine::Device::parse(c.base.device);
   c.base.dtype = b.get<std::string>("dtype", "fp32");
-  check(c.base.dtype == "fp32" || c.base.dtype == "bf16" || c.base.dtype == "fp16",
-        "{}: unknown dtype '{}' (expected fp32, bf16 or fp16)", b.name("dtype"), c.base.dtype);
+  check(c.base.dtype == "fp32" || c.base.dtype == "bf16",
+        "{}: unknown dtype '{}' (expected fp32, or bf16 for mixed precision)", b.name("dtype"), c.base.dtype);
   c.base.seed = b.get<uint64_t>("seed", c.base.seed);
   if (const json* m = b.find("methods")) {
     c.base.methods.clear();

@@ -70,7 +70,7 @@ struct BenchConfig {
     std::string model, model_path;  // a folder (relative to data_dir or absolute) or a built-in size name
     std::string tokenizer, tokenizer_path;  // "" = the model folder's, else data_dir/gpt2-tokenizer
     std::string device = "auto";            // auto | cpu | cuda | cuda:N
-    std::string dtype = "fp32";
+    std::string dtype = "fp32";             // fp32, or bf16: mixed precision (engine/precision.h)
     uint64_t seed = 1311;                   // adapters, dropout, shuffles, balanced samples
     std::vector<Method> methods = {Method::LoRA, Method::CurLoRA};
     std::vector<int64_t> ranks = {8};

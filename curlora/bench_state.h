@@ -38,7 +38,7 @@ struct Sweep {
   const BenchConfig& config;
   const RunOptions& options;
   engine::Device device = engine::Device::cpu();
-  engine::DType dtype = engine::DType::F32;
+  engine::DType compute = engine::DType::F32;  // BF16: the mixed-precision policy
   std::vector<TaskData> tasks;
   std::vector<int32_t> ppl_ids;
   nlohmann::json perplexity_before;

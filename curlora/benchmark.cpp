@@ -8,7 +8,9 @@
 #include "data/wikitext.h"
 #include "engine/backend.h"
 #include "engine/error.h"
+#include "engine/nn/layers.h"
 #include "engine/ops.h"
+#include "engine/precision.h"
 #include "models/perplexity.h"
 
 #include <fmt/format.h>
@@ -249,7 +251,10 @@ bool run_one(Sweep& s, Run& run, const std::function<void(const json&)>& publish
   auto start = Clock::now();
   cuda_peak_bytes(s.device, /*reset=*/true);
   const std::string& model_path = c.base.model_path;
-  run.model = GPT2LMHeadModel::load(model_path, s.dtype, s.device, c.base.seed);
+  // Weights load in f32 either way. Under bf16 the run computes under
+  // autocast, and the weights the adapters freeze are then stored in bf16.
+  engine::AutocastGuard autocast(s.compute);
+  run.model = GPT2LMHeadModel::load(model_path, engine::DType::F32, s.device, c.base.seed);
   run.model->dropout_generator().set_state(c.base.seed, 0);
   check(c.optimizer.max_length <= run.model->config().n_positions &&
             (c.protocol == Protocol::Paper ? c.perplexity.paper_max_length : c.perplexity.window) <=
@@ -273,6 +278,7 @@ bool run_one(Sweep& s, Run& run, const std::function<void(const json&)>& publish
     run.results = new_run_results(run, s);
     run.results["trainable_parameters"] = run.model->num_trainable_parameters();
   }
+  if (s.compute == engine::DType::BF16) engine::nn::store_frozen_linear_weights(*run.model, engine::DType::BF16);
   run.results["timings"]["load_seconds"] = load_seconds;
   run.lm_head = run.model->get_submodule("lm_head");
 
@@ -364,8 +370,7 @@ json run_benchmark(const BenchConfig& config, const RunOptions& options) {
   s.checkpoints = out / "checkpoints";
   s.device = config.base.device == "auto" ? (engine::cuda_available() ? engine::Device::cuda(0) : engine::Device::cpu())
                                           : engine::Device::parse(config.base.device);
-  s.dtype = config.base.dtype == "bf16" ? engine::DType::BF16
-            : config.base.dtype == "fp16" ? engine::DType::F16 : engine::DType::F32;
+  s.compute = config.base.dtype == "bf16" ? engine::DType::BF16 : engine::DType::F32;
 
   const json config_json = config.to_json();
   const fs::path saved_config = s.checkpoints / "config.json";

@@ -37,8 +37,11 @@ enum class ReduceOp { Sum, Max };
 
 // Row-major C[b] = alpha * op(A[b]) @ op(B[b]) + beta * C[b] for b < batch.
 // op(X) is X or X^T; lda/ldb/ldc are row strides as stored; stride_* step between batches.
+// C has A's and B's dtype, except that bf16 inputs may write an f32 C: the
+// products are accumulated in f32 either way, and mixed precision keeps them.
 struct GemmArgs {
-  DType dtype = DType::F32;  // of A, B and C
+  DType dtype = DType::F32;    // of A and B
+  DType c_dtype = DType::F32;  // of C: dtype, or f32 when dtype is bf16
   bool trans_a = false, trans_b = false;
   int64_t m = 0, n = 0, k = 0;
   const void* a = nullptr;
@@ -131,7 +134,8 @@ class Backend {
   virtual void cross_entropy_backward(const View& dlogits, const View& dloss, const View& logits, const View& lse,
                                       const View& targets, int64_t ignore_index) = 0;
   // q, out [B, H, Tq, D]; k, v [B, H, Tk, D]; key_mask i32 [B, Tk] (1 keep, 0 pad) or
-  // data == nullptr. lse f32 [B, H, Tq] (of the probabilities before dropout) is
+  // data == nullptr. q, k, v (and dout) may be bf16 with out (and dq, dk, dv) f32:
+  // mixed precision, products of bf16 values accumulated in f32. lse f32 [B, H, Tq] (of the probabilities before dropout) is
   // saved for the backward; rows that see no key give zeros and lse = -inf. In the
   // backward, dq/dk/dv may have data == nullptr (not computed); they are overwritten.
   virtual void attention_forward(const View& out, const View& lse, const View& q, const View& k, const View& v,

@@ -365,10 +365,26 @@ double product_flops(const Problem& p) {
   return 2.0 * double(p.B * p.H) * double(p.Tq) * double(p.Tk) * double(p.D) * (p.causal ? 0.5 : 1.0);
 }
 
+// An f32 copy of a contiguous bf16 input, for mixed precision: bf16 values
+// widen to f32 exactly, so the f32 kernels then multiply exactly those values.
+struct Widened {
+  std::vector<float> data;
+  View view;
+  explicit Widened(const View& in) : data(size_t(in.numel())), view(in) {
+    for (size_t i = 0; i < data.size(); ++i) data[i] = bf16_to_float(in.ptr<const bf16>()[i]);
+    view.data = data.data();
+    view.dtype = DType::F32;
+  }
+};
+
 }  // namespace
 
 void CpuBackend::attention_forward(const View& out, const View& lse, const View& q, const View& k, const View& v,
                                    const View& key_mask, const AttentionArgs& args) {
+  if (q.dtype == DType::BF16) {
+    const Widened wq(q), wk(k), wv(v);
+    return attention_forward(out, lse, wq.view, wk.view, wv.view, key_mask, args);
+  }
   const Problem p = problem_of(q, k, key_mask, args);
   ProfileScope profile("attention_forward", 2 * product_flops(p));  // S = Q K^T and P V
   const int64_t query_tiles = (p.Tq + kQueryTile - 1) / kQueryTile;
@@ -384,6 +400,10 @@ void CpuBackend::attention_forward(const View& out, const View& lse, const View&
 void CpuBackend::attention_backward(const View& dq, const View& dk, const View& dv, const View& dout, const View& q,
                                     const View& k, const View& v, const View& out, const View& lse,
                                     const View& key_mask, const AttentionArgs& args) {
+  if (q.dtype == DType::BF16) {
+    const Widened wq(q), wk(k), wv(v), wdout(dout);
+    return attention_backward(dq, dk, dv, wdout.view, wq.view, wk.view, wv.view, out, lse, key_mask, args);
+  }
   const Problem p = problem_of(q, k, key_mask, args);
   ProfileScope profile("attention_backward", 5 * product_flops(p));  // S, dV, dP, dQ and dK
   cpu::dispatch_floating(q.dtype, "attention_backward", [&](auto zero) {

@@ -1,30 +1,76 @@
-// CPU matrix multiply: row-major (strided-)batched GEMM on OpenBLAS.
+// CPU matrix multiply: row-major (strided-)batched GEMM on OpenBLAS. bf16
+// inputs are widened to f32 (exactly: bf16 is the top half of an f32) and
+// multiplied in f32, so the CPU computes what a bf16 tensor-core GEMM with f32
+// accumulation computes, up to the order of the sums: the reference that
+// mixed-precision tests compare the GPU against.
 #include "engine/cpu/cpu_backend.h"
 
 #include "engine/error.h"
 #include "engine/profiler.h"
 
 #include <cblas.h>
+#include <vector>
 
 namespace engine {
 
+namespace {
+
+// op(X) of one batch entry as a dense row-major f32 [rows, cols] matrix.
+std::vector<float> widen(const bf16* x, bool transposed, int64_t rows, int64_t cols, int64_t ld) {
+  std::vector<float> out(size_t(rows * cols));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c)
+      out[size_t(r * cols + c)] = bf16_to_float(transposed ? x[c * ld + r] : x[r * ld + c]);
+  return out;
+}
+
+void gemm_f32(const GemmArgs& g, CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, const float* a, const float* b, float* c,
+              int lda, int ldb) {
+  cblas_sgemm(CblasRowMajor, ta, tb, int(g.m), int(g.n), int(g.k), float(g.alpha), a, lda, b, ldb, float(g.beta), c,
+              int(g.ldc));
+}
+
+// One batch entry with bf16 A and B, into an f32 C or (rounded) a bf16 C.
+void gemm_bf16(const GemmArgs& g, int64_t i) {
+  const std::vector<float> a = widen(static_cast<const bf16*>(g.a) + i * g.stride_a, g.trans_a, g.m, g.k, g.lda);
+  const std::vector<float> b = widen(static_cast<const bf16*>(g.b) + i * g.stride_b, g.trans_b, g.k, g.n, g.ldb);
+  if (g.c_dtype == DType::F32)
+    return gemm_f32(g, CblasNoTrans, CblasNoTrans, a.data(), b.data(), static_cast<float*>(g.c) + i * g.stride_c,
+                    int(g.k), int(g.n));
+  bf16* c = static_cast<bf16*>(g.c) + i * g.stride_c;
+  std::vector<float> wide(size_t(g.m * g.n));
+  for (int64_t r = 0; r < g.m; ++r)
+    for (int64_t col = 0; col < g.n; ++col) wide[size_t(r * g.n + col)] = bf16_to_float(c[r * g.ldc + col]);
+  GemmArgs dense = g;
+  dense.ldc = g.n;
+  gemm_f32(dense, CblasNoTrans, CblasNoTrans, a.data(), b.data(), wide.data(), int(g.k), int(g.n));
+  for (int64_t r = 0; r < g.m; ++r)
+    for (int64_t col = 0; col < g.n; ++col) c[r * g.ldc + col] = float_to_bf16(wide[size_t(r * g.n + col)]);
+}
+
+}  // namespace
+
 void CpuBackend::gemm(const GemmArgs& g) {
   ProfileScope scope("gemm", 2.0 * double(g.m) * double(g.n) * double(g.k) * double(g.batch));
+  const bool mixed = g.dtype == DType::BF16 && g.c_dtype == DType::F32;
+  check(g.c_dtype == g.dtype || mixed, "gemm: {} inputs cannot write a {} output", dtype_name(g.dtype),
+        dtype_name(g.c_dtype));
   const CBLAS_TRANSPOSE ta = g.trans_a ? CblasTrans : CblasNoTrans;
   const CBLAS_TRANSPOSE tb = g.trans_b ? CblasTrans : CblasNoTrans;
   for (int64_t i = 0; i < g.batch; ++i) {
     if (g.dtype == DType::F32) {
-      cblas_sgemm(CblasRowMajor, ta, tb, int(g.m), int(g.n), int(g.k), float(g.alpha),
-                  static_cast<const float*>(g.a) + i * g.stride_a, int(g.lda),
-                  static_cast<const float*>(g.b) + i * g.stride_b, int(g.ldb), float(g.beta),
-                  static_cast<float*>(g.c) + i * g.stride_c, int(g.ldc));
+      gemm_f32(g, ta, tb, static_cast<const float*>(g.a) + i * g.stride_a,
+               static_cast<const float*>(g.b) + i * g.stride_b, static_cast<float*>(g.c) + i * g.stride_c,
+               int(g.lda), int(g.ldb));
     } else if (g.dtype == DType::F64) {
       cblas_dgemm(CblasRowMajor, ta, tb, int(g.m), int(g.n), int(g.k), g.alpha,
                   static_cast<const double*>(g.a) + i * g.stride_a, int(g.lda),
                   static_cast<const double*>(g.b) + i * g.stride_b, int(g.ldb), g.beta,
                   static_cast<double*>(g.c) + i * g.stride_c, int(g.ldc));
+    } else if (g.dtype == DType::BF16) {
+      gemm_bf16(g, i);
     } else {
-      fail("gemm: the CPU computes in f32 or f64, got {}", dtype_name(g.dtype));
+      fail("gemm: the CPU computes in f32, f64 or bf16, got {}", dtype_name(g.dtype));
     }
   }
 }

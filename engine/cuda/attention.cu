@@ -9,17 +9,17 @@
 // index, exactly as the CPU does, so the backward regenerates the mask.
 //
 // Two implementations:
-//   tiled:    f32 with head dim D <= 128 (GPT-2 has 64). A block of 256
-//             threads owns a 64-row tile; scores come in 64 x 64 tiles held
-//             in shared memory, each thread computing a 4 x 4 sub-tile
-//             (rows ty + 16a, columns tx + 16b for a, b < 4). D is padded to
-//             DMAX in {32, 64, 128} with zeros, so inner loops have fixed trip counts.
+//   tiled:    head dim D <= 128 (GPT-2 has 64), f32 inputs on the CUDA cores
+//             or bf16 inputs on the tensor cores (attention_tiles.cuh), f32
+//             outputs either way. A block of 256 threads owns a 64-row tile
+//             and folds in 64 x 64 score tiles.
 //   fallback: any D, f32 or f64 (f64 is for gradient checks): one warp per
 //             row, scores one key at a time with warp-reduced dot products,
 //             accumulating straight into the output row. Slow but plain.
 // The backward is three kernels: delta_i = rowsum(dO * O), then dQ over
 // query tiles and dK/dV over key tiles, each recomputing P (and dP) on its
 // own, so that no gradient needs atomics and results are deterministic.
+#include "engine/cuda/attention_tiles.cuh"
 #include "engine/cuda/common.cuh"
 #include "engine/rng.h"
 
@@ -63,80 +63,18 @@ Problem problem_of(const AttentionShape& s) {
   return p;
 }
 
-// ======================= tiled kernels (f32, D <= 128) =======================
+// ======================= tiled kernels (f32 or bf16 inputs, D <= 128) =======================
 
-constexpr int kTile = 64;                  // queries or keys per tile
-constexpr int kSub = 16;                   // threads per tile side: thread (ty, tx) in a 16 x 16 grid
-constexpr int kPer = kTile / kSub;         // rows (and score columns) per thread: 4
-constexpr int kTileThreads = kSub * kSub;  // 256
-constexpr int kScoreLd = kTile + 1;        // +1 word per row: column reads from 16 rows hit 16 banks
-
-template <int DMAX>
-struct TileDims {
-  static constexpr int ld = DMAX + 1;        // padded row stride of a [64, D] tile in shared memory
-  static constexpr int cols = DMAX / kSub;   // output columns per thread: d = tx + 16c
-  static constexpr int tile_floats = kTile * ld;
-  static constexpr int score_floats = kTile * kScoreLd;
-};
-
-// Rows row0 .. row0+63 of a contiguous [rows, D] matrix into a [64, DMAX]
-// shared tile, zero-filled past the last row and past D.
-template <int DMAX>
-__device__ __forceinline__ void load_tile(float* tile, const float* src, int64_t row0, int64_t rows, int64_t D) {
-  for (int e = threadIdx.x; e < kTile * DMAX; e += kTileThreads) {
-    const int r = e / DMAX, c = e % DMAX;
-    const int64_t row = row0 + r;
-    tile[r * TileDims<DMAX>::ld + c] = (row < rows && c < D) ? src[row * D + c] : 0.f;
-  }
-}
-
-// s[a][b] = <A[row ty + 16a], B[row tx + 16b]> over the padded DMAX columns.
-template <int DMAX>
-__device__ __forceinline__ void tile_scores(float (&s)[kPer][kPer], const float* a_tile, const float* b_tile, int ty,
-                                            int tx) {
-  constexpr int ld = TileDims<DMAX>::ld;
-#pragma unroll
-  for (int a = 0; a < kPer; ++a)
-#pragma unroll
-    for (int b = 0; b < kPer; ++b) s[a][b] = 0.f;
-#pragma unroll 8
-  for (int d = 0; d < DMAX; ++d) {
-    float x[kPer], y[kPer];
-#pragma unroll
-    for (int a = 0; a < kPer; ++a) x[a] = a_tile[(ty + kSub * a) * ld + d];
-#pragma unroll
-    for (int b = 0; b < kPer; ++b) y[b] = b_tile[(tx + kSub * b) * ld + d];
-#pragma unroll
-    for (int a = 0; a < kPer; ++a)
-#pragma unroll
-      for (int b = 0; b < kPer; ++b) s[a][b] += x[a] * y[b];
-  }
-}
-
-// acc[a][c] += sum_k W[ty + 16a][k] * M[k][tx + 16c]: W a 64 x 64 score-like
-// tile (row stride kScoreLd), M a [64, DMAX] tile.
-template <int DMAX>
-__device__ __forceinline__ void tile_accumulate(float (&acc)[kPer][TileDims<DMAX>::cols], const float* w,
-                                                const float* m, int ty, int tx) {
-  constexpr int ld = TileDims<DMAX>::ld, cols = TileDims<DMAX>::cols;
-#pragma unroll 4
-  for (int k = 0; k < kTile; ++k) {
-    float x[kPer], y[cols];
-#pragma unroll
-    for (int a = 0; a < kPer; ++a) x[a] = w[(ty + kSub * a) * kScoreLd + k];
-#pragma unroll
-    for (int c = 0; c < cols; ++c) y[c] = m[k * ld + tx + kSub * c];
-#pragma unroll
-    for (int a = 0; a < kPer; ++a)
-#pragma unroll
-      for (int c = 0; c < cols; ++c) acc[a][c] += x[a] * y[c];
-  }
-}
-
-// Reductions over the 16 threads (tx) that share a tile row: half a warp.
-__device__ __forceinline__ float row_max(float v) { return warp_reduce<kSub>(v, MaxOp{}); }
-__device__ __forceinline__ float row_sum(float v) { return warp_reduce<kSub>(v, SumOp{}); }
-__device__ __forceinline__ bool row_any(bool v) { return warp_reduce<kSub>(int(v), MaxOp{}) != 0; }
+using attention::kPer;
+using attention::kSub;
+using attention::kTile;
+using attention::kTileThreads;
+using attention::load_tile;
+using attention::row_any;
+using attention::row_max;
+using attention::row_sum;
+using attention::SmemCursor;
+using attention::Tiles;
 
 // Marks which keys of tile j0 are real (not padding, not past Tk); true when any is.
 __device__ __forceinline__ bool load_key_flags(bool* key_ok, const Problem& p, const int32_t* mask, int64_t j0) {
@@ -151,7 +89,7 @@ __device__ __forceinline__ bool load_key_flags(bool* key_ok, const Problem& p, c
 
 // Writes rows row0 .. row0+63 (those < rows, columns < D) of a [rows, D] output.
 template <int DMAX>
-__device__ __forceinline__ void store_rows(float* dst, const float (&acc)[kPer][TileDims<DMAX>::cols],
+__device__ __forceinline__ void store_rows(float* dst, const float (&acc)[kPer][DMAX / kSub],
                                            const float (&row_scale)[kPer], int64_t row0, int64_t rows, int64_t D,
                                            int ty, int tx) {
 #pragma unroll
@@ -159,7 +97,7 @@ __device__ __forceinline__ void store_rows(float* dst, const float (&acc)[kPer][
     const int64_t row = row0 + ty + kSub * a;
     if (row >= rows) continue;
 #pragma unroll
-    for (int c = 0; c < TileDims<DMAX>::cols; ++c) {
+    for (int c = 0; c < DMAX / kSub; ++c) {
       const int d = tx + kSub * c;
       if (d < D) dst[row * D + d] = acc[a][c] * row_scale[a];
     }
@@ -169,41 +107,42 @@ __device__ __forceinline__ void store_rows(float* dst, const float (&acc)[kPer][
 // One block per (batch * head, query tile). Per query row it keeps the
 // running max m, the running sum l of exp(s - m), and the output acc under
 // the same max; a key tile with a larger max rescales them (as the CPU does).
-template <int DMAX>
+template <typename In, int DMAX>
 __global__ void __launch_bounds__(kTileThreads) attention_forward_tiled(Problem p, float scale, float* out, float* lse,
-                                                                        const float* q, const float* k,
-                                                                        const float* v) {
-  using Dims = TileDims<DMAX>;
-  extern __shared__ float smem[];
-  float* q_tile = smem;
-  float* k_tile = q_tile + Dims::tile_floats;
-  float* v_tile = k_tile + Dims::tile_floats;
-  float* probs = v_tile + Dims::tile_floats;  // [query, key]
+                                                                        const In* q, const In* k, const In* v) {
+  using T = Tiles<In, DMAX>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  SmemCursor<In, DMAX> cursor{smem};
+  In* q_tile = cursor.tile();
+  In* k_tile = cursor.tile();
+  In* v_tile = cursor.tile();
+  typename T::Weight* probs = cursor.weight_tile();  // [query, key]
+  float* scratch = cursor.scratch();
   __shared__ bool key_ok[kTile];
   const int tx = threadIdx.x % kSub, ty = threadIdx.x / kSub;
   const int64_t bh = blockIdx.x, i0 = int64_t(blockIdx.y) * kTile;
   const int32_t* mask = p.mask_row(bh);
-  load_tile<DMAX>(q_tile, q + bh * p.Tq * p.D, i0, p.Tq, p.D);
+  load_tile<In, DMAX>(q_tile, q + bh * p.Tq * p.D, i0, p.Tq, p.D);
 
-  float m[kPer], l[kPer], acc[kPer][Dims::cols];
+  float m[kPer], l[kPer], acc[kPer][T::cols];
   bool seen[kPer];  // decided by the mask alone, so NaN scores cannot pass for "no key"
 #pragma unroll
   for (int a = 0; a < kPer; ++a) {
     m[a] = -INFINITY, l[a] = 0.f, seen[a] = false;
 #pragma unroll
-    for (int c = 0; c < Dims::cols; ++c) acc[a][c] = 0.f;
+    for (int c = 0; c < T::cols; ++c) acc[a][c] = 0.f;
   }
 
   const int64_t key_end = p.key_end(i0 + kTile);
   for (int64_t j0 = 0; j0 < key_end; j0 += kTile) {
     __syncthreads();  // everyone is done reading the previous tile
     if (!load_key_flags(key_ok, p, mask, j0)) continue;  // all padding: skipped, as the CPU skips it
-    load_tile<DMAX>(k_tile, k + bh * p.Tk * p.D, j0, p.Tk, p.D);
-    load_tile<DMAX>(v_tile, v + bh * p.Tk * p.D, j0, p.Tk, p.D);
+    load_tile<In, DMAX>(k_tile, k + bh * p.Tk * p.D, j0, p.Tk, p.D);
+    load_tile<In, DMAX>(v_tile, v + bh * p.Tk * p.D, j0, p.Tk, p.D);
     __syncthreads();
 
     float s[kPer][kPer];
-    tile_scores<DMAX>(s, q_tile, k_tile, ty, tx);
+    T::scores(s, q_tile, k_tile, ty, tx, scratch);
 #pragma unroll
     for (int a = 0; a < kPer; ++a) {
       const int64_t i = i0 + ty + kSub * a;
@@ -228,7 +167,7 @@ __global__ void __launch_bounds__(kTileThreads) attention_forward_tiled(Problem 
       for (int b = 0; b < kPer; ++b) {
         const float prob = any ? expf(s[a][b] - new_max) : 0.f;  // a NaN score makes the row NaN, as it should
         const int jl = tx + kSub * b;
-        probs[(ty + kSub * a) * kScoreLd + jl] = prob * p.dropout_factor<float>(bh, i, j0 + jl);
+        probs[(ty + kSub * a) * T::weight_ld + jl] = T::weight(prob * p.dropout_factor<float>(bh, i, j0 + jl));
         sum += prob;  // the normaliser counts every probability, dropped or not
       }
       sum = row_sum(sum);
@@ -237,11 +176,11 @@ __global__ void __launch_bounds__(kTileThreads) attention_forward_tiled(Problem 
         m[a] = new_max;
         l[a] = l[a] * rescale + sum;
 #pragma unroll
-        for (int c = 0; c < Dims::cols; ++c) acc[a][c] *= rescale;
+        for (int c = 0; c < T::cols; ++c) acc[a][c] *= rescale;
       }
     }
     __syncthreads();
-    tile_accumulate<DMAX>(acc, probs, v_tile, ty, tx);  // acc += P V
+    T::accumulate(acc, probs, v_tile, ty, tx, scratch);  // acc += P V
   }
 
   float inverse[kPer];
@@ -262,44 +201,46 @@ __device__ __forceinline__ float probability(bool visible, float s, float scale,
 
 // dQ for one (batch * head, query tile): dQ = dS K, dS = scale * P * (dP - delta),
 // dP = dO V^T * F, with F the dropout factors (1 without dropout).
-template <int DMAX>
+template <typename In, int DMAX>
 __global__ void __launch_bounds__(kTileThreads)
-    attention_backward_dq_tiled(Problem p, float scale, float* dq, const float* dout, const float* q, const float* k,
-                                const float* v, const float* lse, const float* delta) {
-  using Dims = TileDims<DMAX>;
-  extern __shared__ float smem[];
-  float* q_tile = smem;
-  float* do_tile = q_tile + Dims::tile_floats;
-  float* k_tile = do_tile + Dims::tile_floats;
-  float* v_tile = k_tile + Dims::tile_floats;
-  float* ds_tile = v_tile + Dims::tile_floats;  // [query, key]
+    attention_backward_dq_tiled(Problem p, float scale, float* dq, const In* dout, const In* q, const In* k,
+                                const In* v, const float* lse, const float* delta) {
+  using T = Tiles<In, DMAX>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  SmemCursor<In, DMAX> cursor{smem};
+  In* q_tile = cursor.tile();
+  In* do_tile = cursor.tile();
+  In* k_tile = cursor.tile();
+  In* v_tile = cursor.tile();
+  typename T::Weight* ds_tile = cursor.weight_tile();  // [query, key]
+  float* scratch = cursor.scratch();
   __shared__ bool key_ok[kTile];
   const int tx = threadIdx.x % kSub, ty = threadIdx.x / kSub;
   const int64_t bh = blockIdx.x, i0 = int64_t(blockIdx.y) * kTile;
   const int32_t* mask = p.mask_row(bh);
-  load_tile<DMAX>(q_tile, q + bh * p.Tq * p.D, i0, p.Tq, p.D);
-  load_tile<DMAX>(do_tile, dout + bh * p.Tq * p.D, i0, p.Tq, p.D);
+  load_tile<In, DMAX>(q_tile, q + bh * p.Tq * p.D, i0, p.Tq, p.D);
+  load_tile<In, DMAX>(do_tile, dout + bh * p.Tq * p.D, i0, p.Tq, p.D);
 
-  float row_lse[kPer], row_delta[kPer], acc[kPer][Dims::cols];
+  float row_lse[kPer], row_delta[kPer], acc[kPer][T::cols];
 #pragma unroll
   for (int a = 0; a < kPer; ++a) {
     const int64_t i = i0 + ty + kSub * a;
     row_lse[a] = i < p.Tq ? lse[bh * p.Tq + i] : -INFINITY;
     row_delta[a] = i < p.Tq ? delta[bh * p.Tq + i] : 0.f;
 #pragma unroll
-    for (int c = 0; c < Dims::cols; ++c) acc[a][c] = 0.f;
+    for (int c = 0; c < T::cols; ++c) acc[a][c] = 0.f;
   }
 
   const int64_t key_end = p.key_end(i0 + kTile);
   for (int64_t j0 = 0; j0 < key_end; j0 += kTile) {
     __syncthreads();
     if (!load_key_flags(key_ok, p, mask, j0)) continue;
-    load_tile<DMAX>(k_tile, k + bh * p.Tk * p.D, j0, p.Tk, p.D);
-    load_tile<DMAX>(v_tile, v + bh * p.Tk * p.D, j0, p.Tk, p.D);
+    load_tile<In, DMAX>(k_tile, k + bh * p.Tk * p.D, j0, p.Tk, p.D);
+    load_tile<In, DMAX>(v_tile, v + bh * p.Tk * p.D, j0, p.Tk, p.D);
     __syncthreads();
     float s[kPer][kPer], dp[kPer][kPer];
-    tile_scores<DMAX>(s, q_tile, k_tile, ty, tx);
-    tile_scores<DMAX>(dp, do_tile, v_tile, ty, tx);
+    T::scores(s, q_tile, k_tile, ty, tx, scratch);
+    T::scores(dp, do_tile, v_tile, ty, tx, scratch);
 #pragma unroll
     for (int a = 0; a < kPer; ++a) {
       const int64_t i = i0 + ty + kSub * a;
@@ -309,11 +250,11 @@ __global__ void __launch_bounds__(kTileThreads)
         const bool visible = key_ok[jl] && i < p.Tq && p.in_causal_window(i, j0 + jl);
         const float prob = probability(visible, s[a][b], scale, row_lse[a]);
         const float factor = p.dropout_factor<float>(bh, i, j0 + jl);
-        ds_tile[(ty + kSub * a) * kScoreLd + jl] = scale * prob * (dp[a][b] * factor - row_delta[a]);
+        ds_tile[(ty + kSub * a) * T::weight_ld + jl] = T::weight(scale * prob * (dp[a][b] * factor - row_delta[a]));
       }
     }
     __syncthreads();
-    tile_accumulate<DMAX>(acc, ds_tile, k_tile, ty, tx);  // dQ += dS K
+    T::accumulate(acc, ds_tile, k_tile, ty, tx, scratch);  // dQ += dS K
   }
   const float one[kPer] = {1.f, 1.f, 1.f, 1.f};
   store_rows<DMAX>(dq + bh * p.Tq * p.D, acc, one, i0, p.Tq, p.D, ty, tx);
@@ -322,18 +263,20 @@ __global__ void __launch_bounds__(kTileThreads)
 // dK and dV for one (batch * head, key tile): dV = (P * F)^T dO, dK = dS^T Q. Here
 // the thread grid's rows are keys and its score columns are queries, so the
 // tiles below hold P^T and dS^T.
-template <int DMAX>
+template <typename In, int DMAX>
 __global__ void __launch_bounds__(kTileThreads)
-    attention_backward_dkv_tiled(Problem p, float scale, float* dk, float* dv, const float* dout, const float* q,
-                                 const float* k, const float* v, const float* lse, const float* delta) {
-  using Dims = TileDims<DMAX>;
-  extern __shared__ float smem[];
-  float* k_tile = smem;
-  float* v_tile = k_tile + Dims::tile_floats;
-  float* q_tile = v_tile + Dims::tile_floats;
-  float* do_tile = q_tile + Dims::tile_floats;
-  float* p_tile = do_tile + Dims::tile_floats;  // [key, query]
-  float* ds_tile = p_tile + Dims::score_floats;  // [key, query]
+    attention_backward_dkv_tiled(Problem p, float scale, float* dk, float* dv, const In* dout, const In* q,
+                                 const In* k, const In* v, const float* lse, const float* delta) {
+  using T = Tiles<In, DMAX>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  SmemCursor<In, DMAX> cursor{smem};
+  In* k_tile = cursor.tile();
+  In* v_tile = cursor.tile();
+  In* q_tile = cursor.tile();
+  In* do_tile = cursor.tile();
+  typename T::Weight* p_tile = cursor.weight_tile();   // [key, query]
+  typename T::Weight* ds_tile = cursor.weight_tile();  // [key, query]
+  float* scratch = cursor.scratch();
   __shared__ bool key_ok[kTile];
   __shared__ float tile_lse[kTile], tile_delta[kTile];
   const int tx = threadIdx.x % kSub, ty = threadIdx.x / kSub;
@@ -341,22 +284,22 @@ __global__ void __launch_bounds__(kTileThreads)
   const bool need_ds = dk != nullptr;  // dV alone needs only P
   const int32_t* mask = p.mask_row(bh);
 
-  float dk_acc[kPer][Dims::cols], dv_acc[kPer][Dims::cols];
+  float dk_acc[kPer][T::cols], dv_acc[kPer][T::cols];
 #pragma unroll
   for (int a = 0; a < kPer; ++a)
 #pragma unroll
-    for (int c = 0; c < Dims::cols; ++c) dk_acc[a][c] = dv_acc[a][c] = 0.f;
+    for (int c = 0; c < T::cols; ++c) dk_acc[a][c] = dv_acc[a][c] = 0.f;
 
   // A tile of padding keys gets zero gradient without reading any query.
   if (load_key_flags(key_ok, p, mask, j0)) {
-    load_tile<DMAX>(k_tile, k + bh * p.Tk * p.D, j0, p.Tk, p.D);
-    load_tile<DMAX>(v_tile, v + bh * p.Tk * p.D, j0, p.Tk, p.D);
+    load_tile<In, DMAX>(k_tile, k + bh * p.Tk * p.D, j0, p.Tk, p.D);
+    load_tile<In, DMAX>(v_tile, v + bh * p.Tk * p.D, j0, p.Tk, p.D);
     // Under causal masking, queries before j0 - shift see none of these keys.
     const int64_t first_query = p.causal ? max64(0, j0 - p.causal_shift) : 0;
     for (int64_t i0 = first_query / kTile * kTile; i0 < p.Tq; i0 += kTile) {
       __syncthreads();  // everyone is done with the previous query tile
-      load_tile<DMAX>(q_tile, q + bh * p.Tq * p.D, i0, p.Tq, p.D);
-      load_tile<DMAX>(do_tile, dout + bh * p.Tq * p.D, i0, p.Tq, p.D);
+      load_tile<In, DMAX>(q_tile, q + bh * p.Tq * p.D, i0, p.Tq, p.D);
+      load_tile<In, DMAX>(do_tile, dout + bh * p.Tq * p.D, i0, p.Tq, p.D);
       if (threadIdx.x < kTile) {
         const int64_t i = i0 + threadIdx.x;
         tile_lse[threadIdx.x] = i < p.Tq ? lse[bh * p.Tq + i] : -INFINITY;
@@ -364,8 +307,8 @@ __global__ void __launch_bounds__(kTileThreads)
       }
       __syncthreads();
       float s[kPer][kPer], dp[kPer][kPer];
-      tile_scores<DMAX>(s, k_tile, q_tile, ty, tx);                 // s[a][b] = <k_j, q_i>
-      if (need_ds) tile_scores<DMAX>(dp, v_tile, do_tile, ty, tx);  // dp[a][b] = <v_j, dO_i>
+      T::scores(s, k_tile, q_tile, ty, tx, scratch);                 // s[a][b] = <k_j, q_i>
+      if (need_ds) T::scores(dp, v_tile, do_tile, ty, tx, scratch);  // dp[a][b] = <v_j, dO_i>
 #pragma unroll
       for (int a = 0; a < kPer; ++a) {
         const int jl = ty + kSub * a;
@@ -376,13 +319,14 @@ __global__ void __launch_bounds__(kTileThreads)
           const bool visible = key_ok[jl] && i < p.Tq && p.in_causal_window(i, j0 + jl);
           const float prob = probability(visible, s[a][b], scale, tile_lse[il]);
           const float factor = p.dropout_factor<float>(bh, i, j0 + jl);
-          p_tile[jl * kScoreLd + il] = prob * factor;
-          if (need_ds) ds_tile[jl * kScoreLd + il] = scale * prob * (dp[a][b] * factor - tile_delta[il]);
+          p_tile[jl * T::weight_ld + il] = T::weight(prob * factor);
+          if (need_ds)
+            ds_tile[jl * T::weight_ld + il] = T::weight(scale * prob * (dp[a][b] * factor - tile_delta[il]));
         }
       }
       __syncthreads();
-      tile_accumulate<DMAX>(dv_acc, p_tile, do_tile, ty, tx);              // dV += (P * F)^T dO
-      if (need_ds) tile_accumulate<DMAX>(dk_acc, ds_tile, q_tile, ty, tx);  // dK += dS^T Q
+      T::accumulate(dv_acc, p_tile, do_tile, ty, tx, scratch);              // dV += (P * F)^T dO
+      if (need_ds) T::accumulate(dk_acc, ds_tile, q_tile, ty, tx, scratch);  // dK += dS^T Q
     }
   }
   const float one[kPer] = {1.f, 1.f, 1.f, 1.f};
@@ -497,25 +441,34 @@ __global__ void attention_backward_dkv_fallback(Problem p, T scale, T* dk, T* dv
   }
 }
 
-// delta_i = <dO_i, O_i>, the softmax backward's correction term; one warp per row.
-template <typename T>
-__global__ void attention_delta_kernel(int64_t rows, int64_t D, T* delta, const T* dout, const T* out) {
+// delta_i = <dO_i, O_i>, the softmax backward's correction term; one warp per
+// row. dO is the kernels' input type, O their output type.
+template <typename In, typename T>
+__global__ void attention_delta_kernel(int64_t rows, int64_t D, T* delta, const In* dout, const T* out) {
   const int64_t row = int64_t(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
   if (row >= rows) return;
-  const T sum = warp_dot(dout + row * D, out + row * D, D);
+  T sum = 0;
+  for (int64_t d = threadIdx.x % 32; d < D; d += 32) sum += T(dout[row * D + d]) * out[row * D + d];
+  sum = warp_reduce(sum, SumOp{});
   if (threadIdx.x % 32 == 0) delta[row] = sum;
 }
 
 // ======================= dispatch =======================
 
-bool use_tiled(DType dtype, int64_t D) { return dtype == DType::F32 && D <= 128; }
+// bf16 inputs always take the tiled kernels: CudaBackend widens them to f32 for D > 128.
+bool use_tiled(DType dtype, int64_t D) { return (dtype == DType::F32 || dtype == DType::BF16) && D <= 128; }
 
-// Calls fn(std::integral_constant<int, DMAX>) for the smallest padded head size that holds D.
+// Calls fn(In{}, std::integral_constant<int, DMAX>{}) for the input type and
+// the smallest padded head size that holds D.
 template <typename Fn>
-void by_head_size(int64_t D, Fn&& fn) {
-  if (D <= 32) fn(std::integral_constant<int, 32>{});
-  else if (D <= 64) fn(std::integral_constant<int, 64>{});
-  else fn(std::integral_constant<int, 128>{});
+void dispatch_tiled(DType dtype, int64_t D, Fn&& fn) {
+  auto by_head_size = [&](auto in) {
+    if (D <= 32) fn(in, std::integral_constant<int, 32>{});
+    else if (D <= 64) fn(in, std::integral_constant<int, 64>{});
+    else fn(in, std::integral_constant<int, 128>{});
+  };
+  if (dtype == DType::BF16) by_head_size(__nv_bfloat16{});
+  else by_head_size(float{});
 }
 
 // Dynamic shared memory above 48 KiB must be asked for, per kernel.
@@ -540,13 +493,13 @@ cudaError_t launch_attention_forward(const LaunchContext& ctx, DType dtype, cons
     const int64_t tiles = (shape.Tq + kTile - 1) / kTile;
     if (!grid_fits(bh, tiles)) return cudaErrorInvalidConfiguration;
     cudaError_t status = cudaSuccess;
-    by_head_size(shape.D, [&](auto dmax) {
-      using Dims = TileDims<decltype(dmax)::value>;
-      const size_t smem = sizeof(float) * (3 * Dims::tile_floats + Dims::score_floats);
-      status = launch_with_smem(attention_forward_tiled<decltype(dmax)::value>, dim3(unsigned(bh), unsigned(tiles)),
-                                smem, ctx.stream, p, float(shape.scale), static_cast<float*>(out), lse,
-                                static_cast<const float*>(q), static_cast<const float*>(k),
-                                static_cast<const float*>(v));
+    dispatch_tiled(dtype, shape.D, [&](auto in, auto dmax) {
+      using In = decltype(in);
+      constexpr int DMAX = decltype(dmax)::value;
+      status = launch_with_smem(attention_forward_tiled<In, DMAX>, dim3(unsigned(bh), unsigned(tiles)),
+                                attention::smem_bytes<In, DMAX>(3, 1), ctx.stream, p, float(shape.scale),
+                                static_cast<float*>(out), lse, static_cast<const In*>(q), static_cast<const In*>(k),
+                                static_cast<const In*>(v));
     });
     return status;
   }
@@ -575,38 +528,44 @@ cudaError_t launch_attention_backward(const LaunchContext& ctx, DType dtype, con
   const int64_t q_blocks = tiled ? (shape.Tq + kTile - 1) / kTile : (shape.Tq + kFallbackWarps - 1) / kFallbackWarps;
   const int64_t k_blocks = tiled ? (shape.Tk + kTile - 1) / kTile : (shape.Tk + kFallbackWarps - 1) / kFallbackWarps;
   if (!grid_fits(bh, q_blocks) || !grid_fits(bh, k_blocks)) return cudaErrorInvalidConfiguration;
+  const int64_t rows = bh * shape.Tq;
+  const unsigned delta_blocks = unsigned((rows + kThreads / 32 - 1) / (kThreads / 32));
+  const bool need_delta = rows > 0 && (dq || dk);  // dV alone needs no delta
 
-  cudaError_t status = cudaSuccess;
+  if (tiled) {
+    cudaError_t status = cudaSuccess;
+    dispatch_tiled(dtype, shape.D, [&](auto in, auto dmax) {
+      using In = decltype(in);
+      constexpr int DMAX = decltype(dmax)::value;
+      const In *tq = static_cast<const In*>(q), *tk = static_cast<const In*>(k), *tv = static_cast<const In*>(v);
+      const In* tdout = static_cast<const In*>(dout);
+      float* delta = static_cast<float*>(scratch);
+      const float scale = float(shape.scale);
+      if (need_delta) {
+        attention_delta_kernel<<<delta_blocks, kThreads, 0, ctx.stream>>>(rows, shape.D, delta, tdout,
+                                                                          static_cast<const float*>(out));
+        status = cudaGetLastError();
+      }
+      if (dq && q_blocks > 0 && status == cudaSuccess)
+        status = launch_with_smem(attention_backward_dq_tiled<In, DMAX>, dim3(unsigned(bh), unsigned(q_blocks)),
+                                  attention::smem_bytes<In, DMAX>(4, 1), ctx.stream, p, scale,
+                                  static_cast<float*>(dq), tdout, tq, tk, tv, lse, delta);
+      if ((dk || dv) && k_blocks > 0 && status == cudaSuccess)
+        status = launch_with_smem(attention_backward_dkv_tiled<In, DMAX>, dim3(unsigned(bh), unsigned(k_blocks)),
+                                  attention::smem_bytes<In, DMAX>(4, 2), ctx.stream, p, scale,
+                                  static_cast<float*>(dk), static_cast<float*>(dv), tdout, tq, tk, tv, lse, delta);
+    });
+    return status;
+  }
+
   dispatch_floating(dtype, [&](auto zero) {
     using T = decltype(zero);
     T* delta = static_cast<T*>(scratch);
-    const int64_t rows = bh * shape.Tq;
-    if (rows > 0 && (dq || dk)) {  // dV alone needs no delta
-      attention_delta_kernel<<<unsigned((rows + kThreads / 32 - 1) / (kThreads / 32)), kThreads, 0, ctx.stream>>>(
-          rows, shape.D, delta, static_cast<const T*>(dout), static_cast<const T*>(out));
-      if ((status = cudaGetLastError()) != cudaSuccess) return;
-    }
     const T *tq = static_cast<const T*>(q), *tk = static_cast<const T*>(k), *tv = static_cast<const T*>(v);
     const T* tdout = static_cast<const T*>(dout);
-    if constexpr (std::is_same_v<T, float>) {
-      if (tiled) {
-        by_head_size(shape.D, [&](auto dmax) {
-          constexpr int DMAX = decltype(dmax)::value;
-          using Dims = TileDims<DMAX>;
-          const float scale = float(shape.scale);
-          if (dq && q_blocks > 0 && status == cudaSuccess)
-            status = launch_with_smem(attention_backward_dq_tiled<DMAX>, dim3(unsigned(bh), unsigned(q_blocks)),
-                                      sizeof(float) * (4 * Dims::tile_floats + Dims::score_floats), ctx.stream, p,
-                                      scale, static_cast<float*>(dq), tdout, tq, tk, tv, lse, delta);
-          if ((dk || dv) && k_blocks > 0 && status == cudaSuccess)
-            status = launch_with_smem(attention_backward_dkv_tiled<DMAX>, dim3(unsigned(bh), unsigned(k_blocks)),
-                                      sizeof(float) * (4 * Dims::tile_floats + 2 * Dims::score_floats), ctx.stream,
-                                      p, scale, static_cast<float*>(dk), static_cast<float*>(dv), tdout, tq, tk, tv,
-                                      lse, delta);
-        });
-        return;
-      }
-    }
+    if (need_delta)
+      attention_delta_kernel<<<delta_blocks, kThreads, 0, ctx.stream>>>(rows, shape.D, delta, tdout,
+                                                                        static_cast<const T*>(out));
     const int threads = kFallbackWarps * 32;
     if (dq && q_blocks > 0)
       attention_backward_dq_fallback<<<dim3(unsigned(bh), unsigned(q_blocks)), threads, 0, ctx.stream>>>(
@@ -614,9 +573,8 @@ cudaError_t launch_attention_backward(const LaunchContext& ctx, DType dtype, con
     if ((dk || dv) && k_blocks > 0)
       attention_backward_dkv_fallback<<<dim3(unsigned(bh), unsigned(k_blocks)), threads, 0, ctx.stream>>>(
           p, T(shape.scale), static_cast<T*>(dk), static_cast<T*>(dv), tdout, tq, tk, tv, lse, delta);
-    status = cudaGetLastError();
   });
-  return status;
+  return cudaGetLastError();
 }
 
 }  // namespace engine::cuda

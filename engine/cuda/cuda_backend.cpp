@@ -404,9 +404,36 @@ double attention_flops(const cuda::AttentionShape& s, double per_product) {
 
 }  // namespace
 
+// Mixed precision: bf16 q, k, v (and dO) with f32 outputs. Only the tiled
+// kernels (D <= 128) take bf16; beyond that the inputs are widened to f32,
+// which the kernels then multiply exactly.
+bool needs_widening(const View& q) { return q.dtype == DType::BF16 && q.shape[3] > 128; }
+
+struct Widened {
+  Scratch buffer;
+  View view;
+  Widened(CudaBackend& backend, DeviceContext& ctx, const View& in)
+      : buffer(ctx, size_t(in.numel()) * sizeof(float), "attention inputs widened to f32"), view(in) {
+    view.data = buffer.get();
+    view.dtype = DType::F32;
+    backend.copy(view, in);
+  }
+};
+
+void check_attention_dtypes(const View& q, const View& out, const char* op) {
+  const bool mixed = q.dtype == DType::BF16 && out.dtype == DType::F32;
+  check(mixed || ((q.dtype == DType::F32 || q.dtype == DType::F64) && out.dtype == q.dtype),
+        "{} on CUDA: needs f32 or f64 inputs and outputs, or bf16 inputs with f32 outputs; got {} and {}", op,
+        dtype_name(q.dtype), dtype_name(out.dtype));
+}
+
 void CudaBackend::attention_forward(const View& out, const View& lse, const View& q, const View& k, const View& v,
                                     const View& key_mask, const AttentionArgs& args) {
-  require_floating(q.dtype, "attention");
+  check_attention_dtypes(q, out, "attention");
+  if (needs_widening(q)) {
+    const Widened wq(*this, ctx_, q), wk(*this, ctx_, k), wv(*this, ctx_, v);
+    return attention_forward(out, lse, wq.view, wk.view, wv.view, key_mask, args);
+  }
   const cuda::AttentionShape s = attention_shape(q, k, key_mask, args);
   ProfileScope profile("attention_forward", attention_flops(s, 4));
   ctx_.check_launch(cuda::launch_attention_forward(ctx_.launch(), q.dtype, s, out.data, lse.ptr<float>(), q.data,
@@ -417,7 +444,11 @@ void CudaBackend::attention_forward(const View& out, const View& lse, const View
 void CudaBackend::attention_backward(const View& dq, const View& dk, const View& dv, const View& dout, const View& q,
                                      const View& k, const View& v, const View& out, const View& lse,
                                      const View& key_mask, const AttentionArgs& args) {
-  require_floating(q.dtype, "attention_backward");
+  check_attention_dtypes(q, out, "attention_backward");
+  if (needs_widening(q)) {
+    const Widened wq(*this, ctx_, q), wk(*this, ctx_, k), wv(*this, ctx_, v), wdout(*this, ctx_, dout);
+    return attention_backward(dq, dk, dv, wdout.view, wq.view, wk.view, wv.view, out, lse, key_mask, args);
+  }
   const cuda::AttentionShape s = attention_shape(q, k, key_mask, args);
   ProfileScope profile("attention_backward", attention_flops(s, 10));
   Scratch delta(ctx_, cuda::attention_backward_scratch_bytes(q.dtype, s), "attention_backward rowsum(dO * O)");

@@ -1,4 +1,5 @@
-// CUDA matrix multiply on cuBLAS (cublasGemmEx / cublasGemmStridedBatchedEx).
+// CUDA matrix multiply on cuBLAS (cublasGemmEx / cublasGemmStridedBatchedEx),
+// bf16 inputs on tensor cores with f32 accumulation and a bf16 or f32 result.
 // GemmArgs are row-major; cuBLAS is column-major. A row-major [r, c] matrix
 // with row stride ld is, read column-major, its own transpose [c, r] with
 // leading dimension ld. So C = op(A) op(B) is computed as the column-major
@@ -52,6 +53,10 @@ GemmTypes gemm_types(DType dtype) {
 void gemm(DeviceContext& ctx, const GemmArgs& g) {
   ProfileScope scope("gemm", 2.0 * double(g.m) * double(g.n) * double(g.k) * double(g.batch));
   const GemmTypes types = gemm_types(g.dtype);
+  const bool mixed = g.dtype == DType::BF16 && g.c_dtype == DType::F32;  // bf16 products, f32 result
+  check(g.c_dtype == g.dtype || mixed, "gemm on CUDA: {} inputs cannot write a {} output", dtype_name(g.dtype),
+        dtype_name(g.c_dtype));
+  const cudaDataType_t c_storage = mixed ? CUDA_R_32F : types.storage;
   check(fits_int(g.m) && fits_int(g.n) && fits_int(g.k) && fits_int(g.lda) && fits_int(g.ldb) && fits_int(g.ldc) &&
             fits_int(g.batch),
         "gemm on CUDA: sizes m {} n {} k {} (lda {} ldb {} ldc {}, batch {}) exceed cuBLAS's 32-bit limits", g.m, g.n,
@@ -69,12 +74,12 @@ void gemm(DeviceContext& ctx, const GemmArgs& g) {
   cublasStatus_t status;
   if (g.batch == 1) {
     status = cublasGemmEx(ctx.cublas(), op_first, op_second, m, n, k, alpha, g.b, types.storage, int(g.ldb), g.a,
-                          types.storage, int(g.lda), beta, g.c, types.storage, int(g.ldc), types.compute,
+                          types.storage, int(g.lda), beta, g.c, c_storage, int(g.ldc), types.compute,
                           CUBLAS_GEMM_DEFAULT);
   } else {
     status = cublasGemmStridedBatchedEx(ctx.cublas(), op_first, op_second, m, n, k, alpha, g.b, types.storage,
                                         int(g.ldb), g.stride_b, g.a, types.storage, int(g.lda), g.stride_a, beta, g.c,
-                                        types.storage, int(g.ldc), g.stride_c, int(g.batch), types.compute,
+                                        c_storage, int(g.ldc), g.stride_c, int(g.batch), types.compute,
                                         CUBLAS_GEMM_DEFAULT);
   }
   check_cublas(status, ctx.index(), "gemm");

@@ -3,6 +3,7 @@
 #include "engine/nn/layers.h"
 
 #include <cmath>
+#include <unordered_set>
 
 namespace engine::nn {
 
@@ -69,6 +70,24 @@ LayerNorm::LayerNorm(Tensor weight_, Tensor bias_, double eps_) : eps(eps_) {
 
 Dropout::Dropout(double p_, Generator& gen) : p(p_), gen_(&gen) {
   check(p >= 0.0 && p < 1.0, "Dropout: p must be in [0, 1), got {}", p);
+}
+
+// ---- mixed precision ----
+
+int64_t store_frozen_linear_weights(Module& root, DType dtype) {
+  std::unordered_set<const TensorImpl*> frozen, embedded;
+  for (const auto& [name, module] : root.named_modules()) {
+    if (auto* linear = dynamic_cast<const Linear*>(module.get()); linear && !linear->weight.requires_grad())
+      frozen.insert(&linear->weight.impl());
+    if (auto* table = dynamic_cast<const Embedding*>(module.get())) embedded.insert(&table->weight.impl());
+  }
+  int64_t converted = 0;
+  root.to(dtype, [&](const std::string&, const Tensor& t) {
+    const bool chosen = frozen.contains(&t.impl()) && !embedded.contains(&t.impl()) && t.dtype() != dtype;
+    converted += chosen;
+    return chosen;
+  });
+  return converted;
 }
 
 }  // namespace engine::nn

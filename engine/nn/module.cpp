@@ -236,10 +236,10 @@ int64_t Module::num_trainable_parameters() const {
 
 // ---- placement ----
 
-void Module::convert_tensors(const std::function<Tensor(const Tensor&)>& convert) {
+void Module::convert_tensors(const std::function<Tensor(const std::string&, const Tensor&)>& convert) {
   NoGradGuard no_grad;  // conversions of parameters must not record a graph
-  auto swap_data = [&](const std::string&, const Tensor& t) {
-    Tensor converted = convert(t);
+  auto swap_data = [&](const std::string& name, const Tensor& t) {
+    Tensor converted = convert(name, t);
     if (converted.same(t)) return;
     // Overwrite the impl's data fields rather than the handle, so every alias
     // follows; autograd fields (requires_grad) stay as they were.
@@ -250,20 +250,26 @@ void Module::convert_tensors(const std::function<Tensor(const Tensor&)>& convert
     impl.strides = from.strides;
     impl.offset = from.offset;
     impl.dtype = from.dtype;
-    if (impl.grad) impl.grad = convert(Tensor(impl.grad)).impl_ptr();
+    if (impl.grad) impl.grad = convert(name, Tensor(impl.grad)).impl_ptr();
   };
   visit_tensors(false, swap_data);
   visit_tensors(true, swap_data);
 }
 
 Module& Module::to(Device device) {
-  convert_tensors([device](const Tensor& t) { return t.to(device); });
+  convert_tensors([device](const std::string&, const Tensor& t) { return t.to(device); });
   return *this;
 }
 
 Module& Module::to(DType dtype) {
+  return to(dtype, [](const std::string&, const Tensor&) { return true; });
+}
+
+Module& Module::to(DType dtype, const std::function<bool(const std::string&, const Tensor&)>& select) {
   check(is_floating(dtype), "Module::to: target dtype must be floating, got {}", dtype_name(dtype));
-  convert_tensors([dtype](const Tensor& t) { return is_floating(t.dtype()) ? t.to(dtype) : t; });
+  convert_tensors([&](const std::string& name, const Tensor& t) {
+    return is_floating(t.dtype()) && select(name, t) ? t.to(dtype) : t;
+  });
   return *this;
 }
 

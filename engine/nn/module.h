@@ -83,6 +83,8 @@ class Module {
   // converted along. to(DType) touches floating tensors only.
   Module& to(Device device);
   Module& to(DType dtype);
+  // Only the tensors for which select(dotted name, tensor) is true.
+  Module& to(DType dtype, const std::function<bool(const std::string&, const Tensor&)>& select);
 
  protected:
   // Called from constructors. Names are single segments (no dots), unique
@@ -102,7 +104,7 @@ class Module {
   // Visits (dotted name, tensor) over the tree; each tensor once.
   void visit_tensors(bool buffers, const std::function<void(const std::string&, const Tensor&)>& fn) const;
   int64_t set_requires_grad_matching(const std::string& pattern, bool enabled);
-  void convert_tensors(const std::function<Tensor(const Tensor&)>& convert);
+  void convert_tensors(const std::function<Tensor(const std::string&, const Tensor&)>& convert);
 
   NamedTensors parameters_;
   NamedTensors buffers_;

@@ -13,6 +13,7 @@
 // there (HF GPT-2 works around it); zeros keep padded positions harmless
 // without any workaround in the model.
 #include "engine/ops/common.h"
+#include "engine/precision.h"
 #include "engine/rng.h"
 
 #include <cmath>
@@ -67,10 +68,14 @@ Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, const Tens
   }
 
   // GPT-2's q, k, v are permuted views of one c_attn output: copy them
-  // contiguous once here, since the kernel walks rows of D.
-  Tensor qc = q.detach().contiguous(), kc = k.detach().contiguous(), vc = v.detach().contiguous();
+  // contiguous once here, since the kernel walks rows of D. Under autocast
+  // the same copy rounds them to bf16; out and the gradients stay f32.
+  const std::optional<DType> compute = autocast_dtype();
+  const DType in_dtype = compute ? *compute : q.dtype(), out_dtype = compute ? DType::F32 : q.dtype();
+  auto kernel_input = [in_dtype](const Tensor& t) { return t.detach().to(in_dtype).contiguous(); };
+  Tensor qc = kernel_input(q), kc = kernel_input(k), vc = kernel_input(v);
   Tensor mask = key_padding_mask.defined() ? keep_mask_i32(key_padding_mask) : Tensor();
-  Tensor out = Tensor::empty(q.shape(), q.dtype(), q.device());
+  Tensor out = Tensor::empty(q.shape(), out_dtype, q.device());
   Tensor lse = Tensor::empty({B, H, Tq}, DType::F32, q.device());
   // No query, no key or D = 0: nothing to launch, and every output row is empty (zeros).
   const bool empty = q.numel() == 0 || k.numel() == 0;
@@ -84,24 +89,29 @@ Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, const Tens
   // contiguous copies: re-copying costs little time, keeping copies costs a
   // second q, k, v per layer of activation memory.
   record(out, kOp, {q, k, v},
-         [mask, lse, y = out.detach(), empty, args](const Tensor& grad, const Node& node) -> std::vector<Tensor> {
+         [mask, lse, y = out.detach(), empty, args, kernel_input](const Tensor& grad,
+                                                                  const Node& node) -> std::vector<Tensor> {
            const bool want_q = node.needs_grad(0), want_k = node.needs_grad(1), want_v = node.needs_grad(2);
            const Tensor &q = node.inputs[0], &k = node.inputs[1];
-           auto grad_buffer = [&](bool wanted, const Tensor& like) {
-             return wanted ? Tensor::empty(like.shape(), like.dtype(), like.device()) : Tensor();
+           auto grad_buffer = [&](bool wanted, const Tensor& like) {  // in the kernel's output dtype
+             return wanted ? Tensor::empty(like.shape(), y.dtype(), like.device()) : Tensor();
            };
            Tensor dq = grad_buffer(want_q, q), dk = grad_buffer(want_k, k), dv = grad_buffer(want_v, k);
            if (empty) {
              for (Tensor* g : {&dq, &dk, &dv})
                if (g->defined()) g->zero_();
            } else {
-             Tensor qc = q.detach().contiguous(), kc = k.detach().contiguous();
-             Tensor vc = node.inputs[2].detach().contiguous(), dout = grad.detach().contiguous();
+             Tensor qc = kernel_input(q), kc = kernel_input(k), vc = kernel_input(node.inputs[2]);
+             Tensor dout = kernel_input(grad);
              detail::backend_of(q).attention_backward(view_or_null(dq), view_or_null(dk), view_or_null(dv),
                                                       view_of(dout), view_of(qc), view_of(kc), view_of(vc), view_of(y),
                                                       view_of(lse), view_or_null(mask), args);
            }
-           return {dq, dk, dv};
+           // Each gradient in its input's dtype (they differ only under autocast with bf16 inputs).
+           std::vector<Tensor> grads{dq, dk, dv};
+           for (size_t i = 0; i < grads.size(); ++i)
+             if (grads[i].defined()) grads[i] = grads[i].to(node.inputs[i].dtype());
+           return grads;
          });
   return out;
 }

@@ -2,6 +2,7 @@
 // x @ W.T costs no copy; a 2-D weight shared across a batch is folded into
 // one large GEMM. The backward skips dW entirely when W is frozen.
 #include "engine/ops/common.h"
+#include "engine/precision.h"
 
 #include <optional>
 
@@ -51,11 +52,13 @@ Operand operand(Tensor& t) {
 }
 
 // out [batch..., M, N] = a [batch..., M, K] @ b [batch..., K, N]; b_shared: b is 2-D.
+// a and b share a dtype; out has it too, or is f32 for bf16 inputs.
 void gemm_into(const Tensor& out, Tensor a, Tensor b, int64_t batch, bool b_shared) {
   const int64_t M = a.size(-2), K = a.size(-1), N = b.size(-1);
   Operand A = operand(a), B = operand(b);
   GemmArgs g;
-  g.dtype = out.dtype();
+  g.dtype = a.dtype();
+  g.c_dtype = out.dtype();
   g.m = M, g.n = N, g.k = K;
   g.a = A.data, g.trans_a = A.transposed, g.lda = A.ld, g.stride_a = A.batch_stride;
   g.b = B.data, g.trans_b = B.transposed, g.ldb = B.ld, g.stride_b = b_shared ? 0 : B.batch_stride;
@@ -69,45 +72,74 @@ void gemm_into(const Tensor& out, Tensor a, Tensor b, int64_t batch, bool b_shar
   backend_for(out.device()).gemm(g);
 }
 
+Tensor in_dtype(const Tensor& t, DType dtype) { return t.dtype() == dtype ? t.detach() : t.detach().to(dtype); }
+
+// a @ b computed in `compute` (the operands converted to it, outside autograd)
+// and written in `out_dtype`. Shapes are matmul's, already checked.
+Tensor product(const Tensor& a, const Tensor& b, DType compute, DType out_dtype) {
+  const bool b_shared = b.dim() == 2;
+  Shape out_shape(a.shape().begin(), a.shape().end() - 2);
+  int64_t batch = numel(out_shape);
+  out_shape.push_back(a.size(-2));
+  out_shape.push_back(b.size(-1));
+  Tensor out = Tensor::empty(out_shape, out_dtype, a.device());
+  Tensor a_in = in_dtype(a, compute);
+  if (b_shared && a.dim() > 2 && a_in.is_contiguous()) {
+    // Fold the batch into M: one [batch*M, K] @ [K, N] GEMM is faster than many.
+    a_in = a_in.view({-1, a.size(-1)});
+    batch = 1;
+  }
+  gemm_into(out, a_in, in_dtype(b, compute), batch, b_shared);
+  return out;
+}
+
+// The precision of one matmul: the dtype the GEMM multiplies in and the
+// dtype of its result. Under autocast, f32 and bf16 operands meet in bf16 and
+// give f32 (engine/precision.h); otherwise both are the operands' one dtype.
+struct Precision {
+  DType compute, out;
+};
+
+Precision precision_of(const Tensor& a, const Tensor& b) {
+  const std::optional<DType> autocast = autocast_dtype();
+  auto castable = [](DType d) { return d == DType::F32 || d == DType::BF16; };
+  if (autocast && castable(a.dtype()) && castable(b.dtype())) {
+    check(a.device() == b.device(), "matmul: operands on {} and {}", a.device().str(), b.device().str());
+    return {*autocast, DType::F32};
+  }
+  detail::check_compatible(a, b, "matmul");
+  return {a.dtype(), a.dtype()};
+}
+
 }  // namespace
 
 Tensor matmul(const Tensor& a, const Tensor& b) {
-  detail::check_compatible(a, b, "matmul");
   detail::check_floating(a, "matmul");
+  detail::check_floating(b, "matmul");
+  const Precision precision = precision_of(a, b);
   check(a.dim() >= 2 && b.dim() >= 2, "matmul: needs rank >= 2, got shapes {} and {}", shape_str(a.shape()),
         shape_str(b.shape()));
   check(a.size(-1) == b.size(-2), "matmul: shapes {} and {} do not chain (K {} vs {})", shape_str(a.shape()),
         shape_str(b.shape()), a.size(-1), b.size(-2));
   const bool b_shared = b.dim() == 2;
-  Shape batch_shape(a.shape().begin(), a.shape().end() - 2);
   if (!b_shared) {
-    Shape b_batch(b.shape().begin(), b.shape().end() - 2);
-    check(b_batch == batch_shape, "matmul: batch dims differ, shapes {} and {}", shape_str(a.shape()),
+    const Shape a_batch(a.shape().begin(), a.shape().end() - 2), b_batch(b.shape().begin(), b.shape().end() - 2);
+    check(b_batch == a_batch, "matmul: batch dims differ, shapes {} and {}", shape_str(a.shape()),
           shape_str(b.shape()));
   }
-  Shape out_shape = batch_shape;
-  out_shape.push_back(a.size(-2));
-  out_shape.push_back(b.size(-1));
-  Tensor out = Tensor::empty(out_shape, a.dtype(), a.device());
+  Tensor out = product(a, b, precision.compute, precision.out);
 
-  int64_t batch = numel(batch_shape);
-  Tensor a_in = a.detach();
-  if (b_shared && a.dim() > 2 && a.is_contiguous()) {
-    // Fold the batch into M: one [batch*M, K] @ [K, N] GEMM is faster than many.
-    a_in = a_in.view({-1, a.size(-1)});
-    batch = 1;
-  }
-  gemm_into(out, a_in, b.detach(), batch, b_shared);
-
-  record(out, "matmul", {a, b}, [b_shared](const Tensor& g, const Node& n) -> std::vector<Tensor> {
+  // Each gradient comes back in its input's dtype, multiplied at the forward's precision.
+  record(out, "matmul", {a, b}, [b_shared, compute = precision.compute](const Tensor& g, const Node& n) {
     const Tensor &a = n.inputs[0], &b = n.inputs[1];
     Tensor ga, gb;
-    if (n.needs_grad(0)) ga = matmul(g, b.transpose(-1, -2));
+    if (n.needs_grad(0)) ga = product(g, b.transpose(-1, -2), compute, a.dtype());
     if (n.needs_grad(1)) {  // the weight-gradient GEMM: skipped for frozen weights
-      gb = b_shared && a.dim() > 2 ? matmul(a.reshape({-1, a.size(-1)}).transpose(0, 1), g.reshape({-1, g.size(-1)}))
-                                   : matmul(a.transpose(-1, -2), g);
+      gb = b_shared && a.dim() > 2
+               ? product(a.reshape({-1, a.size(-1)}).transpose(0, 1), g.reshape({-1, g.size(-1)}), compute, b.dtype())
+               : product(a.transpose(-1, -2), g, compute, b.dtype());
     }
-    return {ga, gb};
+    return std::vector<Tensor>{ga, gb};
   });
   return out;
 }

@@ -1,0 +1,140 @@
+// Mixed precision on CUDA against the CPU (engine/precision.h): autocast
+// matmul and its gradients, the tensor-core attention kernels for every head
+// size, padding and dropout, and a GPT-2 with bf16 frozen weights. The CPU
+// multiplies the same bf16-rounded operands in f32, so it is the reference.
+// Exits 77 (SKIP in Meson) without a GPU.
+#define CATCH_CONFIG_RUNNER
+#include <catch2/catch.hpp>
+
+#include "engine/cuda/cuda_backend.h"
+#include "engine/nn/layers.h"
+#include "engine/nn/var_builder.h"
+#include "engine/ops.h"
+#include "engine/precision.h"
+#include "models/gpt2.h"
+#include "tests/cuda_test_util.h"
+
+#include <string>
+#include <vector>
+
+using engine::AutocastGuard;
+using engine::DType;
+using engine::Shape;
+using engine::Tensor;
+using namespace cuda_test;
+
+int main(int argc, char** argv) { return run_or_skip(argc, argv); }
+
+TEST_CASE("cuda mixed: autocast matmul and its gradients match the CPU's", "[cuda][precision]") {
+  for (const auto& [M, K, N] : {std::tuple{7, 33, 5}, std::tuple{300, 64, 96}, std::tuple{1, 1000, 3}}) {
+    INFO("M " << M << " K " << K << " N " << N);
+    Tensor x = random({2, M, K}, 1), w = random({K, N}, 2), up = random({2, M, N}, 3);
+    x.set_requires_grad(true), w.set_requires_grad(true);
+    Tensor xg = gpu_leaf(x), wg = gpu_leaf(w);
+    Tensor y, yg;
+    {
+      AutocastGuard autocast(DType::BF16);
+      y = engine::matmul(x, w);
+      yg = engine::matmul(xg, wg.transpose(0, 1).contiguous().transpose(0, 1));  // a transposed operand too
+    }
+    REQUIRE(yg.dtype() == DType::F32);
+    // The same bf16 products on both devices, summed in different orders in f32.
+    require_near(yg, y, 2 * kF32Eps * double(K), "forward");
+    engine::sum(engine::mul(y, up)).backward();
+    engine::sum(engine::mul(yg, up.to(kGpu))).backward();
+    require_near(xg.grad(), x.grad(), 2 * kF32Eps * double(N), "dx");
+    require_near(wg.grad(), w.grad(), 2 * kF32Eps * double(2 * M), "dw");
+  }
+}
+
+namespace {
+
+// Attention under autocast on both devices. The CPU multiplies the bf16 q, k,
+// v (and dO) in f32 throughout; the tensor cores also round P and dS to bf16
+// before their products, as flash attention does. Each rounding moves a term
+// by at most 2^-9 of itself, and out = sum_j P_ij v_j (with sum_j P_ij = 1)
+// moves by at most 2^-9 max|v|: with values in [-1, 1], 2e-3. The gradients
+// are sums of such terms too; 1e-2 of the largest entry (or of 1) leaves room
+// for their sign cancellations while still catching any wrong term.
+void check_mixed_attention(int64_t B, int64_t H, int64_t T, int64_t D, bool causal, Padding padding,
+                           double dropout = 0) {
+  INFO("B " << B << " H " << H << " T " << T << " D " << D << " causal " << causal << " padding " << int(padding)
+            << " dropout " << dropout);
+  Tensor q = random({B, H, T, D}, 1), k = random({B, H, T, D}, 2), v = random({B, H, T, D}, 3);
+  for (Tensor* t : {&q, &k, &v}) t->set_requires_grad(true);
+  Tensor qg = gpu_leaf(q), kg = gpu_leaf(k), vg = gpu_leaf(v);
+  const Tensor mask = make_mask(padding, B, T);
+  engine::Generator cpu_gen(7), gpu_gen(7);
+  Tensor out, out_g;
+  {
+    AutocastGuard autocast(DType::BF16);
+    out = engine::scaled_dot_product_attention(q, k, v, mask, causal, {}, dropout, &cpu_gen);
+    out_g = engine::scaled_dot_product_attention(qg, kg, vg, mask.defined() ? mask.to(kGpu) : Tensor(), causal, {},
+                                                 dropout, &gpu_gen);
+  }
+  REQUIRE(out_g.dtype() == DType::F32);
+  require_within(out_g, out, 4e-3 / (1 - dropout), "forward");
+  const Tensor up = random({B, H, T, D}, 4);
+  engine::sum(engine::mul(out, up)).backward();
+  engine::sum(engine::mul(out_g, up.to(kGpu))).backward();
+  auto near_terms = [](const Tensor& gpu, const Tensor& cpu, const std::string& what) {
+    compare(gpu, cpu, [](double, double scale) { return 1e-2 * std::max(scale, 1.0); }, what);
+  };
+  near_terms(qg.grad(), q.grad(), "dq");
+  near_terms(kg.grad(), k.grad(), "dk");
+  near_terms(vg.grad(), v.grad(), "dv");
+}
+
+}  // namespace
+
+TEST_CASE("cuda mixed: tensor-core attention at GPT-2's head size, T from 1 to 1024", "[cuda][precision][attention]") {
+  for (int64_t T : {1, 7, 64, 65, 100, 256})
+    for (bool causal : {true, false})
+      for (Padding padding : {Padding::None, Padding::Left, Padding::Holes, Padding::FullRow})
+        check_mixed_attention(3, 2, T, 64, causal, padding);
+  check_mixed_attention(1, 2, 1024, 64, true, Padding::Right);
+  check_mixed_attention(2, 1, 1024, 64, false, Padding::Left);
+}
+
+TEST_CASE("cuda mixed: other head sizes (padded, and widened past 128) and dropout", "[cuda][precision][attention]") {
+  for (int64_t D : {8, 32, 48, 80, 128, 160})
+    for (bool causal : {true, false}) check_mixed_attention(2, 2, 70, D, causal, Padding::Holes);
+  for (int64_t T : {1, 33, 130}) check_mixed_attention(2, 3, T, 64, true, Padding::Left, 0.3);
+}
+
+TEST_CASE("cuda mixed: GPT-2 with bf16 frozen weights under autocast matches the CPU", "[cuda][precision][gpt2]") {
+  models::GPT2Config config;
+  config.n_layer = 2, config.n_head = 2, config.n_embd = 128, config.vocab_size = 300, config.n_positions = 64;
+  auto make = [&](engine::Device device) {
+    engine::Generator gen(5);
+    auto source = std::make_shared<engine::nn::RandomSource>(gen, DType::F32, device);
+    auto model = std::make_shared<models::GPT2LMHeadModel>(config, engine::nn::VarBuilder(source));
+    model->freeze("*");
+    model->unfreeze("transformer.ln_f.*");
+    model->eval();
+    return model;
+  };
+  auto cpu = make(kCpu);
+  auto gpu = make(kGpu);
+  const size_t before = engine::cuda_memory_stats(0).current_bytes;
+  REQUIRE(engine::nn::store_frozen_linear_weights(*cpu, DType::BF16) == 8);  // 4 Conv1D per block
+  REQUIRE(engine::nn::store_frozen_linear_weights(*gpu, DType::BF16) == 8);
+  // c_attn, c_proj, c_fc, mlp.c_proj: 12 C^2 weights per block, now 2 bytes each rather than 4.
+  const size_t saved = size_t(2 * 12 * config.n_embd * config.n_embd) * 2;
+  CHECK(before - engine::cuda_memory_stats(0).current_bytes == saved);
+
+  std::vector<int64_t> ids(2 * 40);
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = int64_t((i * 37 + 11) % 300);
+  const Tensor input = Tensor::from_vector(ids, {2, 40});
+  Tensor logits, logits_g;
+  {
+    AutocastGuard autocast(DType::BF16);
+    logits = cpu->forward(input);
+    logits_g = gpu->forward(input.to(kGpu));
+  }
+  require_near(logits_g, logits, 1e-2, "logits");
+  engine::sum(engine::mul(logits, logits)).backward();
+  engine::sum(engine::mul(logits_g, logits_g)).backward();
+  require_near(gpu->get_parameter("transformer.ln_f.weight").grad(),
+               cpu->get_parameter("transformer.ln_f.weight").grad(), 2e-2, "ln_f.weight grad");
+}

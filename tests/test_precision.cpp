@@ -1,0 +1,161 @@
+// Mixed precision on the CPU (engine/precision.h): bf16 GEMMs multiply
+// exactly the widened bf16 values; under autocast, matmul and attention
+// compute what f32 computes on bf16-rounded operands, forward and backward,
+// and give f32 results; store_frozen_linear_weights converts exactly the
+// frozen Linear weights. The GPU's kernels are held to these in test_cuda_mixed.
+#include "engine/nn/layers.h"
+#include "engine/ops.h"
+#include "engine/precision.h"
+#include "engine/rng.h"
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+using engine::AutocastGuard;
+using engine::DType;
+using engine::Shape;
+using engine::Tensor;
+
+namespace {
+
+Tensor random(const Shape& shape, uint64_t seed) {
+  engine::Generator gen(seed);
+  return Tensor::rand(shape, gen, -1, 1, DType::F32);
+}
+
+Tensor rounded(const Tensor& t) { return t.detach().to(DType::BF16).to(DType::F32); }
+
+double max_abs_diff(const Tensor& a, const Tensor& b) {
+  REQUIRE(a.shape() == b.shape());
+  const std::vector<double> x = a.to_vector<double>(), y = b.to_vector<double>();
+  double worst = 0;
+  for (size_t i = 0; i < x.size(); ++i) worst = std::max(worst, std::abs(x[i] - y[i]));
+  return worst;
+}
+
+// Both sides multiply the same f32 values (bf16 widens exactly) in sums of K
+// terms of size <= 1 whose order may differ: K f32 ulps of slack.
+void require_same_products(const Tensor& got, const Tensor& want, int64_t K, const std::string& what) {
+  INFO(what);
+  REQUIRE(got.dtype() == DType::F32);
+  REQUIRE(max_abs_diff(got, want) <= double(K) * 1.2e-7);
+}
+
+}  // namespace
+
+TEST_CASE("bf16 GEMM on the CPU multiplies the widened values, into bf16 or f32", "[precision][matmul]") {
+  const Tensor a = random({3, 5, 33}, 1), b = random({33, 7}, 2), bt = random({7, 33}, 3);
+  const Tensor a16 = a.to(DType::BF16), b16 = b.to(DType::BF16), bt16 = bt.to(DType::BF16);
+  // bf16 out: the f32 product of the widened inputs, rounded once.
+  const Tensor out = engine::matmul(a16, b16);
+  REQUIRE(out.dtype() == DType::BF16);
+  REQUIRE(max_abs_diff(out, engine::matmul(rounded(a), rounded(b)).to(DType::BF16)) == 0);
+  // Transposed operands reach the bf16 GEMM as flags too.
+  const Tensor out_t = engine::matmul(a16, bt16.transpose(0, 1));
+  REQUIRE(max_abs_diff(out_t, engine::matmul(rounded(a), rounded(bt).transpose(0, 1)).to(DType::BF16)) == 0);
+  // Mixed dtypes need the policy: without autocast they are an error that names both.
+  REQUIRE_THROWS_WITH(engine::matmul(a, b16), Catch::Contains("matmul") && Catch::Contains("bf16"));
+}
+
+TEST_CASE("autocast: matmul rounds f32 operands to bf16, returns f32, and keeps its precision in backward",
+          "[precision][matmul]") {
+  Tensor x = random({4, 6, 40}, 4), w = random({40, 9}, 5), up = random({4, 6, 9}, 6);
+  x.set_requires_grad(true), w.set_requires_grad(true);
+  Tensor y;
+  {
+    AutocastGuard autocast(DType::BF16);
+    REQUIRE(engine::autocast_dtype() == DType::BF16);
+    y = engine::matmul(x, w);
+  }
+  REQUIRE(!engine::autocast_dtype());
+  require_same_products(y, engine::matmul(rounded(x), rounded(w)), 40, "forward");
+  REQUIRE(max_abs_diff(y, engine::matmul(x.detach(), w.detach())) > 1e-4);  // the rounding is real
+
+  // backward() runs outside the guard; the node remembers bf16. The upstream
+  // gradient is rounded too: dx = r(g) r(w)^T, dw = r(x)^T r(g).
+  engine::sum(engine::mul(y, up)).backward();
+  REQUIRE(x.grad().dtype() == DType::F32);
+  REQUIRE(w.grad().dtype() == DType::F32);
+  require_same_products(x.grad(), engine::matmul(rounded(up), rounded(w).transpose(0, 1)), 9, "dx");
+  require_same_products(w.grad(),
+                        engine::matmul(rounded(x).reshape({-1, 40}).transpose(0, 1), rounded(up).reshape({-1, 9})),
+                        24, "dw");
+}
+
+TEST_CASE("autocast: a bf16 frozen weight meets f32 activations, and f64 is left alone", "[precision][matmul]") {
+  Tensor x = random({5, 16}, 7);
+  x.set_requires_grad(true);
+  const Tensor w = random({16, 8}, 8), w16 = w.to(DType::BF16), bias = random({8}, 9);
+  AutocastGuard autocast(DType::BF16);
+  Tensor y = engine::linear(x, w16, bias, engine::WeightLayout::InOut);
+  REQUIRE(y.dtype() == DType::F32);
+  require_same_products(y, engine::add(engine::matmul(rounded(x), rounded(w)), bias), 16, "linear");
+  engine::sum(y).backward();
+  REQUIRE(x.grad().dtype() == DType::F32);
+  // f64 (gradient checks) is outside the policy: it stays exact f64.
+  const Tensor a = random({3, 4}, 10).to(DType::F64), b = random({4, 2}, 11).to(DType::F64);
+  const Tensor c = engine::matmul(a, b);
+  REQUIRE(c.dtype() == DType::F64);
+  AutocastGuard off(DType::F32);
+  REQUIRE(max_abs_diff(c, engine::matmul(a.to(DType::F32), b.to(DType::F32))) < 1e-6);
+}
+
+TEST_CASE("autocast: attention computes f32 attention of bf16-rounded q, k, v, forward and backward",
+          "[precision][attention]") {
+  const int64_t B = 2, H = 3, T = 37, D = 16;
+  Tensor q = random({B, H, T, D}, 12), k = random({B, H, T, D}, 13), v = random({B, H, T, D}, 14);
+  const Tensor up = random({B, H, T, D}, 15);
+  for (Tensor* t : {&q, &k, &v}) t->set_requires_grad(true);
+  std::vector<int32_t> keep(size_t(B * T), 1);
+  keep[0] = keep[1] = keep[size_t(T) + 5] = 0;
+  const Tensor mask = Tensor::from_vector(keep, {B, T});
+  engine::Generator gen(21), ref_gen(21);
+
+  Tensor out;
+  {
+    AutocastGuard autocast(DType::BF16);
+    out = engine::scaled_dot_product_attention(q, k, v, mask, true, {}, 0.2, &gen);
+  }
+  REQUIRE(out.dtype() == DType::F32);
+  engine::sum(engine::mul(out, up)).backward();
+
+  std::vector<Tensor> ref_in{rounded(q), rounded(k), rounded(v)};
+  for (Tensor& t : ref_in) t.set_requires_grad(true);
+  Tensor ref = engine::scaled_dot_product_attention(ref_in[0], ref_in[1], ref_in[2], mask, true, {}, 0.2, &ref_gen);
+  engine::sum(engine::mul(ref, rounded(up))).backward();  // the op rounds its upstream gradient too
+  REQUIRE(max_abs_diff(out, ref) < 1e-6);
+  REQUIRE(max_abs_diff(q.grad(), ref_in[0].grad()) < 1e-6);
+  REQUIRE(max_abs_diff(k.grad(), ref_in[1].grad()) < 1e-6);
+  REQUIRE(max_abs_diff(v.grad(), ref_in[2].grad()) < 1e-6);
+  REQUIRE(q.grad().dtype() == DType::F32);
+}
+
+TEST_CASE("store_frozen_linear_weights converts frozen Linear weights only", "[precision][nn]") {
+  engine::Generator gen(3);
+  auto frozen = std::make_shared<engine::nn::Linear>(8, 4, gen);
+  auto trained = std::make_shared<engine::nn::Linear>(4, 2, gen);
+  auto table = std::make_shared<engine::nn::Embedding>(10, 8, gen);
+  // A Linear that shares the embedding's table, as GPT-2's tied lm_head does.
+  auto tied = std::make_shared<engine::nn::Linear>(table->weight, Tensor(), engine::WeightLayout::OutIn);
+  struct Net : engine::nn::Module {
+    Net(std::shared_ptr<Module> a, std::shared_ptr<Module> b, std::shared_ptr<Module> c, std::shared_ptr<Module> d) {
+      register_module("frozen", a), register_module("trained", b), register_module("wte", c);
+      register_module("lm_head", d);
+    }
+  } net(frozen, trained, table, tied);
+  net.freeze("frozen.*");
+  net.freeze("wte.*");
+  const Tensor before = frozen->weight.detach().clone();
+
+  REQUIRE(engine::nn::store_frozen_linear_weights(net, DType::BF16) == 1);
+  CHECK(frozen->weight.dtype() == DType::BF16);
+  CHECK(net.get_parameter("frozen.weight").dtype() == DType::BF16);  // converted in place: every handle sees it
+  CHECK(frozen->bias.dtype() == DType::F32);
+  CHECK(trained->weight.dtype() == DType::F32);
+  CHECK(table->weight.dtype() == DType::F32);
+  CHECK(max_abs_diff(frozen->weight.to(DType::F32), rounded(before)) == 0);
+  REQUIRE(engine::nn::store_frozen_linear_weights(net, DType::BF16) == 0);  // nothing left to do
+}
