@@ -52,6 +52,9 @@ struct GemmArgs {
   int64_t ldc = 0, stride_c = 0;
   int64_t batch = 1;
   double alpha = 1, beta = 0;
+  // Optional [n] vector in C's dtype (f32 or f64), added to every row of C
+  // after the product; with beta == 0. A GPU adds it in the GEMM's epilogue.
+  const void* bias = nullptr;
 };
 
 // How attention masks, scales and drops its scores. Query i sees key j when the

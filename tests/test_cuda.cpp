@@ -294,6 +294,28 @@ TEST_CASE("cuda: matmul in f32, f64, TF32 and bf16, plain, transposed and batche
   require_near(wg.grad(), w.grad(), 64 * kF32Eps * 35, "matmul dw");
 }
 
+TEST_CASE("cuda: linear's bias in the cuBLASLt epilogue, and added after batched and f64 GEMMs", "[cuda][matmul]") {
+  for (DType dtype : {DType::F32, DType::F64}) {
+    Tensor x = random({3, 40, 33}, 1, dtype), w = random({33, 17}, 2, dtype), bias = random({17}, 3, dtype);
+    x.set_requires_grad(true), bias.set_requires_grad(true);
+    Tensor xg = gpu_leaf(x), bg = gpu_leaf(bias);
+    const Tensor up = random({40, 3, 17}, 4, dtype);
+    const double tolerance = (dtype == DType::F32 ? kF32Eps : 1e-16) * 2 * 33;
+    // A contiguous input (one GEMM, fused bias) and a permuted one (a GEMM per batch entry).
+    for (bool permuted : {false, true}) {
+      auto input = [&](const Tensor& t) { return permuted ? t.permute({1, 0, 2}) : t; };
+      Tensor y = engine::linear(input(x), w, bias, engine::WeightLayout::InOut);
+      Tensor yg = engine::linear(input(xg), w.to(kGpu), bg, engine::WeightLayout::InOut);
+      require_near(yg, y, tolerance, "linear");
+      x.zero_grad(), bias.zero_grad(), xg.zero_grad(), bg.zero_grad();
+      engine::sum(engine::mul(y, input(up.permute({1, 0, 2})))).backward();
+      engine::sum(engine::mul(yg, input(up.permute({1, 0, 2}).to(kGpu)))).backward();
+      require_near(xg.grad(), x.grad(), tolerance, "linear dx");
+      require_near(bg.grad(), bias.grad(), tolerance * 4, "linear dbias");
+    }
+  }
+}
+
 // ---------------------------------------------------------------- indexing
 
 TEST_CASE("cuda: embedding and index_select gather rows and scatter-add gradients", "[cuda][index]") {

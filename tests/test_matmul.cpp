@@ -76,6 +76,21 @@ TEST_CASE("linear in both weight layouts", "[matmul]") {
                     Catch::Contains("bias shape [4] for 5 outputs"));
 }
 
+TEST_CASE("linear adds its bias inside the GEMM in f32, for batched views and K = 0 too", "[matmul]") {
+  engine::Generator gen(5);
+  const Tensor w = Tensor::rand({6, 5}, gen, -1, 1), bias = Tensor::rand({5}, gen, -1, 1);
+  const Tensor base = Tensor::rand({3, 4, 6}, gen, -1, 1);
+  // Contiguous (one folded GEMM) and a permuted view (one GEMM per batch entry).
+  for (const Tensor& x : {base, base.permute({1, 0, 2})}) {
+    std::vector<double> want = naive_matmul(x, w);
+    const std::vector<double> b = bias.to_vector<double>();
+    for (size_t i = 0; i < want.size(); ++i) want[i] += b[i % 5];
+    testing::require_close(engine::linear(x, w, bias, engine::WeightLayout::InOut), want, 1e-5);
+  }
+  const Tensor empty = engine::linear(Tensor::zeros({2, 0}), Tensor::zeros({0, 5}), bias, engine::WeightLayout::InOut);
+  testing::require_close(empty.select(0, 1), bias.to_vector<double>(), 0);
+}
+
 TEST_CASE("matmul gradients match finite differences", "[matmul][grad]") {
   using V = const std::vector<Tensor>&;
   check_gradients([](V in) { return engine::matmul(in[0], in[1]); }, {random_f64({3, 4}, 1), random_f64({4, 5}, 2)});

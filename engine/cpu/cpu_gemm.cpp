@@ -48,6 +48,17 @@ void gemm_bf16(const GemmArgs& g, int64_t i) {
     for (int64_t col = 0; col < g.n; ++col) c[r * g.ldc + col] = float_to_bf16(wide[size_t(r * g.n + col)]);
 }
 
+// C[b][i, :] += bias for every batch entry and row.
+template <typename T>
+void add_bias(const GemmArgs& g) {
+  const T* bias = static_cast<const T*>(g.bias);
+  for (int64_t b = 0; b < g.batch; ++b)
+    for (int64_t i = 0; i < g.m; ++i) {
+      T* row = static_cast<T*>(g.c) + b * g.stride_c + i * g.ldc;
+      for (int64_t j = 0; j < g.n; ++j) row[j] += bias[j];
+    }
+}
+
 }  // namespace
 
 void CpuBackend::gemm(const GemmArgs& g) {
@@ -73,6 +84,11 @@ void CpuBackend::gemm(const GemmArgs& g) {
       fail("gemm: the CPU computes in f32, f64 or bf16, got {}", dtype_name(g.dtype));
     }
   }
+  if (!g.bias) return;
+  check(g.c_dtype == DType::F32 || g.c_dtype == DType::F64, "gemm: a bias needs an f32 or f64 output, got {}",
+        dtype_name(g.c_dtype));
+  if (g.c_dtype == DType::F32) add_bias<float>(g);
+  else add_bias<double>(g);
 }
 
 }  // namespace engine

@@ -109,7 +109,7 @@ class CudaBackend final : public Backend {
   void reduce(ReduceOp op, const View& out, const View& in) override;
   void argmax_last(const View& out, const View& in) override;
 
-  void gemm(const GemmArgs& args) override { cuda::gemm(ctx_, args); }
+  void gemm(const GemmArgs& args) override;
 
   // ---- indexing and fused nn kernels ----
 
@@ -275,6 +275,22 @@ void CudaBackend::argmax_last(const View& out, const View& in) {
   const auto [rows, cols] = rows_of(in);
   ctx_.check_launch(cuda::launch_argmax_last(ctx_.launch(), in.dtype, rows, cols, out.ptr<int64_t>(), in.data),
                     "argmax");
+}
+
+// ---- matrix multiply ----
+
+// A bias goes into the GEMM's epilogue where cuBLASLt has one for the case;
+// elsewhere (f64, batches) the rows get it in a second, broadcast pass.
+void CudaBackend::gemm(const GemmArgs& args) {
+  if (args.bias && cuda::gemm_bias_epilogue(ctx_, args)) return;
+  GemmArgs plain = args;
+  plain.bias = nullptr;
+  cuda::gemm(ctx_, plain);
+  if (!args.bias || args.m == 0 || args.n == 0) return;
+  const Shape shape{args.batch, args.m, args.n};
+  const View c{args.c, args.c_dtype, shape, {args.stride_c, args.ldc, 1}};
+  const View bias{const_cast<void*>(args.bias), args.c_dtype, shape, {0, 0, 1}};
+  binary(BinaryOp::Add, c, c, bias);
 }
 
 // ---- indexing ----

@@ -35,9 +35,6 @@ std::string format_bytes(size_t bytes) {
 
 namespace {
 
-// cuBLAS asks for a workspace on Hopper; 32 MiB is NVIDIA's recommendation.
-constexpr size_t kCublasWorkspaceBytes = size_t(32) << 20;
-
 // The device the calling thread last made current through us. cudaSetDevice
 // is cheap, but is called on every op; this skips it when nothing changed.
 // (Code that calls cudaSetDevice itself should switch back before using us.)
@@ -61,8 +58,9 @@ DeviceContext::DeviceContext(int index) : index_(index) {
 
   check_cublas(cublasCreate(&cublas_), index, "cublasCreate");
   check_cublas(cublasSetStream(cublas_, stream_), index, "cublasSetStream");
-  check_cuda(cudaMalloc(&cublas_workspace_, kCublasWorkspaceBytes), index, "allocating the cuBLAS workspace");
-  check_cublas(cublasSetWorkspace(cublas_, cublas_workspace_, kCublasWorkspaceBytes), index, "cublasSetWorkspace");
+  check_cuda(cudaMalloc(&cublas_workspace_, kGemmWorkspaceBytes), index, "allocating the cuBLAS workspace");
+  check_cublas(cublasSetWorkspace(cublas_, cublas_workspace_, kGemmWorkspaceBytes), index, "cublasSetWorkspace");
+  check_cublas(cublasLtCreate(&cublas_lt_), index, "cublasLtCreate");
 
   check_cuda(cudaMalloc(&device_flag_, sizeof(*device_flag_)), index, "allocating the index-check flag");
   check_cuda(cudaMallocHost(&host_flag_, sizeof(*host_flag_)), index, "allocating the index-check flag");

@@ -7,6 +7,7 @@
 #include "engine/cuda/kernels.h"
 #include "engine/cuda/cuda_backend.h"
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -32,6 +33,11 @@ class DeviceContext {
   int index() const { return index_; }
   cudaStream_t stream() const { return stream_; }
   cublasHandle_t cublas() const { return cublas_; }
+  cublasLtHandle_t cublas_lt() const { return cublas_lt_; }
+  // cuBLAS and cuBLASLt share one workspace (they run in order on the one
+  // stream); 32 MiB is NVIDIA's recommendation for Hopper.
+  void* gemm_workspace() const { return cublas_workspace_; }
+  static constexpr size_t kGemmWorkspaceBytes = size_t(32) << 20;
   // Makes this device current on the calling thread and returns what launchers need.
   LaunchContext launch() const;
 
@@ -61,6 +67,7 @@ class DeviceContext {
   int index_;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
+  cublasLtHandle_t cublas_lt_ = nullptr;
   cudaMemPool_t pool_ = nullptr;
   int sm_count_ = 1;
   bool sync_each_launch_ = false;
@@ -92,7 +99,10 @@ class Scratch {
   void* ptr_;
 };
 
-// cuBLAS GEMM for the backend (cuda_gemm.cpp).
+// cuBLAS GEMM for the backend (cuda_gemm.cpp), args.bias ignored.
 void gemm(DeviceContext& ctx, const GemmArgs& args);
+// The same with args.bias added by cuBLASLt's BIAS epilogue, in the GEMM's
+// own pass over C. False (nothing done) where cuBLASLt offers no such kernel.
+bool gemm_bias_epilogue(DeviceContext& ctx, const GemmArgs& args);
 
 }  // namespace engine::cuda

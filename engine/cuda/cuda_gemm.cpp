@@ -4,7 +4,8 @@
 // with row stride ld is, read column-major, its own transpose [c, r] with
 // leading dimension ld. So C = op(A) op(B) is computed as the column-major
 // product C^T = op(B)^T op(A)^T: the operands swap places, m and n swap, and
-// each keeps its own transpose flag. No data moves.
+// each keeps its own transpose flag. No data moves. A bias goes into the
+// epilogue of a cuBLASLt matmul (gemm_bias_epilogue), saving a pass over C.
 #include "engine/cuda/cuda_context.h"
 
 #include "engine/error.h"
@@ -83,6 +84,76 @@ void gemm(DeviceContext& ctx, const GemmArgs& g) {
                                         CUBLAS_GEMM_DEFAULT);
   }
   check_cublas(status, ctx.index(), "gemm");
+}
+
+namespace {
+
+// cuBLASLt's descriptors, destroyed at scope exit.
+struct LtMatmul {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+  cublasLtMatmulPreference_t preference = nullptr;
+  ~LtMatmul() {
+    if (preference) cublasLtMatmulPreferenceDestroy(preference);
+    for (cublasLtMatrixLayout_t layout : {a, b, c})
+      if (layout) cublasLtMatrixLayoutDestroy(layout);
+    if (desc) cublasLtMatmulDescDestroy(desc);
+  }
+};
+
+}  // namespace
+
+// The column-major product of gemm() above, C^T = op(B)^T op(A)^T, with the
+// bias in the epilogue: cuBLASLt adds a vector with one entry per row of its
+// (column-major) output, which is one per column n of our row-major C.
+bool gemm_bias_epilogue(DeviceContext& ctx, const GemmArgs& g) {
+  const bool fusable = g.bias && g.batch == 1 && g.beta == 0 && g.c_dtype == DType::F32 &&
+                       (g.dtype == DType::F32 || g.dtype == DType::BF16) && g.m > 0 && g.n > 0 && g.k > 0 &&
+                       fits_int(g.m) && fits_int(g.n) && fits_int(g.k);
+  if (!fusable) return false;
+  ProfileScope scope("gemm", 2.0 * double(g.m) * double(g.n) * double(g.k));
+  const GemmTypes types = gemm_types(g.dtype);
+  const cublasOperation_t op_first = g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasOperation_t op_second = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const uint64_t m = uint64_t(g.n), n = uint64_t(g.m), k = uint64_t(g.k);
+  const int index = ctx.index();
+  ctx.launch();
+
+  LtMatmul lt;
+  check_cublas(cublasLtMatmulDescCreate(&lt.desc, types.compute, CUDA_R_32F), index, "gemm (bias epilogue)");
+  auto set = [&](cublasLtMatmulDescAttributes_t attribute, const auto& value) {
+    check_cublas(cublasLtMatmulDescSetAttribute(lt.desc, attribute, &value, sizeof(value)), index,
+                 "gemm (bias epilogue)");
+  };
+  set(CUBLASLT_MATMUL_DESC_TRANSA, op_first);
+  set(CUBLASLT_MATMUL_DESC_TRANSB, op_second);
+  set(CUBLASLT_MATMUL_DESC_EPILOGUE, CUBLASLT_EPILOGUE_BIAS);
+  set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, g.bias);
+  set(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, CUDA_R_32F);
+  // Layouts as stored: a transposed operand is held with its dims swapped.
+  const bool first_n = op_first == CUBLAS_OP_N, second_n = op_second == CUBLAS_OP_N;
+  check_cublas(cublasLtMatrixLayoutCreate(&lt.a, types.storage, first_n ? m : k, first_n ? k : m, int64_t(g.ldb)),
+               index, "gemm (bias epilogue)");
+  check_cublas(cublasLtMatrixLayoutCreate(&lt.b, types.storage, second_n ? k : n, second_n ? n : k, int64_t(g.lda)),
+               index, "gemm (bias epilogue)");
+  check_cublas(cublasLtMatrixLayoutCreate(&lt.c, CUDA_R_32F, m, n, int64_t(g.ldc)), index, "gemm (bias epilogue)");
+
+  check_cublas(cublasLtMatmulPreferenceCreate(&lt.preference), index, "gemm (bias epilogue)");
+  const size_t workspace = DeviceContext::kGemmWorkspaceBytes;
+  check_cublas(cublasLtMatmulPreferenceSetAttribute(lt.preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                    &workspace, sizeof(workspace)),
+               index, "gemm (bias epilogue)");
+  cublasLtMatmulHeuristicResult_t heuristic{};
+  int found = 0;
+  if (cublasLtMatmulAlgoGetHeuristic(ctx.cublas_lt(), lt.desc, lt.a, lt.b, lt.c, lt.c, lt.preference, 1, &heuristic,
+                                     &found) != CUBLAS_STATUS_SUCCESS ||
+      found == 0)
+    return false;
+  const float alpha = float(g.alpha), beta = 0.f;
+  check_cublas(cublasLtMatmul(ctx.cublas_lt(), lt.desc, &alpha, g.b, lt.a, g.a, lt.b, &beta, g.c, lt.c, g.c, lt.c,
+                              &heuristic.algo, ctx.gemm_workspace(), workspace, ctx.stream()),
+               index, "gemm (bias epilogue)");
+  return true;
 }
 
 }  // namespace cuda

@@ -53,7 +53,8 @@ Operand operand(Tensor& t) {
 
 // out [batch..., M, N] = a [batch..., M, K] @ b [batch..., K, N]; b_shared: b is 2-D.
 // a and b share a dtype; out has it too, or is f32 for bf16 inputs.
-void gemm_into(const Tensor& out, Tensor a, Tensor b, int64_t batch, bool b_shared) {
+// A defined bias ([N], out's dtype, contiguous) is added to every row.
+void gemm_into(const Tensor& out, Tensor a, Tensor b, int64_t batch, bool b_shared, const Tensor& bias) {
   const int64_t M = a.size(-2), K = a.size(-1), N = b.size(-1);
   Operand A = operand(a), B = operand(b);
   GemmArgs g;
@@ -64,9 +65,11 @@ void gemm_into(const Tensor& out, Tensor a, Tensor b, int64_t batch, bool b_shar
   g.b = B.data, g.trans_b = B.transposed, g.ldb = B.ld, g.stride_b = b_shared ? 0 : B.batch_stride;
   g.c = out.data_ptr(), g.ldc = N, g.stride_c = M * N;
   g.batch = batch;
+  g.bias = bias.defined() ? bias.data_ptr() : nullptr;
   if (out.numel() == 0) return;
-  if (K == 0) {
-    Tensor(out).fill_(0.0);
+  if (K == 0) {  // an empty sum: C is the bias, or zeros
+    if (bias.defined()) Tensor(out).copy_(bias.expand(out.shape()));
+    else Tensor(out).fill_(0.0);
     return;
   }
   backend_for(out.device()).gemm(g);
@@ -74,9 +77,9 @@ void gemm_into(const Tensor& out, Tensor a, Tensor b, int64_t batch, bool b_shar
 
 Tensor in_dtype(const Tensor& t, DType dtype) { return t.dtype() == dtype ? t.detach() : t.detach().to(dtype); }
 
-// a @ b computed in `compute` (the operands converted to it, outside autograd)
-// and written in `out_dtype`. Shapes are matmul's, already checked.
-Tensor product(const Tensor& a, const Tensor& b, DType compute, DType out_dtype) {
+// a @ b (+ bias) computed in `compute` (the operands converted to it, outside
+// autograd) and written in `out_dtype`. Shapes are matmul's, already checked.
+Tensor product(const Tensor& a, const Tensor& b, DType compute, DType out_dtype, const Tensor& bias = Tensor()) {
   const bool b_shared = b.dim() == 2;
   Shape out_shape(a.shape().begin(), a.shape().end() - 2);
   int64_t batch = numel(out_shape);
@@ -89,7 +92,7 @@ Tensor product(const Tensor& a, const Tensor& b, DType compute, DType out_dtype)
     a_in = a_in.view({-1, a.size(-1)});
     batch = 1;
   }
-  gemm_into(out, a_in, in_dtype(b, compute), batch, b_shared);
+  gemm_into(out, a_in, in_dtype(b, compute), batch, b_shared, bias.defined() ? bias.detach().contiguous() : bias);
   return out;
 }
 
@@ -111,48 +114,64 @@ Precision precision_of(const Tensor& a, const Tensor& b) {
   return {a.dtype(), a.dtype()};
 }
 
-}  // namespace
-
-Tensor matmul(const Tensor& a, const Tensor& b) {
+void check_chain(const Tensor& a, const Tensor& b) {
   detail::check_floating(a, "matmul");
   detail::check_floating(b, "matmul");
-  const Precision precision = precision_of(a, b);
   check(a.dim() >= 2 && b.dim() >= 2, "matmul: needs rank >= 2, got shapes {} and {}", shape_str(a.shape()),
         shape_str(b.shape()));
   check(a.size(-1) == b.size(-2), "matmul: shapes {} and {} do not chain (K {} vs {})", shape_str(a.shape()),
         shape_str(b.shape()), a.size(-1), b.size(-2));
-  const bool b_shared = b.dim() == 2;
-  if (!b_shared) {
+  if (b.dim() > 2) {
     const Shape a_batch(a.shape().begin(), a.shape().end() - 2), b_batch(b.shape().begin(), b.shape().end() - 2);
     check(b_batch == a_batch, "matmul: batch dims differ, shapes {} and {}", shape_str(a.shape()),
           shape_str(b.shape()));
   }
-  Tensor out = product(a, b, precision.compute, precision.out);
+}
 
-  // Each gradient comes back in its input's dtype, multiplied at the forward's precision.
-  record(out, "matmul", {a, b}, [b_shared, compute = precision.compute](const Tensor& g, const Node& n) {
+// The backward of out = a @ b (+ bias, a third input): each gradient in its
+// input's dtype, multiplied at the forward's precision.
+Node::BackwardFn product_backward(DType compute) {
+  return [compute](const Tensor& g, const Node& n) {
     const Tensor &a = n.inputs[0], &b = n.inputs[1];
-    Tensor ga, gb;
-    if (n.needs_grad(0)) ga = product(g, b.transpose(-1, -2), compute, a.dtype());
+    const bool b_shared = b.dim() == 2;
+    std::vector<Tensor> grads(n.inputs.size());
+    if (n.needs_grad(0)) grads[0] = product(g, b.transpose(-1, -2), compute, a.dtype());
     if (n.needs_grad(1)) {  // the weight-gradient GEMM: skipped for frozen weights
-      gb = b_shared && a.dim() > 2
-               ? product(a.reshape({-1, a.size(-1)}).transpose(0, 1), g.reshape({-1, g.size(-1)}), compute, b.dtype())
-               : product(a.transpose(-1, -2), g, compute, b.dtype());
+      grads[1] = b_shared && a.dim() > 2 ? product(a.reshape({-1, a.size(-1)}).transpose(0, 1),
+                                                   g.reshape({-1, g.size(-1)}), compute, b.dtype())
+                                         : product(a.transpose(-1, -2), g, compute, b.dtype());
     }
-    return std::vector<Tensor>{ga, gb};
-  });
+    if (n.inputs.size() > 2 && n.needs_grad(2)) grads[2] = sum_to(g, n.inputs[2].shape()).to(n.inputs[2].dtype());
+    return grads;
+  };
+}
+
+}  // namespace
+
+Tensor matmul(const Tensor& a, const Tensor& b) {
+  check_chain(a, b);
+  const Precision precision = precision_of(a, b);
+  Tensor out = product(a, b, precision.compute, precision.out);
+  record(out, "matmul", {a, b}, product_backward(precision.compute));
   return out;
 }
 
+// One GEMM with the bias in its epilogue where the bias has the result's
+// dtype (f32 or f64); otherwise matmul, then add.
 Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias, WeightLayout layout) {
   check(weight.dim() == 2, "linear: weight must be 2-D, got shape {}", shape_str(weight.shape()));
-  Tensor y = matmul(x, layout == WeightLayout::InOut ? weight : weight.transpose(0, 1));
-  if (bias.defined()) {
-    check(bias.dim() == 1 && bias.size(0) == y.size(-1), "linear: bias shape {} for {} outputs",
-          shape_str(bias.shape()), y.size(-1));
-    y = add(y, bias);
-  }
-  return y;
+  const Tensor w = layout == WeightLayout::InOut ? weight : weight.transpose(0, 1);
+  if (!bias.defined()) return matmul(x, w);
+  check_chain(x, w);
+  check(bias.dim() == 1 && bias.size(0) == w.size(1), "linear: bias shape {} for {} outputs", shape_str(bias.shape()),
+        w.size(1));
+  const Precision precision = precision_of(x, w);
+  const bool fusable = bias.dtype() == precision.out && (precision.out == DType::F32 || precision.out == DType::F64) &&
+                       bias.device() == x.device();
+  if (!fusable) return add(matmul(x, w), bias);
+  Tensor out = product(x, w, precision.compute, precision.out, bias);
+  record(out, "linear", {x, w, bias}, product_backward(precision.compute));
+  return out;
 }
 
 }  // namespace engine
