@@ -8,88 +8,109 @@
 // probabilities draws each keep decision from Philox by the probability's
 // index, exactly as the CPU does, so the backward regenerates the mask.
 //
-// Two implementations:
-//   tiled:    head dim D <= 128 (GPT-2 has 64), f32 inputs on the CUDA cores
-//             or bf16 inputs on the tensor cores (attention_tiles.cuh), f32
-//             outputs either way. A block of 256 threads owns a 64-row tile
-//             and folds in 64 x 64 score tiles.
+// Three implementations:
+//   tiled:    f32 with head dim D <= 128 (GPT-2 has 64). A block of 256
+//             threads owns a 64-row tile; scores come in 64 x 64 tiles held
+//             in shared memory, each thread computing a 4 x 4 sub-tile
+//             (rows ty + 16a, columns tx + 16b for a, b < 4). D is padded to
+//             DMAX in {32, 64, 128} with zeros, so inner loops have fixed trip counts.
+//   bf16:     bf16 inputs with f32 outputs (mixed precision), D <= 128, on
+//             the tensor cores: attention_bf16.cu.
 //   fallback: any D, f32 or f64 (f64 is for gradient checks): one warp per
 //             row, scores one key at a time with warp-reduced dot products,
 //             accumulating straight into the output row. Slow but plain.
 // The backward is three kernels: delta_i = rowsum(dO * O), then dQ over
 // query tiles and dK/dV over key tiles, each recomputing P (and dP) on its
 // own, so that no gradient needs atomics and results are deterministic.
-#include "engine/cuda/attention_tiles.cuh"
-#include "engine/cuda/common.cuh"
-#include "engine/rng.h"
+#include "engine/cuda/attention_common.cuh"
 
 namespace engine::cuda {
 
 namespace {
 
-// One call's geometry, passed by value to every kernel.
-struct Problem {
-  int64_t H, Tq, Tk, D;
-  const int32_t* key_mask;  // [B, Tk] or null
-  bool causal;
-  int64_t causal_shift;  // Tk - Tq: query i sees keys j <= i + causal_shift
-  double dropout_p = 0;     // 0: no dropout
-  double keep_scale = 1;    // 1 / (1 - dropout_p)
-  uint64_t dropout_seed = 0, dropout_offset = 0;
+using attention::kTile;
+using attention::load_key_flags;
+using attention::probability;
+using attention::Problem;
+using attention::problem_of;
 
-  __device__ const int32_t* mask_row(int64_t bh) const { return key_mask ? key_mask + (bh / H) * Tk : nullptr; }
-  __device__ bool key_kept(const int32_t* mask, int64_t j) const { return !mask || mask[j] != 0; }
-  __device__ bool in_causal_window(int64_t i, int64_t j) const { return !causal || j <= i + causal_shift; }
-  // Keys at or past this index are in the future of every query below `query_end`.
-  __device__ int64_t key_end(int64_t query_end) const {
-    return causal ? max64(0, min64(Tk, query_end + causal_shift)) : Tk;
-  }
-  // What probability (i, j) of head bh is multiplied by after the softmax:
-  // 1 without dropout, else 1 / (1 - p) if kept and 0 if dropped.
-  template <typename T>
-  __device__ T dropout_factor(int64_t bh, int64_t i, int64_t j) const {
-    if (dropout_p <= 0) return T(1);
-    const uint64_t element = uint64_t(bh * Tq + i) * uint64_t(Tk) + uint64_t(j);
-    return double(philox_uniform(dropout_seed, dropout_offset, element)) >= dropout_p ? T(keep_scale) : T(0);
-  }
+// ======================= tiled kernels (f32, D <= 128) =======================
+
+constexpr int kSub = 16;                   // threads per tile side: thread (ty, tx) in a 16 x 16 grid
+constexpr int kPer = kTile / kSub;         // rows (and score columns) per thread: 4
+constexpr int kTileThreads = kSub * kSub;  // 256
+constexpr int kScoreLd = kTile + 1;        // +1 word per row: column reads from 16 rows hit 16 banks
+
+template <int DMAX>
+struct TileDims {
+  static constexpr int ld = DMAX + 1;        // padded row stride of a [64, D] tile in shared memory
+  static constexpr int cols = DMAX / kSub;   // output columns per thread: d = tx + 16c
+  static constexpr int tile_floats = kTile * ld;
+  static constexpr int score_floats = kTile * kScoreLd;
 };
 
-Problem problem_of(const AttentionShape& s) {
-  Problem p{s.H, s.Tq, s.Tk, s.D, s.key_mask, s.causal, s.Tk - s.Tq};
-  p.dropout_p = s.dropout_p;
-  p.keep_scale = 1.0 / (1.0 - s.dropout_p);
-  p.dropout_seed = s.dropout_seed;
-  p.dropout_offset = s.dropout_offset;
-  return p;
-}
-
-// ======================= tiled kernels (f32 or bf16 inputs, D <= 128) =======================
-
-using attention::kPer;
-using attention::kSub;
-using attention::kTile;
-using attention::kTileThreads;
-using attention::load_tile;
-using attention::row_any;
-using attention::row_max;
-using attention::row_sum;
-using attention::SmemCursor;
-using attention::Tiles;
-
-// Marks which keys of tile j0 are real (not padding, not past Tk); true when any is.
-__device__ __forceinline__ bool load_key_flags(bool* key_ok, const Problem& p, const int32_t* mask, int64_t j0) {
-  bool kept = false;
-  if (threadIdx.x < kTile) {
-    const int64_t j = j0 + threadIdx.x;
-    kept = j < p.Tk && p.key_kept(mask, j);
-    key_ok[threadIdx.x] = kept;
+// Rows row0 .. row0+63 of a contiguous [rows, D] matrix into a [64, DMAX]
+// shared tile, zero-filled past the last row and past D.
+template <int DMAX>
+__device__ __forceinline__ void load_tile(float* tile, const float* src, int64_t row0, int64_t rows, int64_t D) {
+  for (int e = threadIdx.x; e < kTile * DMAX; e += kTileThreads) {
+    const int r = e / DMAX, c = e % DMAX;
+    const int64_t row = row0 + r;
+    tile[r * TileDims<DMAX>::ld + c] = (row < rows && c < D) ? src[row * D + c] : 0.f;
   }
-  return __syncthreads_or(kept);
 }
+
+// s[a][b] = <A[row ty + 16a], B[row tx + 16b]> over the padded DMAX columns.
+template <int DMAX>
+__device__ __forceinline__ void tile_scores(float (&s)[kPer][kPer], const float* a_tile, const float* b_tile, int ty,
+                                            int tx) {
+  constexpr int ld = TileDims<DMAX>::ld;
+#pragma unroll
+  for (int a = 0; a < kPer; ++a)
+#pragma unroll
+    for (int b = 0; b < kPer; ++b) s[a][b] = 0.f;
+#pragma unroll 8
+  for (int d = 0; d < DMAX; ++d) {
+    float x[kPer], y[kPer];
+#pragma unroll
+    for (int a = 0; a < kPer; ++a) x[a] = a_tile[(ty + kSub * a) * ld + d];
+#pragma unroll
+    for (int b = 0; b < kPer; ++b) y[b] = b_tile[(tx + kSub * b) * ld + d];
+#pragma unroll
+    for (int a = 0; a < kPer; ++a)
+#pragma unroll
+      for (int b = 0; b < kPer; ++b) s[a][b] += x[a] * y[b];
+  }
+}
+
+// acc[a][c] += sum_k W[ty + 16a][k] * M[k][tx + 16c]: W a 64 x 64 score-like
+// tile (row stride kScoreLd), M a [64, DMAX] tile.
+template <int DMAX>
+__device__ __forceinline__ void tile_accumulate(float (&acc)[kPer][TileDims<DMAX>::cols], const float* w,
+                                                const float* m, int ty, int tx) {
+  constexpr int ld = TileDims<DMAX>::ld, cols = TileDims<DMAX>::cols;
+#pragma unroll 4
+  for (int k = 0; k < kTile; ++k) {
+    float x[kPer], y[cols];
+#pragma unroll
+    for (int a = 0; a < kPer; ++a) x[a] = w[(ty + kSub * a) * kScoreLd + k];
+#pragma unroll
+    for (int c = 0; c < cols; ++c) y[c] = m[k * ld + tx + kSub * c];
+#pragma unroll
+    for (int a = 0; a < kPer; ++a)
+#pragma unroll
+      for (int c = 0; c < cols; ++c) acc[a][c] += x[a] * y[c];
+  }
+}
+
+// Reductions over the 16 threads (tx) that share a tile row: half a warp.
+__device__ __forceinline__ float row_max(float v) { return warp_reduce<kSub>(v, MaxOp{}); }
+__device__ __forceinline__ float row_sum(float v) { return warp_reduce<kSub>(v, SumOp{}); }
+__device__ __forceinline__ bool row_any(bool v) { return warp_reduce<kSub>(int(v), MaxOp{}) != 0; }
 
 // Writes rows row0 .. row0+63 (those < rows, columns < D) of a [rows, D] output.
 template <int DMAX>
-__device__ __forceinline__ void store_rows(float* dst, const float (&acc)[kPer][DMAX / kSub],
+__device__ __forceinline__ void store_rows(float* dst, const float (&acc)[kPer][TileDims<DMAX>::cols],
                                            const float (&row_scale)[kPer], int64_t row0, int64_t rows, int64_t D,
                                            int ty, int tx) {
 #pragma unroll
@@ -97,7 +118,7 @@ __device__ __forceinline__ void store_rows(float* dst, const float (&acc)[kPer][
     const int64_t row = row0 + ty + kSub * a;
     if (row >= rows) continue;
 #pragma unroll
-    for (int c = 0; c < DMAX / kSub; ++c) {
+    for (int c = 0; c < TileDims<DMAX>::cols; ++c) {
       const int d = tx + kSub * c;
       if (d < D) dst[row * D + d] = acc[a][c] * row_scale[a];
     }
@@ -107,42 +128,41 @@ __device__ __forceinline__ void store_rows(float* dst, const float (&acc)[kPer][
 // One block per (batch * head, query tile). Per query row it keeps the
 // running max m, the running sum l of exp(s - m), and the output acc under
 // the same max; a key tile with a larger max rescales them (as the CPU does).
-template <typename In, int DMAX>
+template <int DMAX>
 __global__ void __launch_bounds__(kTileThreads) attention_forward_tiled(Problem p, float scale, float* out, float* lse,
-                                                                        const In* q, const In* k, const In* v) {
-  using T = Tiles<In, DMAX>;
-  extern __shared__ __align__(128) unsigned char smem[];
-  SmemCursor<In, DMAX> cursor{smem};
-  In* q_tile = cursor.tile();
-  In* k_tile = cursor.tile();
-  In* v_tile = cursor.tile();
-  typename T::Weight* probs = cursor.weight_tile();  // [query, key]
-  float* scratch = cursor.scratch();
+                                                                        const float* q, const float* k,
+                                                                        const float* v) {
+  using Dims = TileDims<DMAX>;
+  extern __shared__ float smem[];
+  float* q_tile = smem;
+  float* k_tile = q_tile + Dims::tile_floats;
+  float* v_tile = k_tile + Dims::tile_floats;
+  float* probs = v_tile + Dims::tile_floats;  // [query, key]
   __shared__ bool key_ok[kTile];
   const int tx = threadIdx.x % kSub, ty = threadIdx.x / kSub;
   const int64_t bh = blockIdx.x, i0 = int64_t(blockIdx.y) * kTile;
   const int32_t* mask = p.mask_row(bh);
-  load_tile<In, DMAX>(q_tile, q + bh * p.Tq * p.D, i0, p.Tq, p.D);
+  load_tile<DMAX>(q_tile, q + bh * p.Tq * p.D, i0, p.Tq, p.D);
 
-  float m[kPer], l[kPer], acc[kPer][T::cols];
+  float m[kPer], l[kPer], acc[kPer][Dims::cols];
   bool seen[kPer];  // decided by the mask alone, so NaN scores cannot pass for "no key"
 #pragma unroll
   for (int a = 0; a < kPer; ++a) {
     m[a] = -INFINITY, l[a] = 0.f, seen[a] = false;
 #pragma unroll
-    for (int c = 0; c < T::cols; ++c) acc[a][c] = 0.f;
+    for (int c = 0; c < Dims::cols; ++c) acc[a][c] = 0.f;
   }
 
   const int64_t key_end = p.key_end(i0 + kTile);
   for (int64_t j0 = 0; j0 < key_end; j0 += kTile) {
     __syncthreads();  // everyone is done reading the previous tile
     if (!load_key_flags(key_ok, p, mask, j0)) continue;  // all padding: skipped, as the CPU skips it
-    load_tile<In, DMAX>(k_tile, k + bh * p.Tk * p.D, j0, p.Tk, p.D);
-    load_tile<In, DMAX>(v_tile, v + bh * p.Tk * p.D, j0, p.Tk, p.D);
+    load_tile<DMAX>(k_tile, k + bh * p.Tk * p.D, j0, p.Tk, p.D);
+    load_tile<DMAX>(v_tile, v + bh * p.Tk * p.D, j0, p.Tk, p.D);
     __syncthreads();
 
     float s[kPer][kPer];
-    T::scores(s, q_tile, k_tile, ty, tx, scratch);
+    tile_scores<DMAX>(s, q_tile, k_tile, ty, tx);
 #pragma unroll
     for (int a = 0; a < kPer; ++a) {
       const int64_t i = i0 + ty + kSub * a;
@@ -167,7 +187,7 @@ __global__ void __launch_bounds__(kTileThreads) attention_forward_tiled(Problem 
       for (int b = 0; b < kPer; ++b) {
         const float prob = any ? expf(s[a][b] - new_max) : 0.f;  // a NaN score makes the row NaN, as it should
         const int jl = tx + kSub * b;
-        probs[(ty + kSub * a) * T::weight_ld + jl] = T::weight(prob * p.dropout_factor<float>(bh, i, j0 + jl));
+        probs[(ty + kSub * a) * kScoreLd + jl] = prob * p.dropout_factor<float>(bh, i, j0 + jl);
         sum += prob;  // the normaliser counts every probability, dropped or not
       }
       sum = row_sum(sum);
@@ -176,11 +196,11 @@ __global__ void __launch_bounds__(kTileThreads) attention_forward_tiled(Problem 
         m[a] = new_max;
         l[a] = l[a] * rescale + sum;
 #pragma unroll
-        for (int c = 0; c < T::cols; ++c) acc[a][c] *= rescale;
+        for (int c = 0; c < Dims::cols; ++c) acc[a][c] *= rescale;
       }
     }
     __syncthreads();
-    T::accumulate(acc, probs, v_tile, ty, tx, scratch);  // acc += P V
+    tile_accumulate<DMAX>(acc, probs, v_tile, ty, tx);  // acc += P V
   }
 
   float inverse[kPer];
@@ -193,54 +213,46 @@ __global__ void __launch_bounds__(kTileThreads) attention_forward_tiled(Problem 
   store_rows<DMAX>(out + bh * p.Tq * p.D, acc, inverse, i0, p.Tq, p.D, ty, tx);
 }
 
-// P = exp(scale * s - lse) where query i sees key j, else 0 (also for a
-// query that sees no key at all: its lse is -inf).
-__device__ __forceinline__ float probability(bool visible, float s, float scale, float row_lse) {
-  return visible && row_lse != -INFINITY ? expf(s * scale - row_lse) : 0.f;
-}
-
 // dQ for one (batch * head, query tile): dQ = dS K, dS = scale * P * (dP - delta),
 // dP = dO V^T * F, with F the dropout factors (1 without dropout).
-template <typename In, int DMAX>
+template <int DMAX>
 __global__ void __launch_bounds__(kTileThreads)
-    attention_backward_dq_tiled(Problem p, float scale, float* dq, const In* dout, const In* q, const In* k,
-                                const In* v, const float* lse, const float* delta) {
-  using T = Tiles<In, DMAX>;
-  extern __shared__ __align__(128) unsigned char smem[];
-  SmemCursor<In, DMAX> cursor{smem};
-  In* q_tile = cursor.tile();
-  In* do_tile = cursor.tile();
-  In* k_tile = cursor.tile();
-  In* v_tile = cursor.tile();
-  typename T::Weight* ds_tile = cursor.weight_tile();  // [query, key]
-  float* scratch = cursor.scratch();
+    attention_backward_dq_tiled(Problem p, float scale, float* dq, const float* dout, const float* q, const float* k,
+                                const float* v, const float* lse, const float* delta) {
+  using Dims = TileDims<DMAX>;
+  extern __shared__ float smem[];
+  float* q_tile = smem;
+  float* do_tile = q_tile + Dims::tile_floats;
+  float* k_tile = do_tile + Dims::tile_floats;
+  float* v_tile = k_tile + Dims::tile_floats;
+  float* ds_tile = v_tile + Dims::tile_floats;  // [query, key]
   __shared__ bool key_ok[kTile];
   const int tx = threadIdx.x % kSub, ty = threadIdx.x / kSub;
   const int64_t bh = blockIdx.x, i0 = int64_t(blockIdx.y) * kTile;
   const int32_t* mask = p.mask_row(bh);
-  load_tile<In, DMAX>(q_tile, q + bh * p.Tq * p.D, i0, p.Tq, p.D);
-  load_tile<In, DMAX>(do_tile, dout + bh * p.Tq * p.D, i0, p.Tq, p.D);
+  load_tile<DMAX>(q_tile, q + bh * p.Tq * p.D, i0, p.Tq, p.D);
+  load_tile<DMAX>(do_tile, dout + bh * p.Tq * p.D, i0, p.Tq, p.D);
 
-  float row_lse[kPer], row_delta[kPer], acc[kPer][T::cols];
+  float row_lse[kPer], row_delta[kPer], acc[kPer][Dims::cols];
 #pragma unroll
   for (int a = 0; a < kPer; ++a) {
     const int64_t i = i0 + ty + kSub * a;
     row_lse[a] = i < p.Tq ? lse[bh * p.Tq + i] : -INFINITY;
     row_delta[a] = i < p.Tq ? delta[bh * p.Tq + i] : 0.f;
 #pragma unroll
-    for (int c = 0; c < T::cols; ++c) acc[a][c] = 0.f;
+    for (int c = 0; c < Dims::cols; ++c) acc[a][c] = 0.f;
   }
 
   const int64_t key_end = p.key_end(i0 + kTile);
   for (int64_t j0 = 0; j0 < key_end; j0 += kTile) {
     __syncthreads();
     if (!load_key_flags(key_ok, p, mask, j0)) continue;
-    load_tile<In, DMAX>(k_tile, k + bh * p.Tk * p.D, j0, p.Tk, p.D);
-    load_tile<In, DMAX>(v_tile, v + bh * p.Tk * p.D, j0, p.Tk, p.D);
+    load_tile<DMAX>(k_tile, k + bh * p.Tk * p.D, j0, p.Tk, p.D);
+    load_tile<DMAX>(v_tile, v + bh * p.Tk * p.D, j0, p.Tk, p.D);
     __syncthreads();
     float s[kPer][kPer], dp[kPer][kPer];
-    T::scores(s, q_tile, k_tile, ty, tx, scratch);
-    T::scores(dp, do_tile, v_tile, ty, tx, scratch);
+    tile_scores<DMAX>(s, q_tile, k_tile, ty, tx);
+    tile_scores<DMAX>(dp, do_tile, v_tile, ty, tx);
 #pragma unroll
     for (int a = 0; a < kPer; ++a) {
       const int64_t i = i0 + ty + kSub * a;
@@ -250,11 +262,11 @@ __global__ void __launch_bounds__(kTileThreads)
         const bool visible = key_ok[jl] && i < p.Tq && p.in_causal_window(i, j0 + jl);
         const float prob = probability(visible, s[a][b], scale, row_lse[a]);
         const float factor = p.dropout_factor<float>(bh, i, j0 + jl);
-        ds_tile[(ty + kSub * a) * T::weight_ld + jl] = T::weight(scale * prob * (dp[a][b] * factor - row_delta[a]));
+        ds_tile[(ty + kSub * a) * kScoreLd + jl] = scale * prob * (dp[a][b] * factor - row_delta[a]);
       }
     }
     __syncthreads();
-    T::accumulate(acc, ds_tile, k_tile, ty, tx, scratch);  // dQ += dS K
+    tile_accumulate<DMAX>(acc, ds_tile, k_tile, ty, tx);  // dQ += dS K
   }
   const float one[kPer] = {1.f, 1.f, 1.f, 1.f};
   store_rows<DMAX>(dq + bh * p.Tq * p.D, acc, one, i0, p.Tq, p.D, ty, tx);
@@ -263,20 +275,18 @@ __global__ void __launch_bounds__(kTileThreads)
 // dK and dV for one (batch * head, key tile): dV = (P * F)^T dO, dK = dS^T Q. Here
 // the thread grid's rows are keys and its score columns are queries, so the
 // tiles below hold P^T and dS^T.
-template <typename In, int DMAX>
+template <int DMAX>
 __global__ void __launch_bounds__(kTileThreads)
-    attention_backward_dkv_tiled(Problem p, float scale, float* dk, float* dv, const In* dout, const In* q,
-                                 const In* k, const In* v, const float* lse, const float* delta) {
-  using T = Tiles<In, DMAX>;
-  extern __shared__ __align__(128) unsigned char smem[];
-  SmemCursor<In, DMAX> cursor{smem};
-  In* k_tile = cursor.tile();
-  In* v_tile = cursor.tile();
-  In* q_tile = cursor.tile();
-  In* do_tile = cursor.tile();
-  typename T::Weight* p_tile = cursor.weight_tile();   // [key, query]
-  typename T::Weight* ds_tile = cursor.weight_tile();  // [key, query]
-  float* scratch = cursor.scratch();
+    attention_backward_dkv_tiled(Problem p, float scale, float* dk, float* dv, const float* dout, const float* q,
+                                 const float* k, const float* v, const float* lse, const float* delta) {
+  using Dims = TileDims<DMAX>;
+  extern __shared__ float smem[];
+  float* k_tile = smem;
+  float* v_tile = k_tile + Dims::tile_floats;
+  float* q_tile = v_tile + Dims::tile_floats;
+  float* do_tile = q_tile + Dims::tile_floats;
+  float* p_tile = do_tile + Dims::tile_floats;  // [key, query]
+  float* ds_tile = p_tile + Dims::score_floats;  // [key, query]
   __shared__ bool key_ok[kTile];
   __shared__ float tile_lse[kTile], tile_delta[kTile];
   const int tx = threadIdx.x % kSub, ty = threadIdx.x / kSub;
@@ -284,22 +294,22 @@ __global__ void __launch_bounds__(kTileThreads)
   const bool need_ds = dk != nullptr;  // dV alone needs only P
   const int32_t* mask = p.mask_row(bh);
 
-  float dk_acc[kPer][T::cols], dv_acc[kPer][T::cols];
+  float dk_acc[kPer][Dims::cols], dv_acc[kPer][Dims::cols];
 #pragma unroll
   for (int a = 0; a < kPer; ++a)
 #pragma unroll
-    for (int c = 0; c < T::cols; ++c) dk_acc[a][c] = dv_acc[a][c] = 0.f;
+    for (int c = 0; c < Dims::cols; ++c) dk_acc[a][c] = dv_acc[a][c] = 0.f;
 
   // A tile of padding keys gets zero gradient without reading any query.
   if (load_key_flags(key_ok, p, mask, j0)) {
-    load_tile<In, DMAX>(k_tile, k + bh * p.Tk * p.D, j0, p.Tk, p.D);
-    load_tile<In, DMAX>(v_tile, v + bh * p.Tk * p.D, j0, p.Tk, p.D);
+    load_tile<DMAX>(k_tile, k + bh * p.Tk * p.D, j0, p.Tk, p.D);
+    load_tile<DMAX>(v_tile, v + bh * p.Tk * p.D, j0, p.Tk, p.D);
     // Under causal masking, queries before j0 - shift see none of these keys.
     const int64_t first_query = p.causal ? max64(0, j0 - p.causal_shift) : 0;
     for (int64_t i0 = first_query / kTile * kTile; i0 < p.Tq; i0 += kTile) {
       __syncthreads();  // everyone is done with the previous query tile
-      load_tile<In, DMAX>(q_tile, q + bh * p.Tq * p.D, i0, p.Tq, p.D);
-      load_tile<In, DMAX>(do_tile, dout + bh * p.Tq * p.D, i0, p.Tq, p.D);
+      load_tile<DMAX>(q_tile, q + bh * p.Tq * p.D, i0, p.Tq, p.D);
+      load_tile<DMAX>(do_tile, dout + bh * p.Tq * p.D, i0, p.Tq, p.D);
       if (threadIdx.x < kTile) {
         const int64_t i = i0 + threadIdx.x;
         tile_lse[threadIdx.x] = i < p.Tq ? lse[bh * p.Tq + i] : -INFINITY;
@@ -307,8 +317,8 @@ __global__ void __launch_bounds__(kTileThreads)
       }
       __syncthreads();
       float s[kPer][kPer], dp[kPer][kPer];
-      T::scores(s, k_tile, q_tile, ty, tx, scratch);                 // s[a][b] = <k_j, q_i>
-      if (need_ds) T::scores(dp, v_tile, do_tile, ty, tx, scratch);  // dp[a][b] = <v_j, dO_i>
+      tile_scores<DMAX>(s, k_tile, q_tile, ty, tx);                 // s[a][b] = <k_j, q_i>
+      if (need_ds) tile_scores<DMAX>(dp, v_tile, do_tile, ty, tx);  // dp[a][b] = <v_j, dO_i>
 #pragma unroll
       for (int a = 0; a < kPer; ++a) {
         const int jl = ty + kSub * a;
@@ -319,14 +329,13 @@ __global__ void __launch_bounds__(kTileThreads)
           const bool visible = key_ok[jl] && i < p.Tq && p.in_causal_window(i, j0 + jl);
           const float prob = probability(visible, s[a][b], scale, tile_lse[il]);
           const float factor = p.dropout_factor<float>(bh, i, j0 + jl);
-          p_tile[jl * T::weight_ld + il] = T::weight(prob * factor);
-          if (need_ds)
-            ds_tile[jl * T::weight_ld + il] = T::weight(scale * prob * (dp[a][b] * factor - tile_delta[il]));
+          p_tile[jl * kScoreLd + il] = prob * factor;
+          if (need_ds) ds_tile[jl * kScoreLd + il] = scale * prob * (dp[a][b] * factor - tile_delta[il]);
         }
       }
       __syncthreads();
-      T::accumulate(dv_acc, p_tile, do_tile, ty, tx, scratch);              // dV += (P * F)^T dO
-      if (need_ds) T::accumulate(dk_acc, ds_tile, q_tile, ty, tx, scratch);  // dK += dS^T Q
+      tile_accumulate<DMAX>(dv_acc, p_tile, do_tile, ty, tx);              // dV += (P * F)^T dO
+      if (need_ds) tile_accumulate<DMAX>(dk_acc, ds_tile, q_tile, ty, tx);  // dK += dS^T Q
     }
   }
   const float one[kPer] = {1.f, 1.f, 1.f, 1.f};
@@ -441,46 +450,19 @@ __global__ void attention_backward_dkv_fallback(Problem p, T scale, T* dk, T* dv
   }
 }
 
-// delta_i = <dO_i, O_i>, the softmax backward's correction term; one warp per
-// row. dO is the kernels' input type, O their output type.
-template <typename In, typename T>
-__global__ void attention_delta_kernel(int64_t rows, int64_t D, T* delta, const In* dout, const T* out) {
-  const int64_t row = int64_t(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
-  if (row >= rows) return;
-  T sum = 0;
-  for (int64_t d = threadIdx.x % 32; d < D; d += 32) sum += T(dout[row * D + d]) * out[row * D + d];
-  sum = warp_reduce(sum, SumOp{});
-  if (threadIdx.x % 32 == 0) delta[row] = sum;
-}
-
 // ======================= dispatch =======================
 
-// bf16 inputs always take the tiled kernels: CudaBackend widens them to f32 for D > 128.
-bool use_tiled(DType dtype, int64_t D) { return (dtype == DType::F32 || dtype == DType::BF16) && D <= 128; }
+bool use_tiled(DType dtype, int64_t D) { return dtype == DType::F32 && D <= 128; }
 
-// Calls fn(In{}, std::integral_constant<int, DMAX>{}) for the input type and
-// the smallest padded head size that holds D.
+// Calls fn(std::integral_constant<int, DMAX>) for the smallest padded head size that holds D.
 template <typename Fn>
-void dispatch_tiled(DType dtype, int64_t D, Fn&& fn) {
-  auto by_head_size = [&](auto in) {
-    if (D <= 32) fn(in, std::integral_constant<int, 32>{});
-    else if (D <= 64) fn(in, std::integral_constant<int, 64>{});
-    else fn(in, std::integral_constant<int, 128>{});
-  };
-  if (dtype == DType::BF16) by_head_size(__nv_bfloat16{});
-  else by_head_size(float{});
+void by_head_size(int64_t D, Fn&& fn) {
+  if (D <= 32) fn(std::integral_constant<int, 32>{});
+  else if (D <= 64) fn(std::integral_constant<int, 64>{});
+  else fn(std::integral_constant<int, 128>{});
 }
 
-// Dynamic shared memory above 48 KiB must be asked for, per kernel.
-template <typename Kernel>
-cudaError_t launch_with_smem(Kernel kernel, dim3 grid, size_t smem, cudaStream_t stream, auto... args) {
-  cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  if (status != cudaSuccess) return status;
-  kernel<<<grid, kTileThreads, smem, stream>>>(args...);
-  return cudaGetLastError();
-}
-
-bool grid_fits(int64_t bh, int64_t tiles) { return bh <= int64_t(INT32_MAX) && tiles <= 65535; }
+using attention::grid_fits;
 
 }  // namespace
 
@@ -489,17 +471,23 @@ cudaError_t launch_attention_forward(const LaunchContext& ctx, DType dtype, cons
   const Problem p = problem_of(shape);
   const int64_t bh = shape.B * shape.H;
   if (bh == 0 || shape.Tq == 0) return cudaSuccess;
+  if (dtype == DType::BF16) {
+    using bf16 = __nv_bfloat16;
+    return attention::launch_forward_bf16(ctx, shape, static_cast<float*>(out), lse, static_cast<const bf16*>(q),
+                                          static_cast<const bf16*>(k), static_cast<const bf16*>(v));
+  }
   if (use_tiled(dtype, shape.D)) {
     const int64_t tiles = (shape.Tq + kTile - 1) / kTile;
     if (!grid_fits(bh, tiles)) return cudaErrorInvalidConfiguration;
     cudaError_t status = cudaSuccess;
-    dispatch_tiled(dtype, shape.D, [&](auto in, auto dmax) {
-      using In = decltype(in);
+    by_head_size(shape.D, [&](auto dmax) {
       constexpr int DMAX = decltype(dmax)::value;
-      status = launch_with_smem(attention_forward_tiled<In, DMAX>, dim3(unsigned(bh), unsigned(tiles)),
-                                attention::smem_bytes<In, DMAX>(3, 1), ctx.stream, p, float(shape.scale),
-                                static_cast<float*>(out), lse, static_cast<const In*>(q), static_cast<const In*>(k),
-                                static_cast<const In*>(v));
+      using Dims = TileDims<DMAX>;
+      status = attention::launch_with_smem(attention_forward_tiled<DMAX>, dim3(unsigned(bh), unsigned(tiles)),
+                                           kTileThreads, sizeof(float) * (3 * Dims::tile_floats + Dims::score_floats),
+                                           ctx.stream, p, float(shape.scale), static_cast<float*>(out), lse,
+                                           static_cast<const float*>(q), static_cast<const float*>(k),
+                                           static_cast<const float*>(v));
     });
     return status;
   }
@@ -521,6 +509,13 @@ size_t attention_backward_scratch_bytes(DType dtype, const AttentionShape& shape
 cudaError_t launch_attention_backward(const LaunchContext& ctx, DType dtype, const AttentionShape& shape, void* dq,
                                       void* dk, void* dv, const void* dout, const void* q, const void* k,
                                       const void* v, const void* out, const float* lse, void* scratch) {
+  if (dtype == DType::BF16) {
+    using bf16 = __nv_bfloat16;
+    return attention::launch_backward_bf16(
+        ctx, shape, static_cast<float*>(dq), static_cast<float*>(dk), static_cast<float*>(dv),
+        static_cast<const bf16*>(dout), static_cast<const bf16*>(q), static_cast<const bf16*>(k),
+        static_cast<const bf16*>(v), static_cast<const float*>(out), lse, static_cast<float*>(scratch));
+  }
   const Problem p = problem_of(shape);
   const int64_t bh = shape.B * shape.H;
   if (bh == 0 || (!dq && !dk && !dv)) return cudaSuccess;
@@ -528,44 +523,38 @@ cudaError_t launch_attention_backward(const LaunchContext& ctx, DType dtype, con
   const int64_t q_blocks = tiled ? (shape.Tq + kTile - 1) / kTile : (shape.Tq + kFallbackWarps - 1) / kFallbackWarps;
   const int64_t k_blocks = tiled ? (shape.Tk + kTile - 1) / kTile : (shape.Tk + kFallbackWarps - 1) / kFallbackWarps;
   if (!grid_fits(bh, q_blocks) || !grid_fits(bh, k_blocks)) return cudaErrorInvalidConfiguration;
-  const int64_t rows = bh * shape.Tq;
-  const unsigned delta_blocks = unsigned((rows + kThreads / 32 - 1) / (kThreads / 32));
-  const bool need_delta = rows > 0 && (dq || dk);  // dV alone needs no delta
 
-  if (tiled) {
-    cudaError_t status = cudaSuccess;
-    dispatch_tiled(dtype, shape.D, [&](auto in, auto dmax) {
-      using In = decltype(in);
-      constexpr int DMAX = decltype(dmax)::value;
-      const In *tq = static_cast<const In*>(q), *tk = static_cast<const In*>(k), *tv = static_cast<const In*>(v);
-      const In* tdout = static_cast<const In*>(dout);
-      float* delta = static_cast<float*>(scratch);
-      const float scale = float(shape.scale);
-      if (need_delta) {
-        attention_delta_kernel<<<delta_blocks, kThreads, 0, ctx.stream>>>(rows, shape.D, delta, tdout,
-                                                                          static_cast<const float*>(out));
-        status = cudaGetLastError();
-      }
-      if (dq && q_blocks > 0 && status == cudaSuccess)
-        status = launch_with_smem(attention_backward_dq_tiled<In, DMAX>, dim3(unsigned(bh), unsigned(q_blocks)),
-                                  attention::smem_bytes<In, DMAX>(4, 1), ctx.stream, p, scale,
-                                  static_cast<float*>(dq), tdout, tq, tk, tv, lse, delta);
-      if ((dk || dv) && k_blocks > 0 && status == cudaSuccess)
-        status = launch_with_smem(attention_backward_dkv_tiled<In, DMAX>, dim3(unsigned(bh), unsigned(k_blocks)),
-                                  attention::smem_bytes<In, DMAX>(4, 2), ctx.stream, p, scale,
-                                  static_cast<float*>(dk), static_cast<float*>(dv), tdout, tq, tk, tv, lse, delta);
-    });
-    return status;
-  }
-
+  cudaError_t status = cudaSuccess;
   dispatch_floating(dtype, [&](auto zero) {
     using T = decltype(zero);
     T* delta = static_cast<T*>(scratch);
     const T *tq = static_cast<const T*>(q), *tk = static_cast<const T*>(k), *tv = static_cast<const T*>(v);
     const T* tdout = static_cast<const T*>(dout);
-    if (need_delta)
-      attention_delta_kernel<<<delta_blocks, kThreads, 0, ctx.stream>>>(rows, shape.D, delta, tdout,
-                                                                        static_cast<const T*>(out));
+    if (dq || dk)  // dV alone needs no delta
+      status = attention::launch_delta(ctx, bh * shape.Tq, shape.D, delta, tdout, static_cast<const T*>(out));
+    if (status != cudaSuccess) return;
+    if constexpr (std::is_same_v<T, float>) {
+      if (tiled) {
+        by_head_size(shape.D, [&](auto dmax) {
+          constexpr int DMAX = decltype(dmax)::value;
+          using Dims = TileDims<DMAX>;
+          const float scale = float(shape.scale);
+          if (dq && q_blocks > 0 && status == cudaSuccess)
+            status = attention::launch_with_smem(attention_backward_dq_tiled<DMAX>,
+                                                 dim3(unsigned(bh), unsigned(q_blocks)), kTileThreads,
+                                                 sizeof(float) * (4 * Dims::tile_floats + Dims::score_floats),
+                                                 ctx.stream, p, scale, static_cast<float*>(dq), tdout, tq, tk, tv,
+                                                 lse, delta);
+          if ((dk || dv) && k_blocks > 0 && status == cudaSuccess)
+            status = attention::launch_with_smem(attention_backward_dkv_tiled<DMAX>,
+                                                 dim3(unsigned(bh), unsigned(k_blocks)), kTileThreads,
+                                                 sizeof(float) * (4 * Dims::tile_floats + 2 * Dims::score_floats),
+                                                 ctx.stream, p, scale, static_cast<float*>(dk),
+                                                 static_cast<float*>(dv), tdout, tq, tk, tv, lse, delta);
+        });
+        return;
+      }
+    }
     const int threads = kFallbackWarps * 32;
     if (dq && q_blocks > 0)
       attention_backward_dq_fallback<<<dim3(unsigned(bh), unsigned(q_blocks)), threads, 0, ctx.stream>>>(
@@ -573,8 +562,9 @@ cudaError_t launch_attention_backward(const LaunchContext& ctx, DType dtype, con
     if ((dk || dv) && k_blocks > 0)
       attention_backward_dkv_fallback<<<dim3(unsigned(bh), unsigned(k_blocks)), threads, 0, ctx.stream>>>(
           p, T(shape.scale), static_cast<T*>(dk), static_cast<T*>(dv), tdout, tq, tk, tv, lse, delta);
+    status = cudaGetLastError();
   });
-  return cudaGetLastError();
+  return status;
 }
 
 }  // namespace engine::cuda

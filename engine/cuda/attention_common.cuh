@@ -1,0 +1,109 @@
+// What the two families of attention kernels share: attention.cu (f32 and
+// f64 inputs, CUDA cores) and attention_bf16.cu (bf16 inputs, tensor cores).
+// Problem holds one call's geometry and the masking and dropout rules of
+// engine/backend.h's AttentionArgs; the launchers below are the bf16 family's
+// entry points, which attention.cu's launchers call for bf16 inputs.
+#pragma once
+
+#include "engine/cuda/common.cuh"
+#include "engine/rng.h"
+
+namespace engine::cuda::attention {
+
+constexpr int kTile = 64;  // queries or keys per block tile
+
+// One call's geometry, passed by value to every kernel.
+struct Problem {
+  int64_t H, Tq, Tk, D;
+  const int32_t* key_mask;  // [B, Tk] or null
+  bool causal;
+  int64_t causal_shift;   // Tk - Tq: query i sees keys j <= i + causal_shift
+  double dropout_p = 0;   // 0: no dropout
+  double keep_scale = 1;  // 1 / (1 - dropout_p)
+  uint64_t dropout_seed = 0, dropout_offset = 0;
+
+  __device__ const int32_t* mask_row(int64_t bh) const { return key_mask ? key_mask + (bh / H) * Tk : nullptr; }
+  __device__ bool key_kept(const int32_t* mask, int64_t j) const { return !mask || mask[j] != 0; }
+  __device__ bool in_causal_window(int64_t i, int64_t j) const { return !causal || j <= i + causal_shift; }
+  // Keys at or past this index are in the future of every query below `query_end`.
+  __device__ int64_t key_end(int64_t query_end) const {
+    return causal ? max64(0, min64(Tk, query_end + causal_shift)) : Tk;
+  }
+  // What probability (i, j) of head bh is multiplied by after the softmax:
+  // 1 without dropout, else 1 / (1 - p) if kept and 0 if dropped.
+  template <typename T>
+  __device__ T dropout_factor(int64_t bh, int64_t i, int64_t j) const {
+    if (dropout_p <= 0) return T(1);
+    const uint64_t element = uint64_t(bh * Tq + i) * uint64_t(Tk) + uint64_t(j);
+    return double(philox_uniform(dropout_seed, dropout_offset, element)) >= dropout_p ? T(keep_scale) : T(0);
+  }
+};
+
+inline Problem problem_of(const AttentionShape& s) {
+  Problem p{s.H, s.Tq, s.Tk, s.D, s.key_mask, s.causal, s.Tk - s.Tq};
+  p.dropout_p = s.dropout_p;
+  p.keep_scale = 1.0 / (1.0 - s.dropout_p);
+  p.dropout_seed = s.dropout_seed;
+  p.dropout_offset = s.dropout_offset;
+  return p;
+}
+
+// Marks which keys of tile j0 are real (not padding, not past Tk); true when
+// any is. A block-wide barrier: every thread of the block must call it.
+__device__ __forceinline__ bool load_key_flags(bool* key_ok, const Problem& p, const int32_t* mask, int64_t j0) {
+  bool kept = false;
+  if (threadIdx.x < kTile) {
+    const int64_t j = j0 + threadIdx.x;
+    kept = j < p.Tk && p.key_kept(mask, j);
+    key_ok[threadIdx.x] = kept;
+  }
+  return __syncthreads_or(kept);
+}
+
+// P = exp(scale * s - lse) where query i sees key j, else 0 (also for a
+// query that sees no key at all: its lse is -inf).
+__device__ __forceinline__ float probability(bool visible, float s, float scale, float row_lse) {
+  return visible && row_lse != -INFINITY ? expf(s * scale - row_lse) : 0.f;
+}
+
+// delta_i = <dO_i, O_i>, the softmax backward's correction term; one warp per
+// row. dO has the kernels' input type, O their output type T.
+template <typename In, typename T>
+__global__ void delta_kernel(int64_t rows, int64_t D, T* delta, const In* dout, const T* out) {
+  const int64_t row = int64_t(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
+  if (row >= rows) return;
+  T sum = 0;
+  for (int64_t d = threadIdx.x % 32; d < D; d += 32) sum += T(dout[row * D + d]) * out[row * D + d];
+  sum = warp_reduce(sum, SumOp{});
+  if (threadIdx.x % 32 == 0) delta[row] = sum;
+}
+
+template <typename In, typename T>
+cudaError_t launch_delta(const LaunchContext& ctx, int64_t rows, int64_t D, T* delta, const In* dout, const T* out) {
+  if (rows == 0) return cudaSuccess;
+  const unsigned blocks = unsigned((rows + kThreads / 32 - 1) / (kThreads / 32));
+  delta_kernel<<<blocks, kThreads, 0, ctx.stream>>>(rows, D, delta, dout, out);
+  return cudaGetLastError();
+}
+
+// Dynamic shared memory above 48 KiB must be asked for, per kernel.
+template <typename Kernel>
+cudaError_t launch_with_smem(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream, auto... args) {
+  cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  if (status != cudaSuccess) return status;
+  kernel<<<grid, threads, smem, stream>>>(args...);
+  return cudaGetLastError();
+}
+
+inline bool grid_fits(int64_t bh, int64_t tiles) { return bh <= int64_t(INT32_MAX) && tiles <= 65535; }
+
+// ---- the bf16 tensor-core family (attention_bf16.cu), head dim D <= 128 ----
+// q, k, v (and dO) bf16 [B, H, T, D]; out, dq, dk, dv f32. delta: f32 [B * H * Tq] scratch.
+cudaError_t launch_forward_bf16(const LaunchContext& ctx, const AttentionShape& shape, float* out, float* lse,
+                                const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v);
+cudaError_t launch_backward_bf16(const LaunchContext& ctx, const AttentionShape& shape, float* dq, float* dk,
+                                 float* dv, const __nv_bfloat16* dout, const __nv_bfloat16* q,
+                                 const __nv_bfloat16* k, const __nv_bfloat16* v, const float* out, const float* lse,
+                                 float* delta);
+
+}  // namespace engine::cuda::attention
