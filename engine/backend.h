@@ -52,9 +52,13 @@ struct GemmArgs {
   int64_t ldc = 0, stride_c = 0;
   int64_t batch = 1;
   double alpha = 1, beta = 0;
-  // Optional [n] vector in C's dtype (f32 or f64), added to every row of C
-  // after the product; with beta == 0. A GPU adds it in the GEMM's epilogue.
-  const void* bias = nullptr;
+  // Epilogue, applied after the product (with beta == 0), in C's dtype (f32
+  // or f64); a GPU applies it in the GEMM's own pass over C where it can:
+  const void* bias = nullptr;  // optional [n] vector added to every row of C
+  // GPT-2's GELU (gelu_new, the tanh form) last: C = gelu(AB + bias). Then
+  // pre_gelu, laid out as C, must be given: it receives AB + bias, which the backward needs.
+  bool gelu = false;
+  void* pre_gelu = nullptr;
 };
 
 // How attention masks, scales and drops its scores. Query i sees key j when the

@@ -60,6 +60,8 @@ Tensor matmul(const Tensor& a, const Tensor& b);
 enum class WeightLayout { OutIn, InOut };
 // y = x W^T + b (OutIn) or x W + b (InOut); bias may be undefined.
 Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias, WeightLayout layout);
+// gelu_new(linear(x, weight, bias)), with the bias and GELU in the GEMM's epilogue.
+Tensor linear_gelu(const Tensor& x, const Tensor& weight, const Tensor& bias, WeightLayout layout);
 
 // ---- indexing (ops/index.cpp) ----
 Tensor index_select(const Tensor& a, int64_t dim, const Tensor& index);  // index: i32/i64 1-D

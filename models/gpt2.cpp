@@ -77,7 +77,11 @@ GPT2MLP::GPT2MLP(const GPT2Config& config, const VarBuilder& vb, engine::Generat
 }
 
 Tensor GPT2MLP::forward(const Tensor& x) {
-  return child("dropout")(child("c_proj")(engine::gelu_new(child("c_fc")(x))));
+  // A plain c_fc takes its GELU in the GEMM's epilogue; an adapter in its place composes the two.
+  const auto* fc = dynamic_cast<const Linear*>(&child("c_fc"));
+  Tensor h = fc && fc->type_name() == "Linear" ? engine::linear_gelu(x, fc->weight, fc->bias, fc->layout)
+                                               : engine::gelu_new(child("c_fc")(x));
+  return child("dropout")(child("c_proj")(h));
 }
 
 // ---- block ----

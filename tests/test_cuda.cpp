@@ -10,6 +10,7 @@
 #include "engine/ops.h"
 #include "engine/ops/common.h"
 #include "engine/optim/optimizer.h"
+#include "engine/precision.h"
 #include "engine/rng.h"
 #include "tests/cuda_test_util.h"
 #include "tests/gradcheck.h"
@@ -312,6 +313,43 @@ TEST_CASE("cuda: linear's bias in the cuBLASLt epilogue, and added after batched
       engine::sum(engine::mul(yg, input(up.permute({1, 0, 2}).to(kGpu)))).backward();
       require_near(xg.grad(), x.grad(), tolerance, "linear dx");
       require_near(bg.grad(), bias.grad(), tolerance * 4, "linear dbias");
+    }
+  }
+}
+
+TEST_CASE("cuda: linear_gelu's GELU in the cuBLASLt epilogue is GPT-2's gelu_new", "[cuda][matmul]") {
+  {
+    // The GELU itself: through an identity weight the products are exact, so
+    // the fused output must be gelu_new(x) to f32 rounding. (The erf GELU
+    // differs from this tanh form by up to ~2e-4 near |x| = 2.)
+    std::vector<float> eye(64, 0.f);
+    for (int i = 0; i < 8; ++i) eye[size_t(i * 9)] = 1.f;
+    const Tensor x = random({256, 8}, 9, DType::F32, -5, 5), w = Tensor::from_vector(eye, {8, 8});
+    const Tensor fused = engine::linear_gelu(x.to(kGpu), w.to(kGpu), Tensor::zeros({8}, DType::F32, kGpu),
+                                             engine::WeightLayout::InOut);
+    require_within(fused, engine::gelu_new(x), 4e-6, "gelu of the epilogue");
+  }
+  // In f32 and in bf16 under autocast; the permuted input takes the composed path.
+  for (bool bf16 : {false, true}) {
+    const engine::AutocastGuard autocast(bf16 ? DType::BF16 : DType::F32);
+    Tensor x = random({4, 40, 64}, 1, DType::F32, -3, 3), w = random({64, 24}, 2), bias = random({24}, 3);
+    x.set_requires_grad(true), w.set_requires_grad(true), bias.set_requires_grad(true);
+    Tensor xg = gpu_leaf(x), wg = gpu_leaf(w), bg = gpu_leaf(bias);
+    const Tensor up = random({4, 40, 24}, 4);
+    for (bool permuted : {false, true}) {
+      INFO("bf16 " << bf16 << " permuted " << permuted);
+      auto input = [&](const Tensor& t) { return permuted ? t.permute({1, 0, 2}) : t; };
+      Tensor y = engine::linear_gelu(input(x), w, bias, engine::WeightLayout::InOut);
+      Tensor yg = engine::linear_gelu(input(xg), wg, bg, engine::WeightLayout::InOut);
+      // f32: sums of 64 products (the f32 matmul tolerance), then the GELU (slope <= 1.13);
+      // bf16: the same bf16 products on both devices, summed in different orders.
+      require_near(yg, y, 4 * kF32Eps * 64, "linear_gelu");
+      for (Tensor* t : {&x, &w, &bias, &xg, &wg, &bg}) t->zero_grad();
+      engine::sum(engine::mul(y, input(up.permute({1, 0, 2})))).backward();
+      engine::sum(engine::mul(yg, input(up.permute({1, 0, 2}).to(kGpu)))).backward();
+      require_near(xg.grad(), x.grad(), 4 * kF32Eps * 64, "dx");
+      require_near(wg.grad(), w.grad(), 4 * kF32Eps * 160, "dw");
+      require_near(bg.grad(), bias.grad(), 4 * kF32Eps * 160, "dbias");
     }
   }
 }

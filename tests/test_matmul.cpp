@@ -91,6 +91,22 @@ TEST_CASE("linear adds its bias inside the GEMM in f32, for batched views and K 
   testing::require_close(empty.select(0, 1), bias.to_vector<double>(), 0);
 }
 
+TEST_CASE("linear_gelu equals gelu_new of linear, fused or composed", "[matmul]") {
+  engine::Generator gen(6);
+  const Tensor x = Tensor::rand({3, 4, 6}, gen, -2, 2), w = Tensor::rand({6, 5}, gen, -1, 1);
+  const Tensor bias = Tensor::rand({5}, gen, -1, 1);
+  const std::vector<double> want = engine::gelu_new(engine::linear(x, w, bias, engine::WeightLayout::InOut))
+                                       .to_vector<double>();
+  testing::require_close(engine::linear_gelu(x, w, bias, engine::WeightLayout::InOut), want, 1e-6);
+  // Composed paths: no bias, and a permuted input (one GEMM per batch entry).
+  testing::require_close(engine::linear_gelu(x, w, Tensor(), engine::WeightLayout::InOut),
+                         engine::gelu_new(engine::matmul(x, w)).to_vector<double>(), 1e-6);
+  const Tensor xp = x.permute({1, 0, 2});
+  testing::require_close(engine::linear_gelu(xp, w, bias, engine::WeightLayout::InOut),
+                         engine::gelu_new(engine::linear(xp, w, bias, engine::WeightLayout::InOut)).to_vector<double>(),
+                         1e-6);
+}
+
 TEST_CASE("matmul gradients match finite differences", "[matmul][grad]") {
   using V = const std::vector<Tensor>&;
   check_gradients([](V in) { return engine::matmul(in[0], in[1]); }, {random_f64({3, 4}, 1), random_f64({4, 5}, 2)});
@@ -101,6 +117,8 @@ TEST_CASE("matmul gradients match finite differences", "[matmul][grad]") {
                   {random_f64({4, 3}, 1), random_f64({5, 4}, 2)});
   check_gradients([](V in) { return engine::linear(in[0], in[1], in[2], engine::WeightLayout::OutIn); },
                   {random_f64({2, 3, 4}, 1), random_f64({5, 4}, 2), random_f64({5}, 3)});
+  check_gradients([](V in) { return engine::linear_gelu(in[0], in[1], in[2], engine::WeightLayout::InOut); },
+                  {random_f64({2, 3, 4}, 1), random_f64({4, 5}, 2), random_f64({5}, 3)});
 }
 
 TEST_CASE("matmul rejects mismatched operands", "[matmul][errors]") {

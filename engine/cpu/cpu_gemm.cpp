@@ -1,4 +1,5 @@
-// CPU matrix multiply: row-major (strided-)batched GEMM on OpenBLAS. bf16
+// CPU matrix multiply: row-major (strided-)batched GEMM on OpenBLAS, then the
+// epilogue (bias, GELU) as separate passes. bf16
 // inputs are widened to f32 (exactly: bf16 is the top half of an f32) and
 // multiplied in f32, so the CPU computes what a bf16 tensor-core GEMM with f32
 // accumulation computes, up to the order of the sums: the reference that
@@ -84,11 +85,19 @@ void CpuBackend::gemm(const GemmArgs& g) {
       fail("gemm: the CPU computes in f32, f64 or bf16, got {}", dtype_name(g.dtype));
     }
   }
-  if (!g.bias) return;
-  check(g.c_dtype == DType::F32 || g.c_dtype == DType::F64, "gemm: a bias needs an f32 or f64 output, got {}",
+  if (!g.bias && !g.gelu) return;
+  check(g.c_dtype == DType::F32 || g.c_dtype == DType::F64, "gemm: an epilogue needs an f32 or f64 output, got {}",
         dtype_name(g.c_dtype));
-  if (g.c_dtype == DType::F32) add_bias<float>(g);
-  else add_bias<double>(g);
+  if (g.bias && g.c_dtype == DType::F32) add_bias<float>(g);
+  if (g.bias && g.c_dtype == DType::F64) add_bias<double>(g);
+  if (g.gelu) {
+    check(g.pre_gelu && g.ldc == g.n && (g.batch == 1 || g.stride_c == g.m * g.n),
+          "gemm: a GELU epilogue needs pre_gelu and a contiguous C");
+    const Shape shape{g.batch * g.m * g.n};
+    const View c{g.c, g.c_dtype, shape, {1}}, pre{g.pre_gelu, g.c_dtype, shape, {1}};
+    copy(pre, c);
+    gelu_forward(c, pre);
+  }
 }
 
 }  // namespace engine

@@ -85,6 +85,34 @@ uint64_t fill_bits(DType dtype, double value) {
   return bits;
 }
 
+const char* op_name(UnaryOp op) {
+  static const char* const names[] = {"neg",    "exp",        "log",        "sqrt", "rsqrt",  "tanh",   "abs",
+                                      "square", "pow",        "add_scalar", "mul_scalar", "relu", "sigmoid"};
+  return names[int(op)];
+}
+const char* op_name(BinaryOp op) {
+  static const char* const names[] = {"add", "sub", "mul", "div", "maximum", "minimum", "equal", "greater"};
+  return names[int(op)];
+}
+
+// Times one backend call into the active Profiler (engine/profiler.h). Work
+// is queued asynchronously, so the seconds are launch times, unless
+// CURLORA_CUDA_SYNC=1 makes every call wait for its work: then they are the
+// GPU's times, and `bench_step --profile` gives a per-op breakdown.
+class OpScope {
+ public:
+  OpScope(DeviceContext& ctx, const char* op, double flops = 0) : ctx_(ctx), scope_(op, flops) {}
+  ~OpScope() {
+    if (ctx_.sync_each_launch()) cudaStreamSynchronize(ctx_.stream());  // a fault is reported by the next check
+  }
+  OpScope(const OpScope&) = delete;
+  OpScope& operator=(const OpScope&) = delete;
+
+ private:
+  DeviceContext& ctx_;
+  ProfileScope scope_;
+};
+
 class CudaBackend final : public Backend {
  public:
   explicit CudaBackend(int index) : ctx_(cuda::device_context(index)), staging_(index) {}
@@ -169,6 +197,7 @@ void CudaBackend::copy_to_host(void* host_dst, const void* src, size_t nbytes) {
 // ---- copies and fills ----
 
 void CudaBackend::copy(const View& dst, const View& src) {
+  OpScope op(ctx_, "copy");
   if (dst.numel() == 0) return;
   const cuda::LaunchContext lc = ctx_.launch();
   if (dst.dtype == src.dtype && dst.is_contiguous() && src.is_contiguous()) {
@@ -182,6 +211,7 @@ void CudaBackend::copy(const View& dst, const View& src) {
 }
 
 void CudaBackend::fill(const View& dst, double value) {
+  OpScope op(ctx_, "fill");
   if (dst.numel() == 0) return;
   const cuda::LaunchContext lc = ctx_.launch();
   const uint64_t bits = fill_bits(dst.dtype, value);
@@ -195,12 +225,14 @@ void CudaBackend::fill(const View& dst, double value) {
 }
 
 void CudaBackend::fill_uniform(const View& dst, uint64_t seed, uint64_t offset, double low, double high) {
+  OpScope op(ctx_, "fill_uniform");
   check(dst.is_contiguous(), "fill_uniform needs a contiguous tensor");
   ctx_.check_launch(cuda::launch_fill_uniform(ctx_.launch(), dst.dtype, dst.numel(), dst.data, seed, offset, low, high),
                     "fill_uniform");
 }
 
 void CudaBackend::fill_normal(const View& dst, uint64_t seed, uint64_t offset, double mean, double std) {
+  OpScope op(ctx_, "fill_normal");
   check(dst.is_contiguous(), "fill_normal needs a contiguous tensor");
   ctx_.check_launch(cuda::launch_fill_normal(ctx_.launch(), dst.dtype, dst.numel(), dst.data, seed, offset, mean, std),
                     "fill_normal");
@@ -209,18 +241,21 @@ void CudaBackend::fill_normal(const View& dst, uint64_t seed, uint64_t offset, d
 // ---- elementwise ----
 
 void CudaBackend::unary(UnaryOp op, const View& out, const View& in, double scalar) {
+  OpScope scope(ctx_, op_name(op));
   require_floating(out.dtype, "unary");
   const auto layout = layout_of<2>(out.shape, {&out.strides, &in.strides}, "unary");
   ctx_.check_launch(cuda::launch_unary(ctx_.launch(), op, out.dtype, layout, out.data, in.data, scalar), "unary");
 }
 
 void CudaBackend::binary(BinaryOp op, const View& out, const View& a, const View& b) {
+  OpScope scope(ctx_, op_name(op));
   require_floating(out.dtype, "binary");
   const auto layout = layout_of<3>(out.shape, {&out.strides, &a.strides, &b.strides}, "binary");
   ctx_.check_launch(cuda::launch_binary(ctx_.launch(), op, out.dtype, layout, out.data, a.data, b.data), "binary");
 }
 
 void CudaBackend::where(const View& out, const View& condition, const View& a, const View& b) {
+  OpScope op(ctx_, "where");
   require_floating(out.dtype, "where");
   const auto layout =
       layout_of<4>(out.shape, {&out.strides, &condition.strides, &a.strides, &b.strides}, "where");
@@ -234,6 +269,7 @@ void CudaBackend::where(const View& out, const View& condition, const View& a, c
 // `in` split into kept dims (out has the same size there) and reduced dims
 // (out has 1, in more), each merged where memory allows, as the CPU splits it.
 void CudaBackend::reduce(ReduceOp op, const View& out, const View& in) {
+  OpScope scope(ctx_, op == ReduceOp::Sum ? "sum" : "max");
   require_floating(in.dtype, "reduce");
   if (in.numel() == 0) return;
   Shape kept_shape, kept_in, kept_out, reduced_shape, reduced_in;
@@ -271,6 +307,7 @@ void CudaBackend::reduce(ReduceOp op, const View& out, const View& in) {
 }
 
 void CudaBackend::argmax_last(const View& out, const View& in) {
+  OpScope op(ctx_, "argmax");
   require_floating(in.dtype, "argmax");
   const auto [rows, cols] = rows_of(in);
   ctx_.check_launch(cuda::launch_argmax_last(ctx_.launch(), in.dtype, rows, cols, out.ptr<int64_t>(), in.data),
@@ -279,18 +316,27 @@ void CudaBackend::argmax_last(const View& out, const View& in) {
 
 // ---- matrix multiply ----
 
-// A bias goes into the GEMM's epilogue where cuBLASLt has one for the case;
-// elsewhere (f64, batches) the rows get it in a second, broadcast pass.
+// The epilogue (bias, GELU) goes into the GEMM where cuBLASLt has a kernel
+// for the case; elsewhere (f64, batches) it runs as separate passes.
 void CudaBackend::gemm(const GemmArgs& args) {
-  if (args.bias && cuda::gemm_bias_epilogue(ctx_, args)) return;
+  OpScope op(ctx_, "gemm", 2.0 * double(args.m) * double(args.n) * double(args.k) * double(args.batch));
+  if ((args.bias || args.gelu) && cuda::gemm_epilogue(ctx_, args)) return;
   GemmArgs plain = args;
   plain.bias = nullptr;
+  plain.gelu = false;
   cuda::gemm(ctx_, plain);
-  if (!args.bias || args.m == 0 || args.n == 0) return;
+  if (args.m == 0 || args.n == 0) return;
   const Shape shape{args.batch, args.m, args.n};
   const View c{args.c, args.c_dtype, shape, {args.stride_c, args.ldc, 1}};
-  const View bias{const_cast<void*>(args.bias), args.c_dtype, shape, {0, 0, 1}};
-  binary(BinaryOp::Add, c, c, bias);
+  if (args.bias) binary(BinaryOp::Add, c, c, {const_cast<void*>(args.bias), args.c_dtype, shape, {0, 0, 1}});
+  if (args.gelu) {
+    check(args.ldc == args.n && (args.batch == 1 || args.stride_c == args.m * args.n),
+          "gemm on CUDA: a GELU epilogue needs a contiguous C");
+    const View flat{args.c, args.c_dtype, {args.batch * args.m * args.n}, {1}};
+    const View pre{args.pre_gelu, args.c_dtype, flat.shape, {1}};
+    copy(pre, flat);
+    gelu_forward(flat, pre);
+  }
 }
 
 // ---- indexing ----
@@ -307,6 +353,7 @@ void CudaBackend::check_targets(const View& targets, int64_t classes, int64_t ig
 }
 
 void CudaBackend::index_select_rows(const View& out, const View& table, const View& index) {
+  OpScope op(ctx_, "index_select");
   const int64_t n = index.numel();
   check_indices(index, table.shape.empty() ? 0 : table.shape[0], "index_select");
   if (n == 0 || out.numel() == 0) return;
@@ -317,6 +364,7 @@ void CudaBackend::index_select_rows(const View& out, const View& table, const Vi
 }
 
 void CudaBackend::index_add_rows(const View& grad_table, const View& index, const View& grad_out) {
+  OpScope op(ctx_, "index_add");
   require_floating(grad_table.dtype, "index_add");
   const int64_t n = index.numel();
   check_indices(index, grad_table.shape.empty() ? 0 : grad_table.shape[0], "index_add");
@@ -330,6 +378,7 @@ void CudaBackend::index_add_rows(const View& grad_table, const View& index, cons
 
 void CudaBackend::layer_norm_forward(const View& y, const View& mean, const View& rstd, const View& x,
                                      const View& weight, const View& bias, double eps) {
+  OpScope op(ctx_, "layer_norm");
   require_floating(x.dtype, "layer_norm");
   const auto [rows, cols] = rows_of(x);
   ctx_.check_launch(cuda::launch_layer_norm_forward(ctx_.launch(), x.dtype, rows, cols, y.data, mean.data, rstd.data,
@@ -339,6 +388,7 @@ void CudaBackend::layer_norm_forward(const View& y, const View& mean, const View
 
 void CudaBackend::layer_norm_backward(const View& dx, const View& dweight, const View& dbias, const View& dy,
                                       const View& x, const View& weight, const View& mean, const View& rstd) {
+  OpScope op(ctx_, "layer_norm_backward");
   require_floating(x.dtype, "layer_norm_backward");
   const auto [rows, cols] = rows_of(x);
   const cuda::LaunchContext lc = ctx_.launch();
@@ -354,23 +404,27 @@ void CudaBackend::layer_norm_backward(const View& dx, const View& dweight, const
 }
 
 void CudaBackend::gelu_forward(const View& y, const View& x) {
+  OpScope op(ctx_, "gelu");
   require_floating(x.dtype, "gelu");
   ctx_.check_launch(cuda::launch_gelu_forward(ctx_.launch(), x.dtype, x.numel(), y.data, x.data), "gelu");
 }
 
 void CudaBackend::gelu_backward(const View& dx, const View& dy, const View& x) {
+  OpScope op(ctx_, "gelu_backward");
   require_floating(x.dtype, "gelu_backward");
   ctx_.check_launch(cuda::launch_gelu_backward(ctx_.launch(), x.dtype, x.numel(), dx.data, dy.data, x.data),
                     "gelu_backward");
 }
 
 void CudaBackend::softmax_forward(const View& y, const View& x, bool log) {
+  OpScope op(ctx_, "softmax");
   require_floating(x.dtype, "softmax");
   const auto [rows, cols] = rows_of(x);
   ctx_.check_launch(cuda::launch_softmax_forward(ctx_.launch(), x.dtype, rows, cols, y.data, x.data, log), "softmax");
 }
 
 void CudaBackend::softmax_backward(const View& dx, const View& dy, const View& y, bool log) {
+  OpScope op(ctx_, "softmax_backward");
   require_floating(y.dtype, "softmax_backward");
   const auto [rows, cols] = rows_of(y);
   ctx_.check_launch(cuda::launch_softmax_backward(ctx_.launch(), y.dtype, rows, cols, dx.data, dy.data, y.data, log),
@@ -379,6 +433,7 @@ void CudaBackend::softmax_backward(const View& dx, const View& dy, const View& y
 
 void CudaBackend::cross_entropy_forward(const View& loss, const View& lse, const View& logits, const View& targets,
                                         int64_t ignore_index) {
+  OpScope op(ctx_, "cross_entropy");
   require_floating(logits.dtype, "cross_entropy");
   const auto [rows, cols] = rows_of(logits);
   check_targets(targets, cols, ignore_index, "cross_entropy");
@@ -389,6 +444,7 @@ void CudaBackend::cross_entropy_forward(const View& loss, const View& lse, const
 
 void CudaBackend::cross_entropy_backward(const View& dlogits, const View& dloss, const View& logits, const View& lse,
                                          const View& targets, int64_t ignore_index) {
+  OpScope op(ctx_, "cross_entropy_backward");
   require_floating(logits.dtype, "cross_entropy_backward");
   const auto [rows, cols] = rows_of(logits);
   check_targets(targets, cols, ignore_index, "cross_entropy_backward");  // the saved targets may have been edited
@@ -451,7 +507,7 @@ void CudaBackend::attention_forward(const View& out, const View& lse, const View
     return attention_forward(out, lse, wq.view, wk.view, wv.view, key_mask, args);
   }
   const cuda::AttentionShape s = attention_shape(q, k, key_mask, args);
-  ProfileScope profile("attention_forward", attention_flops(s, 4));
+  OpScope op(ctx_, "attention_forward", attention_flops(s, 4));
   ctx_.check_launch(cuda::launch_attention_forward(ctx_.launch(), q.dtype, s, out.data, lse.ptr<float>(), q.data,
                                                    k.data, v.data),
                     "attention_forward");
@@ -466,7 +522,7 @@ void CudaBackend::attention_backward(const View& dq, const View& dk, const View&
     return attention_backward(dq, dk, dv, wdout.view, wq.view, wk.view, wv.view, out, lse, key_mask, args);
   }
   const cuda::AttentionShape s = attention_shape(q, k, key_mask, args);
-  ProfileScope profile("attention_backward", attention_flops(s, 10));
+  OpScope op(ctx_, "attention_backward", attention_flops(s, 10));
   Scratch delta(ctx_, cuda::attention_backward_scratch_bytes(q.dtype, s), "attention_backward rowsum(dO * O)");
   ctx_.check_launch(cuda::launch_attention_backward(ctx_.launch(), q.dtype, s, dq.data, dk.data, dv.data, dout.data,
                                                     q.data, k.data, v.data, out.data, lse.ptr<const float>(),
@@ -477,6 +533,7 @@ void CudaBackend::attention_backward(const View& dq, const View& dk, const View&
 // ---- dropout and AdamW ----
 
 void CudaBackend::dropout(const View& out, const View& in, double p, uint64_t seed, uint64_t offset) {
+  OpScope op(ctx_, "dropout");
   require_floating(in.dtype, "dropout");
   ctx_.check_launch(cuda::launch_dropout(ctx_.launch(), in.dtype, in.numel(), out.data, in.data, p, seed, offset),
                     "dropout");
@@ -485,6 +542,7 @@ void CudaBackend::dropout(const View& out, const View& in, double p, uint64_t se
 // The per-step scalars are formed in double exactly as cpu_optim.cpp forms
 // them (this file is also built with -ffp-contract=off); see optim.cu.
 void CudaBackend::adamw_step(std::span<const AdamWTensors> tensors, const AdamWArgs& a) {
+  OpScope op(ctx_, "adamw");
   if (tensors.empty()) return;
   const DType dtype = tensors[0].param.dtype;
   require_floating(dtype, "adamw_step");

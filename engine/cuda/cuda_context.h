@@ -54,6 +54,7 @@ class DeviceContext {
   void check_launch(cudaError_t status, const char* op);
   // Waits for all queued work; an earlier kernel's fault surfaces here.
   void synchronize(const char* what);
+  bool sync_each_launch() const { return sync_each_launch_; }
 
   // The first position whose index is outside [0, rows) (and is not
   // `ignore`), or nothing. Kernels cannot throw, so ops that trust indices
@@ -101,8 +102,8 @@ class Scratch {
 
 // cuBLAS GEMM for the backend (cuda_gemm.cpp), args.bias ignored.
 void gemm(DeviceContext& ctx, const GemmArgs& args);
-// The same with args.bias added by cuBLASLt's BIAS epilogue, in the GEMM's
+// The same with args' epilogue (bias, GELU) applied by cuBLASLt in the GEMM's
 // own pass over C. False (nothing done) where cuBLASLt offers no such kernel.
-bool gemm_bias_epilogue(DeviceContext& ctx, const GemmArgs& args);
+bool gemm_epilogue(DeviceContext& ctx, const GemmArgs& args);
 
 }  // namespace engine::cuda

@@ -4,12 +4,11 @@
 // with row stride ld is, read column-major, its own transpose [c, r] with
 // leading dimension ld. So C = op(A) op(B) is computed as the column-major
 // product C^T = op(B)^T op(A)^T: the operands swap places, m and n swap, and
-// each keeps its own transpose flag. No data moves. A bias goes into the
-// epilogue of a cuBLASLt matmul (gemm_bias_epilogue), saving a pass over C.
+// each keeps its own transpose flag. No data moves. A bias and a GELU go into
+// the epilogue of a cuBLASLt matmul (gemm_epilogue), saving passes over C.
 #include "engine/cuda/cuda_context.h"
 
 #include "engine/error.h"
-#include "engine/profiler.h"
 
 #include <atomic>
 #include <climits>
@@ -52,7 +51,6 @@ GemmTypes gemm_types(DType dtype) {
 }  // namespace
 
 void gemm(DeviceContext& ctx, const GemmArgs& g) {
-  ProfileScope scope("gemm", 2.0 * double(g.m) * double(g.n) * double(g.k) * double(g.batch));
   const GemmTypes types = gemm_types(g.dtype);
   const bool mixed = g.dtype == DType::BF16 && g.c_dtype == DType::F32;  // bf16 products, f32 result
   check(g.c_dtype == g.dtype || mixed, "gemm on CUDA: {} inputs cannot write a {} output", dtype_name(g.dtype),
@@ -104,14 +102,15 @@ struct LtMatmul {
 }  // namespace
 
 // The column-major product of gemm() above, C^T = op(B)^T op(A)^T, with the
-// bias in the epilogue: cuBLASLt adds a vector with one entry per row of its
-// (column-major) output, which is one per column n of our row-major C.
-bool gemm_bias_epilogue(DeviceContext& ctx, const GemmArgs& g) {
-  const bool fusable = g.bias && g.batch == 1 && g.beta == 0 && g.c_dtype == DType::F32 &&
+// epilogue: cuBLASLt adds a bias vector with one entry per row of its
+// (column-major) output, which is one per column n of our row-major C, and
+// its GELU_AUX epilogues also write the GELU's input to an aux matrix laid
+// out as C (their aux leading dimension must be a multiple of 8).
+bool gemm_epilogue(DeviceContext& ctx, const GemmArgs& g) {
+  const bool fusable = (g.bias || g.gelu) && g.batch == 1 && g.beta == 0 && g.c_dtype == DType::F32 &&
                        (g.dtype == DType::F32 || g.dtype == DType::BF16) && g.m > 0 && g.n > 0 && g.k > 0 &&
-                       fits_int(g.m) && fits_int(g.n) && fits_int(g.k);
+                       fits_int(g.m) && fits_int(g.n) && fits_int(g.k) && (!g.gelu || g.ldc % 8 == 0);
   if (!fusable) return false;
-  ProfileScope scope("gemm", 2.0 * double(g.m) * double(g.n) * double(g.k));
   const GemmTypes types = gemm_types(g.dtype);
   const cublasOperation_t op_first = g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cublasOperation_t op_second = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
@@ -120,29 +119,37 @@ bool gemm_bias_epilogue(DeviceContext& ctx, const GemmArgs& g) {
   ctx.launch();
 
   LtMatmul lt;
-  check_cublas(cublasLtMatmulDescCreate(&lt.desc, types.compute, CUDA_R_32F), index, "gemm (bias epilogue)");
+  check_cublas(cublasLtMatmulDescCreate(&lt.desc, types.compute, CUDA_R_32F), index, "gemm (epilogue)");
   auto set = [&](cublasLtMatmulDescAttributes_t attribute, const auto& value) {
     check_cublas(cublasLtMatmulDescSetAttribute(lt.desc, attribute, &value, sizeof(value)), index,
-                 "gemm (bias epilogue)");
+                 "gemm (epilogue)");
   };
   set(CUBLASLT_MATMUL_DESC_TRANSA, op_first);
   set(CUBLASLT_MATMUL_DESC_TRANSB, op_second);
-  set(CUBLASLT_MATMUL_DESC_EPILOGUE, CUBLASLT_EPILOGUE_BIAS);
-  set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, g.bias);
-  set(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, CUDA_R_32F);
+  const cublasLtEpilogue_t epilogue = g.gelu ? (g.bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX)
+                                             : CUBLASLT_EPILOGUE_BIAS;
+  set(CUBLASLT_MATMUL_DESC_EPILOGUE, epilogue);
+  if (g.bias) {
+    set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, g.bias);
+    set(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, CUDA_R_32F);
+  }
+  if (g.gelu) {
+    set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, g.pre_gelu);
+    set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, int64_t(g.ldc));
+  }
   // Layouts as stored: a transposed operand is held with its dims swapped.
   const bool first_n = op_first == CUBLAS_OP_N, second_n = op_second == CUBLAS_OP_N;
   check_cublas(cublasLtMatrixLayoutCreate(&lt.a, types.storage, first_n ? m : k, first_n ? k : m, int64_t(g.ldb)),
-               index, "gemm (bias epilogue)");
+               index, "gemm (epilogue)");
   check_cublas(cublasLtMatrixLayoutCreate(&lt.b, types.storage, second_n ? k : n, second_n ? n : k, int64_t(g.lda)),
-               index, "gemm (bias epilogue)");
-  check_cublas(cublasLtMatrixLayoutCreate(&lt.c, CUDA_R_32F, m, n, int64_t(g.ldc)), index, "gemm (bias epilogue)");
+               index, "gemm (epilogue)");
+  check_cublas(cublasLtMatrixLayoutCreate(&lt.c, CUDA_R_32F, m, n, int64_t(g.ldc)), index, "gemm (epilogue)");
 
-  check_cublas(cublasLtMatmulPreferenceCreate(&lt.preference), index, "gemm (bias epilogue)");
+  check_cublas(cublasLtMatmulPreferenceCreate(&lt.preference), index, "gemm (epilogue)");
   const size_t workspace = DeviceContext::kGemmWorkspaceBytes;
   check_cublas(cublasLtMatmulPreferenceSetAttribute(lt.preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                     &workspace, sizeof(workspace)),
-               index, "gemm (bias epilogue)");
+               index, "gemm (epilogue)");
   cublasLtMatmulHeuristicResult_t heuristic{};
   int found = 0;
   if (cublasLtMatmulAlgoGetHeuristic(ctx.cublas_lt(), lt.desc, lt.a, lt.b, lt.c, lt.c, lt.preference, 1, &heuristic,
@@ -152,7 +159,7 @@ bool gemm_bias_epilogue(DeviceContext& ctx, const GemmArgs& g) {
   const float alpha = float(g.alpha), beta = 0.f;
   check_cublas(cublasLtMatmul(ctx.cublas_lt(), lt.desc, &alpha, g.b, lt.a, g.a, lt.b, &beta, g.c, lt.c, g.c, lt.c,
                               &heuristic.algo, ctx.gemm_workspace(), workspace, ctx.stream()),
-               index, "gemm (bias epilogue)");
+               index, "gemm (epilogue)");
   return true;
 }
 

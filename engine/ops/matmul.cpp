@@ -53,8 +53,13 @@ Operand operand(Tensor& t) {
 
 // out [batch..., M, N] = a [batch..., M, K] @ b [batch..., K, N]; b_shared: b is 2-D.
 // a and b share a dtype; out has it too, or is f32 for bf16 inputs.
-// A defined bias ([N], out's dtype, contiguous) is added to every row.
-void gemm_into(const Tensor& out, Tensor a, Tensor b, int64_t batch, bool b_shared, const Tensor& bias) {
+// The epilogue, applied to out after the product.
+struct Epilogue {
+  Tensor bias;      // [N], out's dtype, contiguous: added to every row
+  Tensor pre_gelu;  // out's shape, contiguous: receives out before GELU
+};
+
+void gemm_into(const Tensor& out, Tensor a, Tensor b, int64_t batch, bool b_shared, const Epilogue& epilogue) {
   const int64_t M = a.size(-2), K = a.size(-1), N = b.size(-1);
   Operand A = operand(a), B = operand(b);
   GemmArgs g;
@@ -65,10 +70,12 @@ void gemm_into(const Tensor& out, Tensor a, Tensor b, int64_t batch, bool b_shar
   g.b = B.data, g.trans_b = B.transposed, g.ldb = B.ld, g.stride_b = b_shared ? 0 : B.batch_stride;
   g.c = out.data_ptr(), g.ldc = N, g.stride_c = M * N;
   g.batch = batch;
-  g.bias = bias.defined() ? bias.data_ptr() : nullptr;
+  g.bias = epilogue.bias.defined() ? epilogue.bias.data_ptr() : nullptr;
+  g.gelu = epilogue.pre_gelu.defined();
+  g.pre_gelu = g.gelu ? epilogue.pre_gelu.data_ptr() : nullptr;
   if (out.numel() == 0) return;
-  if (K == 0) {  // an empty sum: C is the bias, or zeros
-    if (bias.defined()) Tensor(out).copy_(bias.expand(out.shape()));
+  if (K == 0) {  // an empty sum: C is the bias, or zeros (linear_gelu does not fuse K = 0)
+    if (epilogue.bias.defined()) Tensor(out).copy_(epilogue.bias.expand(out.shape()));
     else Tensor(out).fill_(0.0);
     return;
   }
@@ -77,9 +84,9 @@ void gemm_into(const Tensor& out, Tensor a, Tensor b, int64_t batch, bool b_shar
 
 Tensor in_dtype(const Tensor& t, DType dtype) { return t.dtype() == dtype ? t.detach() : t.detach().to(dtype); }
 
-// a @ b (+ bias) computed in `compute` (the operands converted to it, outside
-// autograd) and written in `out_dtype`. Shapes are matmul's, already checked.
-Tensor product(const Tensor& a, const Tensor& b, DType compute, DType out_dtype, const Tensor& bias = Tensor()) {
+// a @ b, then the epilogue, computed in `compute` (the operands converted to
+// it, outside autograd) and written in `out_dtype`. Shapes are matmul's, already checked.
+Tensor product(const Tensor& a, const Tensor& b, DType compute, DType out_dtype, const Epilogue& epilogue = {}) {
   const bool b_shared = b.dim() == 2;
   Shape out_shape(a.shape().begin(), a.shape().end() - 2);
   int64_t batch = numel(out_shape);
@@ -92,7 +99,7 @@ Tensor product(const Tensor& a, const Tensor& b, DType compute, DType out_dtype,
     a_in = a_in.view({-1, a.size(-1)});
     batch = 1;
   }
-  gemm_into(out, a_in, in_dtype(b, compute), batch, b_shared, bias.defined() ? bias.detach().contiguous() : bias);
+  gemm_into(out, a_in, in_dtype(b, compute), batch, b_shared, epilogue);
   return out;
 }
 
@@ -156,22 +163,50 @@ Tensor matmul(const Tensor& a, const Tensor& b) {
   return out;
 }
 
-// One GEMM with the bias in its epilogue where the bias has the result's
-// dtype (f32 or f64); otherwise matmul, then add.
-Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias, WeightLayout layout) {
-  check(weight.dim() == 2, "linear: weight must be 2-D, got shape {}", shape_str(weight.shape()));
+namespace {
+
+// linear and linear_gelu as one GEMM with the bias (and GELU) in its
+// epilogue, where the bias has the result's dtype (f32 or f64) and the sum is
+// not empty; undefined where they must be composed of separate ops.
+Tensor fused_linear(const Tensor& x, const Tensor& weight, const Tensor& bias, WeightLayout layout, bool gelu) {
+  const char* op = gelu ? "linear_gelu" : "linear";
+  check(weight.dim() == 2, "{}: weight must be 2-D, got shape {}", op, shape_str(weight.shape()));
   const Tensor w = layout == WeightLayout::InOut ? weight : weight.transpose(0, 1);
-  if (!bias.defined()) return matmul(x, w);
   check_chain(x, w);
-  check(bias.dim() == 1 && bias.size(0) == w.size(1), "linear: bias shape {} for {} outputs", shape_str(bias.shape()),
+  if (!bias.defined()) return Tensor();
+  check(bias.dim() == 1 && bias.size(0) == w.size(1), "{}: bias shape {} for {} outputs", op, shape_str(bias.shape()),
         w.size(1));
   const Precision precision = precision_of(x, w);
   const bool fusable = bias.dtype() == precision.out && (precision.out == DType::F32 || precision.out == DType::F64) &&
-                       bias.device() == x.device();
-  if (!fusable) return add(matmul(x, w), bias);
-  Tensor out = product(x, w, precision.compute, precision.out, bias);
-  record(out, "linear", {x, w, bias}, product_backward(precision.compute));
+                       bias.device() == x.device() && w.size(0) > 0;
+  if (!fusable) return Tensor();
+  Shape out_shape = x.shape();
+  out_shape.back() = w.size(1);
+  Epilogue epilogue{bias.detach().contiguous(), gelu ? Tensor::empty(out_shape, precision.out, x.device()) : Tensor()};
+  Tensor out = product(x, w, precision.compute, precision.out, epilogue);
+  Node::BackwardFn backward = product_backward(precision.compute);
+  if (gelu) {  // through the GELU first, from the saved pre-activation
+    backward = [backward, pre = epilogue.pre_gelu](const Tensor& g, const Node& n) {
+      Tensor dpre = Tensor::empty(pre.shape(), pre.dtype(), pre.device()), gc = g.contiguous();
+      detail::backend_of(pre).gelu_backward(view_of(dpre), view_of(gc), view_of(pre));
+      return backward(dpre, n);
+    };
+  }
+  record(out, op, {x, w, bias}, std::move(backward));
   return out;
+}
+
+}  // namespace
+
+Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias, WeightLayout layout) {
+  if (Tensor out = fused_linear(x, weight, bias, layout, /*gelu=*/false); out.defined()) return out;
+  const Tensor y = matmul(x, layout == WeightLayout::InOut ? weight : weight.transpose(0, 1));
+  return bias.defined() ? add(y, bias) : y;
+}
+
+Tensor linear_gelu(const Tensor& x, const Tensor& weight, const Tensor& bias, WeightLayout layout) {
+  if (Tensor out = fused_linear(x, weight, bias, layout, /*gelu=*/true); out.defined()) return out;
+  return gelu_new(linear(x, weight, bias, layout));
 }
 
 }  // namespace engine
