@@ -30,6 +30,7 @@ namespace {
 
 using attention::kTile;
 using attention::load_key_flags;
+using attention::load_query_stats;
 using attention::probability;
 using attention::Problem;
 using attention::problem_of;
@@ -310,11 +311,7 @@ __global__ void __launch_bounds__(kTileThreads)
       __syncthreads();  // everyone is done with the previous query tile
       load_tile<DMAX>(q_tile, q + bh * p.Tq * p.D, i0, p.Tq, p.D);
       load_tile<DMAX>(do_tile, dout + bh * p.Tq * p.D, i0, p.Tq, p.D);
-      if (threadIdx.x < kTile) {
-        const int64_t i = i0 + threadIdx.x;
-        tile_lse[threadIdx.x] = i < p.Tq ? lse[bh * p.Tq + i] : -INFINITY;
-        tile_delta[threadIdx.x] = i < p.Tq ? delta[bh * p.Tq + i] : 0.f;
-      }
+      load_query_stats(tile_lse, tile_delta, p, bh, i0, lse, delta);
       __syncthreads();
       float s[kPer][kPer], dp[kPer][kPer];
       tile_scores<DMAX>(s, k_tile, q_tile, ty, tx);                 // s[a][b] = <k_j, q_i>

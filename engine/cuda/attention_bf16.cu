@@ -337,11 +337,7 @@ __global__ void __launch_bounds__(kBlockThreads)
       __syncthreads();  // every warp is done with the previous Q and dO
       load_tile<DMAX>(q_tile, q + bh * p.Tq * p.D, i0, p.Tq, p.D);
       load_tile<DMAX>(do_tile, dout + bh * p.Tq * p.D, i0, p.Tq, p.D);
-      if (threadIdx.x < kTile) {
-        const int64_t i = i0 + threadIdx.x;
-        tile_lse[threadIdx.x] = i < p.Tq ? lse[bh * p.Tq + i] : -INFINITY;
-        tile_delta[threadIdx.x] = i < p.Tq ? delta[bh * p.Tq + i] : 0.f;
-      }
+      load_query_stats(tile_lse, tile_delta, p, bh, i0, lse, delta);
       __syncthreads();
       float s[32], dp[32];
       warp_scores<DMAX>(s, k_rows, q_tile, scratch, row, half);                 // s[t] = <k_j, q_i>

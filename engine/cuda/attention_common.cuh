@@ -60,6 +60,16 @@ __device__ __forceinline__ bool load_key_flags(bool* key_ok, const Problem& p, c
   return __syncthreads_or(kept);
 }
 
+// The saved lse and delta of the queries of tile i0 (-inf and 0 past Tq),
+// into shared arrays of kTile entries, by the block's first kTile threads.
+__device__ __forceinline__ void load_query_stats(float* tile_lse, float* tile_delta, const Problem& p, int64_t bh,
+                                                 int64_t i0, const float* lse, const float* delta) {
+  if (threadIdx.x >= kTile) return;
+  const int64_t i = i0 + threadIdx.x;
+  tile_lse[threadIdx.x] = i < p.Tq ? lse[bh * p.Tq + i] : -INFINITY;
+  tile_delta[threadIdx.x] = i < p.Tq ? delta[bh * p.Tq + i] : 0.f;
+}
+
 // P = exp(scale * s - lse) where query i sees key j, else 0 (also for a
 // query that sees no key at all: its lse is -inf).
 __device__ __forceinline__ float probability(bool visible, float s, float scale, float row_lse) {

@@ -1,6 +1,8 @@
 // Matrix multiply and Linear. Transposed views reach the GEMM as flags, so
 // x @ W.T costs no copy; a 2-D weight shared across a batch is folded into
-// one large GEMM. The backward skips dW entirely when W is frozen.
+// one large GEMM; a Linear's bias (and linear_gelu's GELU) ride in the GEMM's
+// epilogue. The backward skips dW entirely when W is frozen. Under autocast
+// (engine/precision.h) the GEMMs multiply bf16 and return f32.
 #include "engine/ops/common.h"
 #include "engine/precision.h"
 
@@ -51,14 +53,14 @@ Operand operand(Tensor& t) {
   return *as_operand(t);
 }
 
-// out [batch..., M, N] = a [batch..., M, K] @ b [batch..., K, N]; b_shared: b is 2-D.
-// a and b share a dtype; out has it too, or is f32 for bf16 inputs.
-// The epilogue, applied to out after the product.
+// What is applied to a product after the GEMM (engine/backend.h, GemmArgs).
 struct Epilogue {
   Tensor bias;      // [N], out's dtype, contiguous: added to every row
-  Tensor pre_gelu;  // out's shape, contiguous: receives out before GELU
+  Tensor pre_gelu;  // out's shape, contiguous: receives out before the GELU (defined: apply one)
 };
 
+// out [batch..., M, N] = a [batch..., M, K] @ b [batch..., K, N]; b_shared: b is 2-D.
+// a and b share a dtype; out has it too, or is f32 for bf16 inputs.
 void gemm_into(const Tensor& out, Tensor a, Tensor b, int64_t batch, bool b_shared, const Epilogue& epilogue) {
   const int64_t M = a.size(-2), K = a.size(-1), N = b.size(-1);
   Operand A = operand(a), B = operand(b);
