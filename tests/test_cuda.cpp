@@ -337,7 +337,7 @@ TEST_CASE("cuda: linear_gelu's GELU in the cuBLASLt epilogue is GPT-2's gelu_new
     Tensor x = random({4, 40, 64}, 1, DType::F32, -3, 3), w = random({64, 24}, 2), bias = random({24}, 3);
     x.set_requires_grad(true), w.set_requires_grad(true), bias.set_requires_grad(true);
     Tensor xg = gpu_leaf(x), wg = gpu_leaf(w), bg = gpu_leaf(bias);
-    const Tensor up = random({4, 40, 24}, 4);
+    const Tensor up = random({40, 4, 24}, 4);  // permuted below to y's shape
     for (bool permuted : {false, true}) {
       INFO("bf16 " << bf16 << " permuted " << permuted);
       auto input = [&](const Tensor& t) { return permuted ? t.permute({1, 0, 2}) : t; };
