@@ -31,7 +31,8 @@ using cuda::Scratch;
 
 // ---- argument helpers ----
 
-// Our kernels compute in f32 or f64 (bf16/f16 are storage and GEMM types for now).
+// Our kernels compute in f32 or f64; bf16 and f16 are storage types, which
+// only copies, GEMMs and attention (bf16 inputs) read.
 void require_floating(DType dtype, const char* op) {
   check(dtype == DType::F32 || dtype == DType::F64, "{} on CUDA: computes in f32 or f64, got {}", op,
         dtype_name(dtype));

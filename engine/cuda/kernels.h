@@ -113,9 +113,10 @@ cudaError_t launch_cross_entropy_backward(const LaunchContext& ctx, DType dtype,
                                           void* dlogits, const void* dloss, const void* logits, const void* lse,
                                           const void* targets, DType target_dtype, int64_t ignore_index);
 
-// ---- attention (attention.cu) ----
+// ---- attention (attention.cu, attention_bf16.cu) ----
 // q [B, H, Tq, D], k and v [B, H, Tk, D], key_mask i32 [B, Tk] or null, all
-// contiguous. Query i sees key j when key_mask[b, j] != 0 and, if causal,
+// contiguous. `dtype` is q's, k's, v's (and dO's): f32 or f64 with outputs of
+// the same dtype, or bf16 (D <= 128) with f32 outputs. Query i sees key j when key_mask[b, j] != 0 and, if causal,
 // j <= i + (Tk - Tq) (bottom-right aligned, as PyTorch; Tq == Tk today).
 struct AttentionShape {
   int64_t B = 0, H = 0, Tq = 0, Tk = 0, D = 0;
