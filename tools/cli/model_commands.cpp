@@ -3,6 +3,8 @@
 #include "data/gpt2_tokenizer.h"
 #include "data/wikitext.h"
 #include "engine/error.h"
+#include "engine/nn/layers.h"
+#include "engine/precision.h"
 #include "models/generate.h"
 #include "models/gpt2.h"
 #include "models/perplexity.h"
@@ -35,11 +37,11 @@ std::string with_commas(int64_t n) {
   return out;
 }
 
-DType parse_dtype(const std::string& name) {
+// The dtype matmuls and attention compute in: f32, or bf16 (mixed precision).
+DType parse_compute_dtype(const std::string& name) {
   if (name == "fp32" || name == "f32") return DType::F32;
   if (name == "bf16") return DType::BF16;
-  if (name == "fp16" || name == "f16") return DType::F16;
-  engine::fail("unknown dtype '{}': expected fp32, bf16 or fp16", name);
+  engine::fail("unknown dtype '{}': expected fp32, or bf16 for mixed precision", name);
 }
 
 models::GPT2Config config_of(const std::string& model) {
@@ -69,12 +71,24 @@ struct ModelOptions {
     app.add_option("model", model, "Hugging Face GPT-2 folder, or gpt2|gpt2-medium|gpt2-large|gpt2-xl (random weights)")
         ->required();
     app.add_option("--device", device, "cpu, cuda or cuda:N")->capture_default_str();
-    app.add_option("--dtype", dtype, "weights and compute: fp32, bf16")->capture_default_str();
+    app.add_option("--dtype", dtype,
+                   "fp32, or bf16: mixed precision (bf16 matmuls and attention, bf16 Linear weights, f32 the rest)")
+        ->capture_default_str();
     app.add_option("--init-seed", init_seed, "seed of the random weights of a built-in size")->capture_default_str();
     if (with_tokenizer) app.add_option("--tokenizer", tokenizer, "folder with vocab.json + merges.txt");
   }
+  DType compute() const { return parse_compute_dtype(dtype); }
+  // In f32; under bf16 (engine/precision.h) every weight is frozen, as these
+  // commands only infer, and the Linear ones are stored in bf16. The caller
+  // holds an AutocastGuard(compute()) while it runs the model.
   std::shared_ptr<models::GPT2LMHeadModel> load() const {
-    return models::GPT2LMHeadModel::load(model, parse_dtype(dtype), Device::parse(device), init_seed);
+    const DType precision = compute();
+    auto gpt2 = models::GPT2LMHeadModel::load(model, DType::F32, Device::parse(device), init_seed);
+    if (precision == DType::BF16) {
+      gpt2->freeze("*");
+      engine::nn::store_frozen_linear_weights(*gpt2, DType::BF16);
+    }
+    return gpt2;
   }
 };
 
@@ -139,6 +153,7 @@ Command add_generate(CLI::App& app) {
   return [=] {
     data::GPT2Tokenizer tokenizer = tokenizer_for(opts->model, opts->tokenizer);
     auto model = opts->load();
+    const engine::AutocastGuard autocast(opts->compute());
     models::SamplingOptions options = *sampling;
     options.stop_token = *no_stop ? -1 : tokenizer.eot_id();
     std::vector<int32_t> ids = tokenizer.encode(*prompt);
@@ -189,6 +204,7 @@ Command add_perplexity(CLI::App& app) {
     std::vector<int32_t> ids = tokenizer.encode(data::join_wikitext(data::read_text_file(*file), join));
     if (*max_tokens > 0 && int64_t(ids.size()) > *max_tokens) ids.resize(size_t(*max_tokens));
     auto model = opts->load();
+    const engine::AutocastGuard autocast(opts->compute());
     Progress progress("perplexity", "tok");
     models::PerplexityResult r =
         *single ? models::single_window_perplexity(*model, ids, *max_length)
