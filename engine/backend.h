@@ -142,9 +142,10 @@ class Backend {
                                       const View& targets, int64_t ignore_index) = 0;
   // q, out [B, H, Tq, D]; k, v [B, H, Tk, D]; key_mask i32 [B, Tk] (1 keep, 0 pad) or
   // data == nullptr. q, k, v (and dout) may be bf16 with out (and dq, dk, dv) f32:
-  // mixed precision, products of bf16 values accumulated in f32. lse f32 [B, H, Tq] (of the probabilities before dropout) is
-  // saved for the backward; rows that see no key give zeros and lse = -inf. In the
-  // backward, dq/dk/dv may have data == nullptr (not computed); they are overwritten.
+  // mixed precision, products of bf16 values accumulated in f32. lse f32 [B, H, Tq]
+  // (of the probabilities before dropout) is saved for the backward; rows that see
+  // no key give zeros and lse = -inf. In the backward, dq/dk/dv may have
+  // data == nullptr (not computed); they are overwritten.
   virtual void attention_forward(const View& out, const View& lse, const View& q, const View& k, const View& v,
                                  const View& key_mask, const AttentionArgs& args) = 0;
   virtual void attention_backward(const View& dq, const View& dk, const View& dv, const View& dout, const View& q,

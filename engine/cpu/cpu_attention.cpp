@@ -371,9 +371,9 @@ struct Widened {
   std::vector<float> data;
   View view;
   explicit Widened(const View& in) : data(size_t(in.numel())), view(in) {
-    for (size_t i = 0; i < data.size(); ++i) data[i] = bf16_to_float(in.ptr<const bf16>()[i]);
     view.data = data.data();
     view.dtype = DType::F32;
+    cpu_backend().copy(view, in);
   }
 };
 

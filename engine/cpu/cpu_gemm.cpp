@@ -1,9 +1,8 @@
 // CPU matrix multiply: row-major (strided-)batched GEMM on OpenBLAS, then the
-// epilogue (bias, GELU) as separate passes. bf16
-// inputs are widened to f32 (exactly: bf16 is the top half of an f32) and
-// multiplied in f32, so the CPU computes what a bf16 tensor-core GEMM with f32
-// accumulation computes, up to the order of the sums: the reference that
-// mixed-precision tests compare the GPU against.
+// epilogue (bias, GELU) as separate passes. bf16 inputs are widened to f32
+// (exactly: bf16 is the top half of an f32) and multiplied in f32, so the CPU
+// computes what a bf16 tensor-core GEMM with f32 accumulation computes, up to
+// the order of the sums: the reference the mixed-precision tests compare the GPU against.
 #include "engine/cpu/cpu_backend.h"
 
 #include "engine/error.h"
@@ -16,14 +15,17 @@ namespace engine {
 
 namespace {
 
-// op(X) of one batch entry as a dense row-major f32 [rows, cols] matrix.
-std::vector<float> widen(const bf16* x, bool transposed, int64_t rows, int64_t cols, int64_t ld) {
+// A dense row-major f32 [rows, cols] copy of a bf16 matrix with the given
+// strides, through the backend's converting copy.
+std::vector<float> widen(CpuBackend& cpu, const void* x, int64_t rows, int64_t cols, const Shape& strides) {
   std::vector<float> out(size_t(rows * cols));
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c)
-      out[size_t(r * cols + c)] = bf16_to_float(transposed ? x[c * ld + r] : x[r * ld + c]);
+  cpu.copy(View{out.data(), DType::F32, {rows, cols}, {cols, 1}},
+           View{const_cast<void*>(x), DType::BF16, {rows, cols}, strides});
   return out;
 }
+
+// op(X) of one batch entry, X stored row-major with row stride ld.
+Shape op_strides(bool transposed, int64_t ld) { return transposed ? Shape{1, ld} : Shape{ld, 1}; }
 
 void gemm_f32(const GemmArgs& g, CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, const float* a, const float* b, float* c,
               int lda, int ldb) {
@@ -32,21 +34,20 @@ void gemm_f32(const GemmArgs& g, CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, const f
 }
 
 // One batch entry with bf16 A and B, into an f32 C or (rounded) a bf16 C.
-void gemm_bf16(const GemmArgs& g, int64_t i) {
-  const std::vector<float> a = widen(static_cast<const bf16*>(g.a) + i * g.stride_a, g.trans_a, g.m, g.k, g.lda);
-  const std::vector<float> b = widen(static_cast<const bf16*>(g.b) + i * g.stride_b, g.trans_b, g.k, g.n, g.ldb);
+void gemm_bf16(CpuBackend& cpu, const GemmArgs& g, int64_t i) {
+  const std::vector<float> a =
+      widen(cpu, static_cast<const bf16*>(g.a) + i * g.stride_a, g.m, g.k, op_strides(g.trans_a, g.lda));
+  const std::vector<float> b =
+      widen(cpu, static_cast<const bf16*>(g.b) + i * g.stride_b, g.k, g.n, op_strides(g.trans_b, g.ldb));
   if (g.c_dtype == DType::F32)
     return gemm_f32(g, CblasNoTrans, CblasNoTrans, a.data(), b.data(), static_cast<float*>(g.c) + i * g.stride_c,
                     int(g.k), int(g.n));
-  bf16* c = static_cast<bf16*>(g.c) + i * g.stride_c;
-  std::vector<float> wide(size_t(g.m * g.n));
-  for (int64_t r = 0; r < g.m; ++r)
-    for (int64_t col = 0; col < g.n; ++col) wide[size_t(r * g.n + col)] = bf16_to_float(c[r * g.ldc + col]);
+  const View c{static_cast<bf16*>(g.c) + i * g.stride_c, DType::BF16, {g.m, g.n}, {g.ldc, 1}};
+  std::vector<float> wide = widen(cpu, c.data, g.m, g.n, c.strides);  // beta may read C
   GemmArgs dense = g;
   dense.ldc = g.n;
   gemm_f32(dense, CblasNoTrans, CblasNoTrans, a.data(), b.data(), wide.data(), int(g.k), int(g.n));
-  for (int64_t r = 0; r < g.m; ++r)
-    for (int64_t col = 0; col < g.n; ++col) c[r * g.ldc + col] = float_to_bf16(wide[size_t(r * g.n + col)]);
+  cpu.copy(c, View{wide.data(), DType::F32, {g.m, g.n}, {g.n, 1}});
 }
 
 // C[b][i, :] += bias for every batch entry and row.
@@ -80,7 +81,7 @@ void CpuBackend::gemm(const GemmArgs& g) {
                   static_cast<const double*>(g.b) + i * g.stride_b, int(g.ldb), g.beta,
                   static_cast<double*>(g.c) + i * g.stride_c, int(g.ldc));
     } else if (g.dtype == DType::BF16) {
-      gemm_bf16(g, i);
+      gemm_bf16(*this, g, i);
     } else {
       fail("gemm: the CPU computes in f32, f64 or bf16, got {}", dtype_name(g.dtype));
     }

@@ -84,10 +84,9 @@ void gemm_into(const Tensor& out, Tensor a, Tensor b, int64_t batch, bool b_shar
   backend_for(out.device()).gemm(g);
 }
 
-Tensor in_dtype(const Tensor& t, DType dtype) { return t.dtype() == dtype ? t.detach() : t.detach().to(dtype); }
 
 // a @ b, then the epilogue, computed in `compute` (the operands converted to
-// it, outside autograd) and written in `out_dtype`. Shapes are matmul's, already checked.
+// it outside autograd; Tensor::to leaves a tensor already in it as it is) and written in `out_dtype`. Shapes are matmul's, already checked.
 Tensor product(const Tensor& a, const Tensor& b, DType compute, DType out_dtype, const Epilogue& epilogue = {}) {
   const bool b_shared = b.dim() == 2;
   Shape out_shape(a.shape().begin(), a.shape().end() - 2);
@@ -95,13 +94,13 @@ Tensor product(const Tensor& a, const Tensor& b, DType compute, DType out_dtype,
   out_shape.push_back(a.size(-2));
   out_shape.push_back(b.size(-1));
   Tensor out = Tensor::empty(out_shape, out_dtype, a.device());
-  Tensor a_in = in_dtype(a, compute);
+  Tensor a_in = a.detach().to(compute);
   if (b_shared && a.dim() > 2 && a_in.is_contiguous()) {
     // Fold the batch into M: one [batch*M, K] @ [K, N] GEMM is faster than many.
     a_in = a_in.view({-1, a.size(-1)});
     batch = 1;
   }
-  gemm_into(out, a_in, in_dtype(b, compute), batch, b_shared, epilogue);
+  gemm_into(out, a_in, b.detach().to(compute), batch, b_shared, epilogue);
   return out;
 }
 
