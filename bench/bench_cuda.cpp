@@ -1,6 +1,6 @@
 // The CUDA backend's speed on GPT-2-large shapes: GEMMs through engine::matmul
 // against raw cuBLAS on the same buffers (f32, TF32, bf16), layer norm and
-// AdamW bandwidth, and attention forward/backward at B=32, H=20, T=256, D=64.
+// AdamW bandwidth, the step's commonest elementwise passes, and attention forward/backward at B=32, H=20, T=256, D=64.
 // Prints one JSON line per case. Run: build-gpu/bench/bench_cuda
 #include "engine/backend.h"
 #include "engine/cuda/cuda_backend.h"
@@ -157,6 +157,31 @@ void bench_host_copies() {
              n * 4 >> 20, bytes / up * 1e-9, bytes / raw_up * 1e-9, bytes / down * 1e-9, bytes / raw_down * 1e-9);
 }
 
+// ---- elementwise passes of the training step: bandwidth ----
+
+// The copies the bf16 step makes most: an autocast cast (f32 -> bf16, the
+// MLP's [tokens, 4C] activation), splitting c_attn's output into heads (a
+// permuting f32 copy) and a residual add. GB/s counts bytes read + written.
+void bench_elementwise(int64_t B, int64_t T, int64_t H, int64_t D) {
+  const int64_t tokens = B * T, C = H * D;
+  Tensor wide = randn({tokens, 4 * C}, 13), x = randn({tokens, C}, 14), y = randn({tokens, C}, 15);
+  Tensor qkv = randn({B, T, 3 * C}, 16);
+  const auto report = [](const char* name, double seconds, double bytes) {
+    fmt::print(R"({{"bench":"elementwise","op":"{}","us":{:.1f},"gb_per_s":{:.0f}}})"
+               "\n",
+               name, seconds * 1e6, bytes / seconds * 1e-9);
+  };
+  engine::NoGradGuard no_grad;
+  const double n_wide = double(wide.numel()), n = double(x.numel());
+  report("cast_f32_to_bf16", median_seconds(5, 20, [&] { (void)wide.to(DType::BF16); }, engine_sync), 6 * n_wide);
+  report("split_heads_f32",
+         median_seconds(
+             5, 20, [&] { (void)qkv.slice(2, 0, C).view({B, T, H, D}).permute({0, 2, 1, 3}).contiguous(); },
+             engine_sync),
+         8 * n);
+  report("add_f32", median_seconds(5, 20, [&] { (void)engine::add(x, y); }, engine_sync), 12 * n);
+}
+
 // ---- attention at gpt2-large's shape ----
 
 // bf16: q, k, v given in bf16 under autocast, so the tensor-core kernels are
@@ -228,6 +253,7 @@ int main() {
   bench_adamw(int64_t(36) * C * 3 * C);  // all of gpt2-large's c_attn weights
   bench_adamw_list();
   bench_host_copies();
+  bench_elementwise(32, 256, 20, 64);
   bench_attention(32, 20, 256, 64, false);
   bench_attention(32, 20, 256, 64, true);
   bench_attention(32, 20, 256, 64, false, 0.1);  // training: GPT-2's attn_pdrop

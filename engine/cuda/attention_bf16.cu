@@ -1,82 +1,119 @@
 // Attention on the tensor cores for bf16 inputs (mixed precision): the
-// flash-attention algorithm of attention.cu, with every product made in wmma
-// fragments (16 x 16 x 16, f32 accumulation) and f32 outputs.
+// flash-attention algorithm of attention.cu, with every product made by the
+// mma.sync instruction (m16n8k16, bf16 operands, f32 accumulation) and f32
+// outputs.
 //
 // A block of 4 warps owns a 64-row tile (queries in the forward and in dQ,
 // keys in dK/dV) and warp w owns its rows 16w .. 16w+15. A warp's scores,
-// softmax and accumulators never leave it: a product lands in the warp's own
-// scratch tile and its lanes read it back, so only loading a shared K/V (or
-// Q/dO) tile needs the whole block. Lane l holds row l % 16 and half l / 16
-// of that row's columns: 32 of a tile's 64 scores, D/2 of its D outputs; a
-// row's max and sum take one shuffle between its two lanes.
+// softmax and accumulators live in registers, in the layout mma.sync gives
+// them (see Fragments below), and never touch shared memory: only the block's
+// K/V (or Q/dO) tiles do, which ldmatrix reads straight into operands. As in
+// FlashAttention-2, a score tile turns into the next product's left operand in
+// registers: the accumulator layout of two 8-column tiles is exactly the
+// operand layout of one 16-deep k-step.
 //
 // P and dS are rounded to bf16 before they are multiplied, as flash attention
-// does; so the forward's exponentials use the fast __expf, whose few-ulp
-// error is far below bf16's 2^-9. Head dims up to 128 are padded with zeros to DMAX in {32, 64, 128};
-// engine/cuda/cuda_backend.cpp widens larger ones to f32 for attention.cu.
+// does; so the exponentials use the fast __expf, whose few-ulp error is far
+// below bf16's 2^-9. Head dims up to 128 are padded with zeros to DMAX in
+// {32, 64, 128}; engine/cuda/cuda_backend.cpp widens larger ones to f32 for
+// attention.cu.
 #include "engine/cuda/attention_common.cuh"
-
-#include <mma.h>
 
 namespace engine::cuda::attention {
 
 namespace {
 
-namespace wmma = nvcuda::wmma;
 using bf16 = __nv_bfloat16;
 
 constexpr int kWarps = 4;
 constexpr int kBlockThreads = 32 * kWarps;
-constexpr int kRows = 16;  // rows per warp: one fragment high
+constexpr int kRows = 16;  // rows per warp: one mma tile high
 
-// Shared-memory geometry. Row strides are multiples of 8 elements (16 bytes),
-// as wmma requires, and keep consecutive rows off each other's banks; every
-// part is a multiple of 32 bytes, so fragment pointers stay aligned.
+// ---- Fragments ----
+// mma.sync.m16n8k16 multiplies A [16, 16] by B [16, 8] into C [16, 8]. Lane l
+// of the warp, with g = l / 4 and t = l % 4, holds
+//   of C: rows g and g + 8, columns 2t and 2t + 1: c[0], c[1] (row g), c[2], c[3] (row g + 8);
+//   of A: the same rows and columns, then columns + 8; two bf16 per register;
+//   of B: rows 2t, 2t + 1 (and + 8) of column g.
+// A 16 x 64 score tile is eight C tiles: float[8][4] per lane.
+
+using Scores = float[kTile / 8][4];
+
+__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Four 8 x 8 bf16 matrices from shared memory; lane l gives the address of
+// row l % 8 of matrix l / 8 and receives, of each matrix, row l / 4, columns
+// 2(l % 4) and 2(l % 4) + 1 (transposed: rows and columns swap).
+__device__ __forceinline__ void ldmatrix(uint32_t (&r)[4], const bf16* row) {
+  const unsigned address = unsigned(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+__device__ __forceinline__ void ldmatrix_transposed(uint32_t (&r)[4], const bf16* row) {
+  const unsigned address = unsigned(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float low, float high) {
+  const __nv_bfloat162 pair = __floats2bfloat162_rn(low, high);
+  return *reinterpret_cast<const uint32_t*>(&pair);
+}
+
+// Where lane l points ldmatrix for a 16 x 16 block at (r0, c0) of a row-major
+// tile: as an A operand (matrices: top-left, bottom-left, top-right,
+// bottom-right), which is also a B operand read transposed (B's rows are the
+// tile's rows); and as a B operand [n, k] read straight, two 8-column tiles.
+__device__ __forceinline__ int operand_row(int lane) { return lane % 8 + 8 * (lane / 8 % 2); }
+__device__ __forceinline__ int operand_col(int lane) { return 8 * (lane / 16); }
+__device__ __forceinline__ int b_row(int lane) { return lane % 8 + 8 * (lane / 16); }
+__device__ __forceinline__ int b_col(int lane) { return 8 * (lane / 8 % 2); }
+
+// Row stride of a bf16 [64, DMAX] shared tile: 16 bytes more than a row, so
+// the eight rows one ldmatrix matrix reads start in eight different banks.
 template <int DMAX>
-struct Layout {
-  static constexpr int ld = DMAX + 8;          // bf16 [64, DMAX] tiles of q, k, v, dO
-  static constexpr int weight_ld = kTile + 8;  // bf16 [16, 64] per-warp tiles of P or dS
-  static constexpr int scratch_ld = (DMAX > kTile ? DMAX : kTile) + 4;  // f32 [16, max(64, DMAX)] per warp
-  static constexpr int half = DMAX / 2;        // output columns per lane
-  static constexpr size_t tile_bytes = size_t(kTile) * ld * sizeof(bf16);
-  static constexpr size_t weight_bytes = size_t(kRows) * weight_ld * sizeof(bf16);
-  static constexpr size_t scratch_bytes = size_t(kRows) * scratch_ld * sizeof(float);
-  static constexpr size_t smem(int tiles, int weights_per_warp) {
-    return tiles * tile_bytes + kWarps * (scratch_bytes + weights_per_warp * weight_bytes);
-  }
-};
+constexpr int kLd = DMAX + 8;
 
-// Where a kernel's parts lie in dynamic shared memory: `tiles` block tiles,
-// then each warp's scratch, then each warp's weight tiles.
 template <int DMAX>
-struct Smem {
-  using L = Layout<DMAX>;
-  unsigned char* base;
-  int tiles;
-  __device__ bf16* tile(int index) const { return reinterpret_cast<bf16*>(base + index * L::tile_bytes); }
-  __device__ float* scratch(int warp) const {
-    return reinterpret_cast<float*>(base + tiles * L::tile_bytes + warp * L::scratch_bytes);
-  }
-  __device__ bf16* weights(int warp, int index, int per_warp) const {
-    return reinterpret_cast<bf16*>(base + tiles * L::tile_bytes + kWarps * L::scratch_bytes +
-                                   (warp * per_warp + index) * L::weight_bytes);
-  }
-};
+constexpr int kTileElems = kTile * kLd<DMAX>;
 
-// Rows row0 .. row0+63 of a contiguous [rows, D] matrix into a [64, DMAX]
-// tile, zero-filled past the last row and past D. Whole block; 16-byte
-// chunks when D allows them (rows then start 16-byte aligned).
+// ---- loading tiles: cp.async, global to shared without registers ----
+
+// 16 bytes; with `valid` false, 16 zero bytes (nothing is read).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  const unsigned address = unsigned(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most `pending` of this thread's newest groups are in flight.
+template <int pending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(pending));
+}
+
+// Starts copying rows row0 .. row0+63 of a contiguous [rows, D] matrix into a
+// [64, DMAX] tile, zero-filled past the last row and past D. Whole block. In
+// 16-byte cp.async chunks when D allows them (rows then start 16-byte
+// aligned): the copy lands by cp_async_wait and a barrier. Otherwise element
+// by element, which the barrier alone publishes.
 template <int DMAX>
 __device__ __forceinline__ void load_tile(bf16* tile, const bf16* src, int64_t row0, int64_t rows, int64_t D) {
-  constexpr int ld = Layout<DMAX>::ld;
+  constexpr int ld = kLd<DMAX>;
   if (D % 8 == 0) {
     constexpr int chunks = DMAX / 8;
     for (int e = threadIdx.x; e < kTile * chunks; e += kBlockThreads) {
       const int r = e / chunks, c = e % chunks * 8;
       const int64_t row = row0 + r;
-      uint4 value = make_uint4(0, 0, 0, 0);
-      if (row < rows && c < D) value = *reinterpret_cast<const uint4*>(src + row * D + c);
-      *reinterpret_cast<uint4*>(tile + r * ld + c) = value;
+      const bool valid = row < rows && c < D;
+      cp_async16(tile + r * ld + c, valid ? src + row * D + c : src, valid);
     }
     return;
   }
@@ -87,170 +124,233 @@ __device__ __forceinline__ void load_tile(bf16* tile, const bf16* src, int64_t r
   }
 }
 
-// A lane's N values of a scratch row, 16 bytes at a time. In this layout the
-// eight lanes of each quarter-warp read eight different rows whose starts
-// fall in eight different 16-byte bank groups (the row stride is 17 groups),
-// so the reads are free of bank conflicts; one float at a time they are not.
-template <int N>
-__device__ __forceinline__ void read_half_row(float (&x)[N], const float* src) {
-#pragma unroll
-  for (int c = 0; c < N / 4; ++c) {
-    const float4 v = reinterpret_cast<const float4*>(src)[c];
-    x[4 * c] = v.x, x[4 * c + 1] = v.y, x[4 * c + 2] = v.z, x[4 * c + 3] = v.w;
-  }
-}
-
-// A lane's 32 weights (P or dS for its half row) into a weight tile as bf16,
-// 16 bytes at a time, for the same reason.
+// The 64-row tiles of two [rows, D] matrices (K and V, or Q and dO), streamed
+// through two shared buffers: the block computes on one pair of tiles while
+// the next pair is in flight.
 template <int DMAX>
-__device__ __forceinline__ void store_weights(bf16* w_rows, const float (&x)[32], int row, int half) {
-  uint4* dst = reinterpret_cast<uint4*>(w_rows + row * Layout<DMAX>::weight_ld + half * 32);
-#pragma unroll
-  for (int c = 0; c < 4; ++c) {
-    __nv_bfloat162 pairs[4];
-#pragma unroll
-    for (int u = 0; u < 4; ++u) pairs[u] = __floats2bfloat162_rn(x[8 * c + 2 * u], x[8 * c + 2 * u + 1]);
-    dst[c] = *reinterpret_cast<const uint4*>(pairs);
-  }
-}
+struct TileStream {
+  bf16* base;  // four tiles: buffer 0's two, then buffer 1's
+  const bf16 *first, *second;
+  int64_t rows, D;
 
-// The lane's 32 values of S = A B^T, for the warp's 16 rows A [16, DMAX] of a
-// tile and a whole tile B [64, DMAX] (read column-major, B is B^T).
-template <int DMAX>
-__device__ __forceinline__ void warp_scores(float (&s)[32], const bf16* a_rows, const bf16* b_tile, float* scratch,
-                                            int row, int half) {
-  using L = Layout<DMAX>;
-#pragma unroll
-  for (int col = 0; col < kTile / 16; ++col) {
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
-    wmma::fill_fragment(c, 0.f);
-#pragma unroll
-    for (int k = 0; k < DMAX; k += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> x;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> y;
-      wmma::load_matrix_sync(x, a_rows + k, L::ld);
-      wmma::load_matrix_sync(y, b_tile + col * 16 * L::ld + k, L::ld);
-      wmma::mma_sync(c, x, y, c);
+  __device__ bf16* tile(int buffer, int which) const { return base + (2 * buffer + which) * kTileElems<DMAX>; }
+  // Starts loading rows row0 .. row0+63 into `buffer`, if row0 < end, and
+  // closes a cp.async group either way, so the groups count one per tile.
+  __device__ void fetch(int buffer, int64_t row0, int64_t end) const {
+    if (row0 < end) {
+      load_tile<DMAX>(tile(buffer, 0), first, row0, rows, D);
+      load_tile<DMAX>(tile(buffer, 1), second, row0, rows, D);
     }
-    wmma::store_matrix_sync(scratch + col * 16, c, L::scratch_ld, wmma::mem_row_major);
+    cp_async_commit();
   }
-  __syncwarp();
-  read_half_row<32>(s, scratch + row * L::scratch_ld + half * 32);
-  __syncwarp();  // scratch is free again
-}
+};
 
-// acc += the lane's D/2 values of W M, for the warp's weight tile W [16, 64]
-// and a block tile M [64, DMAX].
+// s = A B^T for the warp's 16 rows A [16, DMAX] of one tile and a whole tile
+// B [64, DMAX] (its rows are the score columns).
 template <int DMAX>
-__device__ __forceinline__ void warp_accumulate(float (&acc)[DMAX / 2], const bf16* w_rows, const bf16* m_tile,
-                                                float* scratch, int row, int half) {
-  using L = Layout<DMAX>;
+__device__ __forceinline__ void warp_scores(Scores& s, const bf16* a_rows, const bf16* b_tile, int lane) {
+  constexpr int ld = kLd<DMAX>;
 #pragma unroll
-  for (int col = 0; col < DMAX / 16; ++col) {
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
-    wmma::fill_fragment(c, 0.f);
+  for (int n = 0; n < kTile / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
 #pragma unroll
-    for (int k = 0; k < kTile; k += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> x;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> y;
-      wmma::load_matrix_sync(x, w_rows + k, L::weight_ld);
-      wmma::load_matrix_sync(y, m_tile + k * L::ld + col * 16, L::ld);
-      wmma::mma_sync(c, x, y, c);
+  for (int k = 0; k < DMAX; k += 16) {
+    uint32_t a[4];
+    ldmatrix(a, a_rows + operand_row(lane) * ld + k + operand_col(lane));
+#pragma unroll
+    for (int n = 0; n < kTile / 8; n += 2) {
+      uint32_t b[4];
+      ldmatrix(b, b_tile + (n * 8 + b_row(lane)) * ld + k + b_col(lane));
+      mma(s[n], a, b[0], b[1]);
+      mma(s[n + 1], a, b[2], b[3]);
     }
-    wmma::store_matrix_sync(scratch + col * 16, c, L::scratch_ld, wmma::mem_row_major);
   }
-  __syncwarp();
-  float product[L::half];
-  read_half_row<L::half>(product, scratch + row * L::scratch_ld + half * L::half);
-#pragma unroll
-  for (int t = 0; t < L::half; ++t) acc[t] += product[t];
-  __syncwarp();
 }
 
-// The lane's half of an output row, times `scale`, for columns < D.
+// acc [16, DMAX] += W M for the warp's weights W [16, 64] (P or dS, in score
+// layout, rounded to bf16 here) and a block tile M [64, DMAX].
 template <int DMAX>
-__device__ __forceinline__ void store_half_row(float* dst_row, const float (&acc)[DMAX / 2], float scale, int half,
-                                               int64_t D) {
+__device__ __forceinline__ void warp_accumulate(float (&acc)[DMAX / 8][4], const Scores& w, const bf16* m_tile,
+                                                int lane) {
+  constexpr int ld = kLd<DMAX>;
 #pragma unroll
-  for (int t = 0; t < DMAX / 2; ++t) {
-    const int d = half * (DMAX / 2) + t;
-    if (d < D) dst_row[d] = acc[t] * scale;
+  for (int k = 0; k < kTile / 16; ++k) {
+    const uint32_t a[4] = {pack_bf16(w[2 * k][0], w[2 * k][1]), pack_bf16(w[2 * k][2], w[2 * k][3]),
+                           pack_bf16(w[2 * k + 1][0], w[2 * k + 1][1]), pack_bf16(w[2 * k + 1][2], w[2 * k + 1][3])};
+#pragma unroll
+    for (int n = 0; n < DMAX / 8; n += 2) {
+      uint32_t b[4];
+      ldmatrix_transposed(b, m_tile + (k * 16 + operand_row(lane)) * ld + n * 8 + operand_col(lane));
+      mma(acc[n], a, b[0], b[1]);
+      mma(acc[n + 1], a, b[2], b[3]);
+    }
   }
 }
 
-__device__ __forceinline__ float pair_max(float v) { return MaxOp{}(v, __shfl_xor_sync(0xffffffffu, v, 16)); }
-__device__ __forceinline__ float pair_sum(float v) { return v + __shfl_xor_sync(0xffffffffu, v, 16); }
+// The lane's two rows of a [16, DMAX] accumulator, times scale[row], for
+// rows below `rows` and columns below D; dst points at the warp's first row.
+template <int DMAX>
+__device__ __forceinline__ void store_rows(float* dst, const float (&acc)[DMAX / 8][4], const float (&scale)[2],
+                                           int64_t rows, int64_t D, int lane) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = lane / 4 + 8 * h;
+    if (r >= rows) continue;
+#pragma unroll
+    for (int n = 0; n < DMAX / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int d = n * 8 + 2 * (lane % 4) + e;
+        if (d < D) dst[r * D + d] = acc[n][2 * h + e] * scale[h];
+      }
+  }
+}
 
-// One block per (batch * head, query tile); the online softmax of attention.cu, per warp.
+// The row (h = 0: lane / 4, h = 1: lane / 4 + 8) and column of element
+// [n][e] of a lane's score tile.
+__device__ __forceinline__ int score_row(int lane, int e) { return lane / 4 + 8 * (e / 2); }
+__device__ __forceinline__ int score_col(int lane, int n, int e) { return n * 8 + 2 * (lane % 4) + e % 2; }
+
+// A row's four lanes (same lane / 4) combine their values.
+__device__ __forceinline__ float quad_max(float v) {
+  v = MaxOp{}(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return MaxOp{}(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+template <int DMAX>
+__device__ __forceinline__ void zero(float (&acc)[DMAX / 8][4]) {
+#pragma unroll
+  for (int n = 0; n < DMAX / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+}
+
+// Whether a 64 x 64 tile (rows from row0, keys from j0) needs no masking at
+// all: every key real and, under causal masking, every key in every row's
+// window. Rows past Tq only need their results dropped at the store.
+__device__ __forceinline__ bool tile_unmasked(const Problem& p, bool all_keys_kept, int64_t row0, int64_t j0) {
+  return all_keys_kept && (!p.causal || j0 + kTile - 1 <= row0 + p.causal_shift);
+}
+
+// Marks which keys of tile j0 are real (not padding, not past Tk) and returns
+// how many are. A block-wide barrier: every thread of the block must call it.
+__device__ __forceinline__ int count_key_flags(bool* key_ok, const Problem& p, const int32_t* mask, int64_t j0) {
+  bool kept = false;
+  if (threadIdx.x < kTile) {
+    const int64_t j = j0 + threadIdx.x;
+    kept = j < p.Tk && p.key_kept(mask, j);
+    key_ok[threadIdx.x] = kept;
+  }
+  return __syncthreads_count(kept);
+}
+
+// One block per (batch * head, query tile); the online softmax of attention.cu,
+// per warp, with each lane keeping the running max and sum of its two rows.
 template <int DMAX>
 __global__ void __launch_bounds__(kBlockThreads)
     forward_kernel(Problem p, float scale, float* out, float* lse, const bf16* q, const bf16* k, const bf16* v) {
-  using L = Layout<DMAX>;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  const Smem<DMAX> smem{smem_raw, 3};
-  bf16 *q_tile = smem.tile(0), *k_tile = smem.tile(1), *v_tile = smem.tile(2);
+  extern __shared__ __align__(128) bf16 smem[];
+  bf16* q_tile = smem;
   __shared__ bool key_ok[kTile];
-  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, row = lane % kRows, half = lane / kRows;
-  float* scratch = smem.scratch(warp);
-  bf16* probs = smem.weights(warp, 0, 1);  // [query, key]
-  const int64_t bh = blockIdx.x, i0 = int64_t(blockIdx.y) * kTile, i = i0 + warp * kRows + row;
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  const int64_t bh = blockIdx.x, i0 = int64_t(blockIdx.y) * kTile + warp * kRows;  // the warp's first query
   const int32_t* mask = p.mask_row(bh);
-  load_tile<DMAX>(q_tile, q + bh * p.Tq * p.D, i0, p.Tq, p.D);
-  const bf16* q_rows = q_tile + warp * kRows * L::ld;
+  const TileStream<DMAX> kv{smem + kTileElems<DMAX>, k + bh * p.Tk * p.D, v + bh * p.Tk * p.D, p.Tk, p.D};
+  const int64_t key_end = p.key_end(int64_t(blockIdx.y) * kTile + kTile);
+  load_tile<DMAX>(q_tile, q + bh * p.Tq * p.D, int64_t(blockIdx.y) * kTile, p.Tq, p.D);
+  kv.fetch(0, 0, key_end);  // one group with Q
+  const bf16* q_rows = q_tile + warp * kRows * kLd<DMAX>;
 
-  float m = -INFINITY, l = 0.f, acc[L::half];
-  bool seen = false;  // decided by the mask alone, so NaN scores cannot pass for "no key"
-#pragma unroll
-  for (int t = 0; t < L::half; ++t) acc[t] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, acc[DMAX / 8][4];
+  bool seen[2] = {false, false};  // decided by the mask alone, so NaN scores cannot pass for "no key"
+  zero<DMAX>(acc);
 
-  const int64_t key_end = p.key_end(i0 + kTile);
-  for (int64_t j0 = 0; j0 < key_end; j0 += kTile) {
-    __syncthreads();  // every warp is done with the previous K and V
-    if (!load_key_flags(key_ok, p, mask, j0)) continue;  // all padding: skipped, as the CPU skips it
-    load_tile<DMAX>(k_tile, k + bh * p.Tk * p.D, j0, p.Tk, p.D);
-    load_tile<DMAX>(v_tile, v + bh * p.Tk * p.D, j0, p.Tk, p.D);
-    __syncthreads();
+  int buffer = 0;
+  for (int64_t j0 = 0; j0 < key_end; j0 += kTile, buffer ^= 1) {
+    __syncthreads();  // every warp is done with the other buffer and with key_ok
+    kv.fetch(buffer ^ 1, j0 + kTile, key_end);
+    cp_async_wait<1>();  // all but that newest group: this tile has landed
+    const int kept = count_key_flags(key_ok, p, mask, j0);  // a barrier: the tile is the block's
+    if (kept == 0) continue;  // all padding: skipped, as the CPU skips it
+    const bf16 *k_tile = kv.tile(buffer, 0), *v_tile = kv.tile(buffer, 1);
 
-    float s[32];
-    warp_scores<DMAX>(s, q_rows, k_tile, scratch, row, half);
-    bool any = false;
-    float tile_max = -INFINITY;
+    Scores s;
+    warp_scores<DMAX>(s, q_rows, k_tile, lane);
+    const bool unmasked = tile_unmasked(p, kept == kTile, i0, j0);
+    float tile_max[2] = {-INFINITY, -INFINITY};
+    bool any[2] = {unmasked, unmasked};
 #pragma unroll
-    for (int t = 0; t < 32; ++t) {
-      const int jl = half * 32 + t;
-      const bool visible = key_ok[jl] && i < p.Tq && p.in_causal_window(i, j0 + jl);
-      s[t] = visible ? s[t] * scale : -INFINITY;
-      any |= visible;
-      tile_max = MaxOp{}(tile_max, s[t]);
-    }
-    any = __shfl_xor_sync(0xffffffffu, int(any), 16) != 0 || any;
-    tile_max = pair_max(tile_max);
-    const bool grows = any && tile_max > m;
-    const float new_max = grows ? tile_max : m;
-    const float rescale = grows ? __expf(m - tile_max) : 1.f;  // 0 on the row's first keys (m = -inf)
-    float sum = 0.f;
+    for (int n = 0; n < kTile / 8; ++n)
 #pragma unroll
-    for (int t = 0; t < 32; ++t) {
-      const float prob = any ? __expf(s[t] - new_max) : 0.f;  // a NaN score makes the row NaN, as it should
-      sum += prob;  // the normaliser counts every probability, dropped or not
-      s[t] = prob * p.dropout_factor<float>(bh, i, j0 + half * 32 + t);
-    }
-    store_weights<DMAX>(probs, s, row, half);
-    sum = pair_sum(sum);
-    if (any) {
-      seen = true;
-      m = new_max;
-      l = l * rescale + sum;
+      for (int e = 0; e < 4; ++e) {
+        const int h = e / 2, jl = score_col(lane, n, e);
+        const bool visible = unmasked || (key_ok[jl] && p.in_causal_window(i0 + score_row(lane, e), j0 + jl));
+        s[n][e] = visible ? s[n][e] * scale : -INFINITY;
+        any[h] |= visible;
+        tile_max[h] = MaxOp{}(tile_max[h], s[n][e]);
+      }
+    float rescale[2];
 #pragma unroll
-      for (int t = 0; t < L::half; ++t) acc[t] *= rescale;
+    for (int h = 0; h < 2; ++h) {
+      any[h] = quad_sum(float(any[h])) > 0.f;
+      tile_max[h] = quad_max(tile_max[h]);
+      const bool grows = any[h] && tile_max[h] > m[h];
+      rescale[h] = grows ? __expf(m[h] - tile_max[h]) : 1.f;  // 0 on the row's first keys (m = -inf)
+      if (grows) m[h] = tile_max[h];
     }
-    __syncwarp();
-    warp_accumulate<DMAX>(acc, probs, v_tile, scratch, row, half);  // acc += P V
+    float sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int n = 0; n < kTile / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h = e / 2;
+        const float prob = any[h] ? __expf(s[n][e] - m[h]) : 0.f;  // a NaN score makes the row NaN, as it should
+        sum[h] += prob;  // the normaliser counts every probability, dropped or not
+        s[n][e] = prob;
+      }
+    if (p.dropout_p > 0) {
+#pragma unroll
+      for (int n = 0; n < kTile / 8; ++n)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float2 f = p.dropout_factor_pair(bh, i0 + score_row(lane, 2 * h), j0 + score_col(lane, n, 0));
+          s[n][2 * h] *= f.x, s[n][2 * h + 1] *= f.y;
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float row_sum = quad_sum(sum[h]);  // every lane shuffles, before the branch on its own rows
+      if (!any[h]) continue;
+      seen[h] = true;
+      l[h] = l[h] * rescale[h] + row_sum;
+#pragma unroll
+      for (int n = 0; n < DMAX / 8; ++n) acc[n][2 * h] *= rescale[h], acc[n][2 * h + 1] *= rescale[h];
+    }
+    warp_accumulate<DMAX>(acc, s, v_tile, lane);  // acc += P V
   }
+  cp_async_wait<0>();  // no copy outlives the loop, even when it never ran
 
-  if (i >= p.Tq) return;
-  if (half == 0) lse[bh * p.Tq + i] = seen ? m + logf(l) : -INFINITY;
-  store_half_row<DMAX>(out + (bh * p.Tq + i) * p.D, acc, seen ? 1.f / l : 0.f, half, p.D);
+  const int64_t rows = p.Tq - i0;
+  if (rows <= 0) return;
+  float inverse[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    inverse[h] = seen[h] ? 1.f / l[h] : 0.f;
+    const int r = score_row(lane, 2 * h);
+    if (lane % 4 == 0 && r < rows) lse[bh * p.Tq + i0 + r] = seen[h] ? m[h] + logf(l[h]) : -INFINITY;
+  }
+  store_rows<DMAX>(out + (bh * p.Tq + i0) * p.D, acc, inverse, rows, p.D, lane);
+}
+
+// One element of the softmax backward: from the raw score s and dp = <dO_i, v_j>,
+// leaves P F (what dV needs) in s and dS = scale * P * (dP F - delta) in dp.
+// __expf, as in the forward: P is rounded to bf16 next.
+__device__ __forceinline__ void softmax_grad(float& s, float& dp, bool visible, float scale, float lse, float delta,
+                                             float factor) {
+  const float prob = visible && lse != -INFINITY ? __expf(s * scale - lse) : 0.f;
+  s = prob * factor;
+  dp = scale * prob * (dp * factor - delta);
 }
 
 // dQ for one (batch * head, query tile): dQ = dS K, dS = scale * P * (dP F - delta), dP = dO V^T.
@@ -258,47 +358,57 @@ template <int DMAX>
 __global__ void __launch_bounds__(kBlockThreads)
     dq_kernel(Problem p, float scale, float* dq, const bf16* dout, const bf16* q, const bf16* k, const bf16* v,
               const float* lse, const float* delta) {
-  using L = Layout<DMAX>;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  const Smem<DMAX> smem{smem_raw, 4};
-  bf16 *q_tile = smem.tile(0), *do_tile = smem.tile(1), *k_tile = smem.tile(2), *v_tile = smem.tile(3);
+  extern __shared__ __align__(128) bf16 smem[];
+  bf16 *q_tile = smem, *do_tile = smem + kTileElems<DMAX>;
   __shared__ bool key_ok[kTile];
-  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, row = lane % kRows, half = lane / kRows;
-  float* scratch = smem.scratch(warp);
-  bf16* ds = smem.weights(warp, 0, 1);  // [query, key]
-  const int64_t bh = blockIdx.x, i0 = int64_t(blockIdx.y) * kTile, i = i0 + warp * kRows + row;
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  const int64_t bh = blockIdx.x, tile0 = int64_t(blockIdx.y) * kTile, i0 = tile0 + warp * kRows;
   const int32_t* mask = p.mask_row(bh);
-  load_tile<DMAX>(q_tile, q + bh * p.Tq * p.D, i0, p.Tq, p.D);
-  load_tile<DMAX>(do_tile, dout + bh * p.Tq * p.D, i0, p.Tq, p.D);
-  const bf16 *q_rows = q_tile + warp * kRows * L::ld, *do_rows = do_tile + warp * kRows * L::ld;
-  const float row_lse = i < p.Tq ? lse[bh * p.Tq + i] : -INFINITY;
-  const float row_delta = i < p.Tq ? delta[bh * p.Tq + i] : 0.f;
-  float acc[L::half];
+  const TileStream<DMAX> kv{smem + 2 * kTileElems<DMAX>, k + bh * p.Tk * p.D, v + bh * p.Tk * p.D, p.Tk, p.D};
+  const int64_t key_end = p.key_end(tile0 + kTile);
+  load_tile<DMAX>(q_tile, q + bh * p.Tq * p.D, tile0, p.Tq, p.D);
+  load_tile<DMAX>(do_tile, dout + bh * p.Tq * p.D, tile0, p.Tq, p.D);
+  kv.fetch(0, 0, key_end);
+  const bf16 *q_rows = q_tile + warp * kRows * kLd<DMAX>, *do_rows = do_tile + warp * kRows * kLd<DMAX>;
+  float row_lse[2], row_delta[2];
 #pragma unroll
-  for (int t = 0; t < L::half; ++t) acc[t] = 0.f;
-
-  const int64_t key_end = p.key_end(i0 + kTile);
-  for (int64_t j0 = 0; j0 < key_end; j0 += kTile) {
-    __syncthreads();
-    if (!load_key_flags(key_ok, p, mask, j0)) continue;
-    load_tile<DMAX>(k_tile, k + bh * p.Tk * p.D, j0, p.Tk, p.D);
-    load_tile<DMAX>(v_tile, v + bh * p.Tk * p.D, j0, p.Tk, p.D);
-    __syncthreads();
-    float s[32], dp[32];
-    warp_scores<DMAX>(s, q_rows, k_tile, scratch, row, half);
-    warp_scores<DMAX>(dp, do_rows, v_tile, scratch, row, half);
-#pragma unroll
-    for (int t = 0; t < 32; ++t) {
-      const int jl = half * 32 + t;
-      const bool visible = key_ok[jl] && i < p.Tq && p.in_causal_window(i, j0 + jl);
-      const float prob = probability(visible, s[t], scale, row_lse);
-      s[t] = scale * prob * (dp[t] * p.dropout_factor<float>(bh, i, j0 + jl) - row_delta);
-    }
-    store_weights<DMAX>(ds, s, row, half);
-    __syncwarp();
-    warp_accumulate<DMAX>(acc, ds, k_tile, scratch, row, half);  // dQ += dS K
+  for (int h = 0; h < 2; ++h) {
+    const int64_t i = i0 + score_row(lane, 2 * h);
+    row_lse[h] = i < p.Tq ? lse[bh * p.Tq + i] : -INFINITY;
+    row_delta[h] = i < p.Tq ? delta[bh * p.Tq + i] : 0.f;
   }
-  if (i < p.Tq) store_half_row<DMAX>(dq + (bh * p.Tq + i) * p.D, acc, 1.f, half, p.D);
+  float acc[DMAX / 8][4];
+  zero<DMAX>(acc);
+
+  int buffer = 0;
+  for (int64_t j0 = 0; j0 < key_end; j0 += kTile, buffer ^= 1) {
+    __syncthreads();
+    kv.fetch(buffer ^ 1, j0 + kTile, key_end);
+    cp_async_wait<1>();
+    const int kept = count_key_flags(key_ok, p, mask, j0);
+    if (kept == 0) continue;
+    const bf16 *k_tile = kv.tile(buffer, 0), *v_tile = kv.tile(buffer, 1);
+    Scores s, dp;
+    warp_scores<DMAX>(s, q_rows, k_tile, lane);
+    warp_scores<DMAX>(dp, do_rows, v_tile, lane);
+    const bool unmasked = tile_unmasked(p, kept == kTile, i0, j0);
+#pragma unroll
+    for (int n = 0; n < kTile / 8; ++n)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = score_row(lane, 2 * h), c = score_col(lane, n, 0);
+        const float2 f = p.dropout_p > 0 ? p.dropout_factor_pair(bh, i0 + r, j0 + c) : float2{1.f, 1.f};
+#pragma unroll
+        for (int x = 0; x < 2; ++x) {
+          const bool visible = unmasked || (key_ok[c + x] && p.in_causal_window(i0 + r, j0 + c + x));
+          softmax_grad(s[n][2 * h + x], dp[n][2 * h + x], visible, scale, row_lse[h], row_delta[h], x ? f.y : f.x);
+        }
+      }
+    warp_accumulate<DMAX>(acc, dp, k_tile, lane);  // dQ += dS K
+  }
+  cp_async_wait<0>();  // no copy outlives the loop, even when it never ran
+  const float one[2] = {1.f, 1.f};
+  if (i0 < p.Tq) store_rows<DMAX>(dq + (bh * p.Tq + i0) * p.D, acc, one, p.Tq - i0, p.D, lane);
 }
 
 // dK and dV for one (batch * head, key tile): dV = (P F)^T dO, dK = dS^T Q.
@@ -308,60 +418,63 @@ template <int DMAX>
 __global__ void __launch_bounds__(kBlockThreads)
     dkv_kernel(Problem p, float scale, float* dk, float* dv, const bf16* dout, const bf16* q, const bf16* k,
                const bf16* v, const float* lse, const float* delta) {
-  using L = Layout<DMAX>;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  const Smem<DMAX> smem{smem_raw, 4};
-  bf16 *k_tile = smem.tile(0), *v_tile = smem.tile(1), *q_tile = smem.tile(2), *do_tile = smem.tile(3);
+  extern __shared__ __align__(128) bf16 smem[];
+  bf16 *k_tile = smem, *v_tile = smem + kTileElems<DMAX>;
   __shared__ bool key_ok[kTile];
   __shared__ float tile_lse[kTile], tile_delta[kTile];
-  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, row = lane % kRows, half = lane / kRows;
-  float* scratch = smem.scratch(warp);
-  bf16 *p_t = smem.weights(warp, 0, 2), *ds_t = smem.weights(warp, 1, 2);  // [key, query]
-  const int64_t bh = blockIdx.x, j0 = int64_t(blockIdx.y) * kTile;
-  const int jl = warp * kRows + row;
-  const int64_t j = j0 + jl;
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  const int64_t bh = blockIdx.x, tile0 = int64_t(blockIdx.y) * kTile, j0 = tile0 + warp * kRows;  // warp's first key
   const bool need_ds = dk != nullptr;  // dV alone needs only P
   const int32_t* mask = p.mask_row(bh);
-  float dk_acc[L::half], dv_acc[L::half];
-#pragma unroll
-  for (int t = 0; t < L::half; ++t) dk_acc[t] = dv_acc[t] = 0.f;
+  float dk_acc[DMAX / 8][4], dv_acc[DMAX / 8][4];
+  zero<DMAX>(dk_acc);
+  zero<DMAX>(dv_acc);
 
   // A tile of padding keys gets zero gradient without reading any query.
-  if (load_key_flags(key_ok, p, mask, j0)) {
-    load_tile<DMAX>(k_tile, k + bh * p.Tk * p.D, j0, p.Tk, p.D);
-    load_tile<DMAX>(v_tile, v + bh * p.Tk * p.D, j0, p.Tk, p.D);
-    const bf16 *k_rows = k_tile + warp * kRows * L::ld, *v_rows = v_tile + warp * kRows * L::ld;
-    // Under causal masking, queries before j0 - shift see none of these keys.
-    const int64_t first_query = p.causal ? max64(0, j0 - p.causal_shift) : 0;
-    for (int64_t i0 = first_query / kTile * kTile; i0 < p.Tq; i0 += kTile) {
-      __syncthreads();  // every warp is done with the previous Q and dO
-      load_tile<DMAX>(q_tile, q + bh * p.Tq * p.D, i0, p.Tq, p.D);
-      load_tile<DMAX>(do_tile, dout + bh * p.Tq * p.D, i0, p.Tq, p.D);
-      load_query_stats(tile_lse, tile_delta, p, bh, i0, lse, delta);
+  const int kept = count_key_flags(key_ok, p, mask, tile0);
+  if (kept > 0) {
+    const TileStream<DMAX> qdo{smem + 2 * kTileElems<DMAX>, q + bh * p.Tq * p.D, dout + bh * p.Tq * p.D, p.Tq, p.D};
+    // Under causal masking, queries before tile0 - shift see none of these keys.
+    const int64_t first_query = (p.causal ? max64(0, tile0 - p.causal_shift) : 0) / kTile * kTile;
+    load_tile<DMAX>(k_tile, k + bh * p.Tk * p.D, tile0, p.Tk, p.D);
+    load_tile<DMAX>(v_tile, v + bh * p.Tk * p.D, tile0, p.Tk, p.D);
+    qdo.fetch(0, first_query, p.Tq);  // one group with K and V
+    const bf16 *k_rows = k_tile + warp * kRows * kLd<DMAX>, *v_rows = v_tile + warp * kRows * kLd<DMAX>;
+    const bool* warp_keys_ok = key_ok + warp * kRows;
+    int buffer = 0;
+    for (int64_t q0 = first_query; q0 < p.Tq; q0 += kTile, buffer ^= 1) {
+      __syncthreads();  // every warp is done with the other buffer and the query stats
+      qdo.fetch(buffer ^ 1, q0 + kTile, p.Tq);
+      load_query_stats(tile_lse, tile_delta, p, bh, q0, lse, delta);
+      cp_async_wait<1>();
       __syncthreads();
-      float s[32], dp[32];
-      warp_scores<DMAX>(s, k_rows, q_tile, scratch, row, half);                 // s[t] = <k_j, q_i>
-      if (need_ds) warp_scores<DMAX>(dp, v_rows, do_tile, scratch, row, half);  // dp[t] = <v_j, dO_i>
+      const bf16 *q_tile = qdo.tile(buffer, 0), *do_tile = qdo.tile(buffer, 1);
+      Scores s, dp = {};
+      warp_scores<DMAX>(s, k_rows, q_tile, lane);                 // s = K Q^T
+      if (need_ds) warp_scores<DMAX>(dp, v_rows, do_tile, lane);  // dp = V dO^T
+      // Unmasked: every key real and, under causal masking, every query of
+      // the tile sees the warp's last key (rows are keys here). Queries past
+      // Tq need no mask: their lse is -inf, so their P is 0.
+      const bool unmasked = kept == kTile && (!p.causal || j0 + kRows - 1 <= q0 + p.causal_shift);
 #pragma unroll
-      for (int t = 0; t < 32; ++t) {
-        const int il = half * 32 + t;
-        const int64_t i = i0 + il;
-        const bool visible = key_ok[jl] && i < p.Tq && p.in_causal_window(i, j);
-        const float prob = probability(visible, s[t], scale, tile_lse[il]);
-        const float factor = p.dropout_factor<float>(bh, i, j);
-        s[t] = prob * factor;
-        if (need_ds) dp[t] = scale * prob * (dp[t] * factor - tile_delta[il]);
-      }
-      store_weights<DMAX>(p_t, s, row, half);
-      if (need_ds) store_weights<DMAX>(ds_t, dp, row, half);
-      __syncwarp();
-      warp_accumulate<DMAX>(dv_acc, p_t, do_tile, scratch, row, half);              // dV += (P F)^T dO
-      if (need_ds) warp_accumulate<DMAX>(dk_acc, ds_t, q_tile, scratch, row, half);  // dK += dS^T Q
+      for (int n = 0; n < kTile / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = score_row(lane, e), c = score_col(lane, n, e);
+          const int64_t i = q0 + c, j = j0 + r;
+          const bool visible = unmasked || (warp_keys_ok[r] && p.in_causal_window(i, j));
+          const float factor = p.dropout_p > 0 ? p.dropout_factor<float>(bh, i, j) : 1.f;
+          softmax_grad(s[n][e], dp[n][e], visible, scale, tile_lse[c], tile_delta[c], factor);
+        }
+      warp_accumulate<DMAX>(dv_acc, s, do_tile, lane);              // dV += (P F)^T dO
+      if (need_ds) warp_accumulate<DMAX>(dk_acc, dp, q_tile, lane);  // dK += dS^T Q
     }
+    cp_async_wait<0>();  // no copy outlives the loop, even when it never ran
   }
-  if (j >= p.Tk) return;
-  if (dk) store_half_row<DMAX>(dk + (bh * p.Tk + j) * p.D, dk_acc, 1.f, half, p.D);
-  if (dv) store_half_row<DMAX>(dv + (bh * p.Tk + j) * p.D, dv_acc, 1.f, half, p.D);
+  if (j0 >= p.Tk) return;
+  const float one[2] = {1.f, 1.f};
+  if (dk) store_rows<DMAX>(dk + (bh * p.Tk + j0) * p.D, dk_acc, one, p.Tk - j0, p.D, lane);
+  if (dv) store_rows<DMAX>(dv + (bh * p.Tk + j0) * p.D, dv_acc, one, p.Tk - j0, p.D, lane);
 }
 
 // Calls fn(std::integral_constant<int, DMAX>) for the smallest padded head size that holds D.
@@ -386,7 +499,7 @@ cudaError_t launch_forward_bf16(const LaunchContext& ctx, const AttentionShape& 
   by_head_size(shape.D, [&](auto dmax) {
     constexpr int DMAX = decltype(dmax)::value;
     status = launch_with_smem(forward_kernel<DMAX>, dim3(unsigned(bh), unsigned(tiles)), kBlockThreads,
-                              Layout<DMAX>::smem(3, 1), ctx.stream, p, float(shape.scale), out, lse, q, k, v);
+                              5 * kTileElems<DMAX> * sizeof(bf16), ctx.stream, p, float(shape.scale), out, lse, q, k, v);
   });
   return status;
 }
@@ -405,10 +518,10 @@ cudaError_t launch_backward_bf16(const LaunchContext& ctx, const AttentionShape&
     constexpr int DMAX = decltype(dmax)::value;
     if (dq && q_tiles > 0 && status == cudaSuccess)
       status = launch_with_smem(dq_kernel<DMAX>, dim3(unsigned(bh), unsigned(q_tiles)), kBlockThreads,
-                                Layout<DMAX>::smem(4, 1), ctx.stream, p, scale, dq, dout, q, k, v, lse, delta);
+                                6 * kTileElems<DMAX> * sizeof(bf16), ctx.stream, p, scale, dq, dout, q, k, v, lse, delta);
     if ((dk || dv) && k_tiles > 0 && status == cudaSuccess)
       status = launch_with_smem(dkv_kernel<DMAX>, dim3(unsigned(bh), unsigned(k_tiles)), kBlockThreads,
-                                Layout<DMAX>::smem(4, 2), ctx.stream, p, scale, dk, dv, dout, q, k, v, lse, delta);
+                                6 * kTileElems<DMAX> * sizeof(bf16), ctx.stream, p, scale, dk, dv, dout, q, k, v, lse, delta);
   });
   return status;
 }

@@ -35,7 +35,23 @@ struct Problem {
   __device__ T dropout_factor(int64_t bh, int64_t i, int64_t j) const {
     if (dropout_p <= 0) return T(1);
     const uint64_t element = uint64_t(bh * Tq + i) * uint64_t(Tk) + uint64_t(j);
-    return double(philox_uniform(dropout_seed, dropout_offset, element)) >= dropout_p ? T(keep_scale) : T(0);
+    return keep_factor<T>(philox_uniform(dropout_seed, dropout_offset, element));
+  }
+  // The factors of keys j and j + 1 of query i. Their stream elements are
+  // consecutive, so unless the first is a block's last word, one Philox block
+  // (4 words) serves both: half the generator's work.
+  __device__ float2 dropout_factor_pair(int64_t bh, int64_t i, int64_t j) const {
+    const uint64_t element = uint64_t(bh * Tq + i) * uint64_t(Tk) + uint64_t(j);
+    const unsigned word = unsigned(element % 4);
+    if (word == 3) return {dropout_factor<float>(bh, i, j), dropout_factor<float>(bh, i, j + 1)};
+    const Philox4 block = philox4x32_10(dropout_seed, dropout_offset + element / 4);
+    const uint32_t first = word == 0 ? block.v[0] : word == 1 ? block.v[1] : block.v[2];
+    const uint32_t second = word == 0 ? block.v[1] : word == 1 ? block.v[2] : block.v[3];
+    return {keep_factor<float>(philox_word_to_uniform(first)), keep_factor<float>(philox_word_to_uniform(second))};
+  }
+  template <typename T>
+  __device__ T keep_factor(float uniform) const {
+    return double(uniform) >= dropout_p ? T(keep_scale) : T(0);
   }
 };
 
