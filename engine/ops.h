@@ -86,6 +86,13 @@ Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, const Tens
                                     const Tensor& key_padding_mask = Tensor(), bool causal = true,
                                     std::optional<double> scale = std::nullopt, double dropout_p = 0,
                                     Generator* generator = nullptr);
+// The same attention for q, k and v stacked in one tensor [3, B, H, T, D]
+// (self-attention; GPT-2's c_attn makes all three at once): the backward
+// returns one [3, B, H, T, D] gradient rather than three that autograd would
+// have to add into zeros of the whole, and the kernel inputs are one copy.
+Tensor scaled_dot_product_attention_packed(const Tensor& qkv, const Tensor& key_padding_mask = Tensor(),
+                                           bool causal = true, std::optional<double> scale = std::nullopt,
+                                           double dropout_p = 0, Generator* generator = nullptr);
 // Inverted dropout; identity when !training or p == 0.
 Tensor dropout(const Tensor& x, double p, bool training, Generator& gen);
 

@@ -48,20 +48,25 @@ GPT2Attention::GPT2Attention(const GPT2Config& config, int64_t layer_index, cons
 Tensor GPT2Attention::forward(const Tensor& x, const Tensor& key_mask, Tensor* past_key, Tensor* past_value) {
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2), D = C / n_head_;
   Tensor qkv = child("c_attn")(x);  // [B, T, 3C]; an adapter may have replaced c_attn
-  auto heads = [&](const Tensor& t) { return t.view({B, T, n_head_, D}).permute({0, 2, 1, 3}); };
-  std::vector<Tensor> parts = engine::split(qkv, C, -1);
-  Tensor q = heads(parts[0]), k = heads(parts[1]), v = heads(parts[2]);
-  if (past_key) {  // incremental decoding: attend to the cached positions too
+  // In training, attn_pdrop drops attention probabilities inside the fused kernel, as HF does.
+  const double dropout_p = is_training() ? attn_pdrop_ : 0.0;
+  Tensor a;
+  if (!past_key) {  // q, k, v stay together: [B, T, 3, H, D] -> [3, B, H, T, D], one gradient buffer
+    const Tensor packed = qkv.reshape({B, T, 3, n_head_, D}).permute({2, 0, 3, 1, 4});
+    a = engine::scaled_dot_product_attention_packed(packed, key_mask, /*causal=*/true, scale_, dropout_p,
+                                                    &dropout_gen_);
+  } else {  // incremental decoding: attend to the cached positions too
+    auto heads = [&](const Tensor& t) { return t.view({B, T, n_head_, D}).permute({0, 2, 1, 3}); };
+    std::vector<Tensor> parts = engine::split(qkv, C, -1);
+    Tensor q = heads(parts[0]), k = heads(parts[1]), v = heads(parts[2]);
     if (past_key->defined()) {
       k = engine::cat({*past_key, k}, 2);
       v = engine::cat({*past_value, v}, 2);
     }
     *past_key = k.detach();
     *past_value = v.detach();
+    a = engine::scaled_dot_product_attention(q, k, v, key_mask, /*causal=*/true, scale_, dropout_p, &dropout_gen_);
   }
-  // In training, attn_pdrop drops attention probabilities inside the fused kernel, as HF does.
-  const double dropout_p = is_training() ? attn_pdrop_ : 0.0;
-  Tensor a = engine::scaled_dot_product_attention(q, k, v, key_mask, /*causal=*/true, scale_, dropout_p, &dropout_gen_);
   a = a.permute({0, 2, 1, 3}).reshape({B, T, C});
   return child("resid_dropout")(child("c_proj")(a));
 }

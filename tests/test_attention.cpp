@@ -211,6 +211,47 @@ TEST_CASE("attention accepts GPT-2's permuted views of one c_attn output", "[att
   testing::require_close(out, naive_attention(q, k, v, make_mask(Padding::Right, B, T), true, 1.0 / 8.0), 2e-5);
 }
 
+TEST_CASE("packed attention equals q, k, v given apart, value and gradient", "[attention][packed]") {
+  // Both read the same c_attn output; the packed op must give the same
+  // output and the same gradient of it, here with padding and dropout.
+  const int64_t B = 2, H = 3, T = 37, D = 8;
+  const Tensor mask = mask_tensor(Padding::Left, B, T);
+  auto apart = [&](const Tensor& qkv) {
+    std::vector<Tensor> parts = engine::split(qkv, H * D, 2);
+    auto heads = [&](const Tensor& x) { return x.reshape({B, T, H, D}).permute({0, 2, 1, 3}); };
+    engine::Generator gen(5);
+    return engine::scaled_dot_product_attention(heads(parts[0]), heads(parts[1]), heads(parts[2]), mask, true, {},
+                                                0.3, &gen);
+  };
+  auto packed = [&](const Tensor& qkv) {
+    engine::Generator gen(5);
+    return engine::scaled_dot_product_attention_packed(qkv.reshape({B, T, 3, H, D}).permute({2, 0, 3, 1, 4}), mask,
+                                                       true, {}, 0.3, &gen);
+  };
+  Tensor x1 = testing::random_f64({B, T, 3 * H * D}, 21), x2 = x1.detach().clone();
+  x2.set_requires_grad(true);
+  const Tensor upstream = testing::random_f64({B, H, T, D}, 22);
+  Tensor a = apart(x1), p = packed(x2);
+  testing::require_close(p, a.to_vector<double>(), 1e-12);
+  a.backward(upstream);
+  p.backward(upstream);
+  testing::require_close(x2.grad(), x1.grad().to_vector<double>(), 1e-12);
+  // And on its own against finite differences, with Tq crossing a tile.
+  auto f = [&](const std::vector<Tensor>& x) {
+    return engine::scaled_dot_product_attention_packed(x[0], mask_tensor(Padding::Holes, 1, 70), true);
+  };
+  testing::check_gradients(f, {testing::random_f64({3, 1, 1, 70, 2}, 23)});
+}
+
+TEST_CASE("packed attention rejects a tensor that is not [3, B, H, T, D]", "[attention][packed]") {
+  using engine::scaled_dot_product_attention_packed;
+  CHECK_THROWS_AS(scaled_dot_product_attention_packed(Tensor::zeros({3, 2, 4, 5})), engine::Error);
+  CHECK_THROWS_AS(scaled_dot_product_attention_packed(Tensor::zeros({2, 2, 3, 4, 5})), engine::Error);
+  CHECK_THROWS_AS(scaled_dot_product_attention_packed(Tensor::zeros({3, 2, 3, 4, 5}), Tensor::ones({2, 5})),
+                  engine::Error);
+  CHECK_NOTHROW(scaled_dot_product_attention_packed(Tensor::zeros({3, 2, 3, 4, 5}), Tensor::ones({2, 4})));
+}
+
 TEST_CASE("attention reads any mask dtype as nonzero = attend", "[attention]") {
   const int64_t B = 2, H = 1, T = 6, D = 3;
   Tensor q = random_tensor({B, H, T, D}, 8, DType::F32), k = random_tensor({B, H, T, D}, 9, DType::F32);
