@@ -70,6 +70,18 @@ TEST_CASE("cuda: copies between every dtype pair, on strided views, round as the
       auto [cpu, gpu] = both(base, [](const Tensor& t) { return t.transpose(0, 1).slice(1, 1, 33, 3); });
       require_equal(gpu.to(to), cpu.to(to), "strided cast");
     }
+  // Copies in packs of 4 (innermost dim contiguous, the rest on 4-element
+  // boundaries): GPT-2's head split [B, T, H, D] -> [B, H, T, D], and the same
+  // view starting one element in, which must take the element-wise path.
+  Tensor heads = random({2, 5, 3, 8}, 4, DType::F64, -60000, 60000);
+  for (DType from : dtypes)
+    for (DType to : dtypes) {
+      INFO("from " << engine::dtype_name(from) << " to " << engine::dtype_name(to));
+      auto [cpu, gpu] = both(heads.to(from), [](const Tensor& t) { return t.permute({0, 2, 1, 3}); });
+      // contiguous(): with from == to, to() alone would return the view uncopied.
+      require_equal(gpu.to(to).contiguous(), cpu.to(to), "head split in packs");
+      require_equal(gpu.slice(3, 1, 5).to(to).contiguous(), cpu.slice(3, 1, 5).to(to), "misaligned head split");
+    }
   // Small values, where bf16 and f16 have ties and subnormals.
   Tensor small = random({1000}, 2, DType::F32, -1e-4, 1e-4);
   for (DType to : {DType::BF16, DType::F16})
