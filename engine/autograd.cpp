@@ -32,6 +32,16 @@ void record(Tensor& output, std::string op, std::vector<Tensor> inputs, Node::Ba
   output.impl().requires_grad = true;
 }
 
+Tensor edge_only(const Tensor& t) {
+  if (!t.defined() || (t.is_leaf() && t.requires_grad())) return t;
+  auto impl = std::make_shared<TensorImpl>(t.impl());
+  auto storage = std::make_shared<Storage>();  // no data, only where it was
+  storage->device = t.device();
+  impl->storage = std::move(storage);
+  impl->offset = 0;
+  return Tensor(std::move(impl));
+}
+
 namespace {
 
 // Nodes reachable from `root`, each after every node that consumes its output.

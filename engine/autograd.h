@@ -35,6 +35,15 @@ bool should_record(const std::vector<Tensor>& inputs);
 // Does nothing when should_record(inputs) is false.
 void record(Tensor& output, std::string op, std::vector<Tensor> inputs, Node::BackwardFn backward);
 
+// The graph edge to `t` without its data, for an input whose data the op's
+// backward never reads (the operands of an add, a dropout's input, the
+// activation multiplied by a frozen weight): the node keeps t's producer
+// reachable, and t's shape, dtype and device, but not its memory, which is
+// then freed as soon as the forward is done with it, as PyTorch frees what it
+// does not save. A leaf that requires grad is returned as it is, since its
+// .grad() is accumulated in it. Reading the data of the edge is an error.
+Tensor edge_only(const Tensor& t);
+
 // Runs backward from `root` seeded with `grad` (see Tensor::backward).
 void run_backward(const Tensor& root, const Tensor& grad, bool retain_graph);
 

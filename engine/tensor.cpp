@@ -89,10 +89,15 @@ TensorImpl& Tensor::impl() const {
 
 int64_t Tensor::size(int64_t d) const { return shape()[size_t(wrap_dim(d, dim(), "size"))]; }
 
-bool Tensor::is_contiguous() const { return view_of(*this).is_contiguous(); }
+bool Tensor::is_contiguous() const { return View{nullptr, dtype(), shape(), strides()}.is_contiguous(); }
 
 void* Tensor::data_ptr() const {
   const TensorImpl& t = impl();
+  // Only a tensor with no elements has no data, or a graph edge (edge_only) whose data was not kept.
+  check(t.storage->data != nullptr || numel() == 0,
+        "a tensor of shape {} has no data: autograd kept only its graph edge (edge_only), since the op's backward "
+        "was not meant to read it",
+        shape_str(t.shape));
   return static_cast<char*>(t.storage->data) + t.offset * int64_t(dtype_size(t.dtype));
 }
 
@@ -155,7 +160,7 @@ Tensor Tensor::to(DType target) const {
   Tensor out = empty(shape(), target, device());
   backend_for(device()).copy(view_of(out), view_of(*this));
   if (is_floating(target)) {
-    record(out, "to_dtype", {*this}, [source = dtype()](const Tensor& g, const Node&) -> std::vector<Tensor> {
+    record(out, "to_dtype", {edge_only(*this)}, [source = dtype()](const Tensor& g, const Node&) -> std::vector<Tensor> {
       return {g.to(source)};
     });
   }

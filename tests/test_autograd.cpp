@@ -1,6 +1,6 @@
 // The autograd core: accumulation, shared subexpressions, detach, NoGradGuard,
 // retain_graph, and the rule CURLoRA's speed rests on: a frozen weight costs
-// no weight-gradient GEMM.
+// no weight-gradient GEMM, and it keeps no activation that no backward reads.
 #include "engine/autograd.h"
 #include "engine/ops.h"
 #include "engine/profiler.h"
@@ -87,4 +87,31 @@ TEST_CASE("a frozen weight costs no weight-gradient GEMM", "[autograd][matmul]")
   engine::sum(y2).backward();
   CHECK(profiler2.calls("gemm") == 4);  // dX via W; via R, U and C: one GEMM each
   CHECK_FALSE(W.grad().defined());
+}
+
+TEST_CASE("autograd frees what no backward reads: a frozen weight's input, an add's operands", "[autograd][memory]") {
+  engine::Generator gen(6);
+  Tensor W1 = Tensor::randn({8, 8}, gen), W2 = Tensor::randn({8, 3}, gen), b = Tensor::randn({8}, gen);
+  Tensor x = Tensor::randn({4, 8}, gen).set_requires_grad(true);
+  std::weak_ptr<engine::Storage> product, sum;
+  Tensor loss;
+  {
+    Tensor a = engine::matmul(x, W1);  // kept by nothing: W1 is frozen and so is W2
+    Tensor s = a + b;                  // an add reads neither operand back
+    product = a.impl().storage, sum = s.impl().storage;
+    loss = engine::sum(engine::matmul(s, W2));
+  }
+  CHECK(product.expired());
+  CHECK(sum.expired());
+  loss.backward();
+  // The gradient is the one of a graph that keeps everything: dx = 1 W2^T W1^T.
+  Tensor ones = Tensor::ones({4, 3});
+  testing::require_close(x.grad(), engine::matmul(engine::matmul(ones, W2.transpose(0, 1)), W1.transpose(0, 1))
+                                       .to_vector<double>(), 1e-5);
+
+  // A weight unfrozen between forward and backward would need the freed input: a clear error, not a crash.
+  Tensor W3 = Tensor::randn({8, 2}, gen);
+  Tensor y = engine::sum(engine::matmul(engine::matmul(x, W1), W3));
+  W3.set_requires_grad(true);
+  CHECK_THROWS_WITH(y.backward(), Catch::Contains("graph edge"));
 }

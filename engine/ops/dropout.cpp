@@ -17,7 +17,7 @@ Tensor dropout(const Tensor& x, double p, bool training, Generator& gen) {
   Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
   backend_of(x).dropout(view_of(out), view_of(xc), p, seed, offset);
 
-  record(out, "dropout", {x}, [p, seed, offset](const Tensor& g, const Node&) -> std::vector<Tensor> {
+  record(out, "dropout", {edge_only(x)}, [p, seed, offset](const Tensor& g, const Node&) -> std::vector<Tensor> {
     const Tensor dy = g.contiguous();
     Tensor dx = Tensor::empty(dy.shape(), dy.dtype(), dy.device());
     backend_of(dy).dropout(view_of(dx), view_of(dy), p, seed, offset);

@@ -70,7 +70,7 @@ Tensor grad_for(const Node& node, size_t i, const Tensor& grad) {
 
 Tensor add(const Tensor& a, const Tensor& b) {
   Tensor out = binary_forward(BinaryOp::Add, a, b, "add");
-  record(out, "add", {a, b}, [](const Tensor& g, const Node& n) -> std::vector<Tensor> {
+  record(out, "add", {edge_only(a), edge_only(b)}, [](const Tensor& g, const Node& n) -> std::vector<Tensor> {
     return {grad_for(n, 0, g), grad_for(n, 1, g)};
   });
   return out;
@@ -78,7 +78,7 @@ Tensor add(const Tensor& a, const Tensor& b) {
 
 Tensor sub(const Tensor& a, const Tensor& b) {
   Tensor out = binary_forward(BinaryOp::Sub, a, b, "sub");
-  record(out, "sub", {a, b}, [](const Tensor& g, const Node& n) -> std::vector<Tensor> {
+  record(out, "sub", {edge_only(a), edge_only(b)}, [](const Tensor& g, const Node& n) -> std::vector<Tensor> {
     return {grad_for(n, 0, g), n.needs_grad(1) ? grad_for(n, 1, neg(g)) : Tensor()};
   });
   return out;

@@ -136,6 +136,14 @@ void check_chain(const Tensor& a, const Tensor& b) {
   }
 }
 
+// What the backward of a @ b keeps: dA = g B^T reads B and dB = A^T g reads A,
+// so an operand is kept only when the other one wants a gradient. A frozen
+// weight's input activation, the largest tensor of most layers, is then freed
+// after the forward.
+std::vector<Tensor> saved_operands(const Tensor& a, const Tensor& b) {
+  return {b.requires_grad() ? a : edge_only(a), a.requires_grad() ? b : edge_only(b)};
+}
+
 // The backward of out = a @ b (+ bias, a third input): each gradient in its
 // input's dtype, multiplied at the forward's precision.
 Node::BackwardFn product_backward(DType compute) {
@@ -160,7 +168,7 @@ Tensor matmul(const Tensor& a, const Tensor& b) {
   check_chain(a, b);
   const Precision precision = precision_of(a, b);
   Tensor out = product(a, b, precision.compute, precision.out);
-  record(out, "matmul", {a, b}, product_backward(precision.compute));
+  record(out, "matmul", saved_operands(a, b), product_backward(precision.compute));
   return out;
 }
 
@@ -193,7 +201,9 @@ Tensor fused_linear(const Tensor& x, const Tensor& weight, const Tensor& bias, W
       return backward(dpre, n);
     };
   }
-  record(out, op, {x, w, bias}, std::move(backward));
+  std::vector<Tensor> inputs = saved_operands(x, w);
+  inputs.push_back(edge_only(bias));  // its gradient is a sum of g
+  record(out, op, std::move(inputs), std::move(backward));
   return out;
 }
 
