@@ -158,6 +158,11 @@ TEST_CASE("cuda: dropout masks are the CPU's, forward and backward", "[cuda][ran
       engine::sum(engine::mul(yg, w.to(kGpu))).backward();
       require_equal(xg.grad(), x.grad(), "dropout backward");
     }
+  // One element into a buffer: not 16-byte aligned, so not in packs of 4.
+  const Tensor base = random({1001}, 10);
+  engine::Generator a(4), b(4);
+  require_equal(engine::dropout(base.to(kGpu).slice(0, 1, 1001), 0.3, true, b),
+                engine::dropout(base.slice(0, 1, 1001), 0.3, true, a), "misaligned dropout");
 }
 
 // ---------------------------------------------------------------- elementwise

@@ -90,6 +90,18 @@ __device__ __forceinline__ double math_abs(double x) { return fabs(x); }
 __device__ __forceinline__ float math_pow(float x, float y) { return powf(x, y); }
 __device__ __forceinline__ double math_pow(double x, double y) { return pow(x, y); }
 
+// Four elements that one load or store moves (16 bytes of f32), for kernels
+// that walk memory four elements at a time from a suitably aligned pointer.
+template <typename T>
+struct alignas(4 * sizeof(T)) Pack4 {
+  T v[4];
+};
+
+template <typename T>
+bool pack_aligned(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % sizeof(Pack4<T>) == 0;
+}
+
 // ---- launch geometry ----
 
 constexpr int kThreads = 256;

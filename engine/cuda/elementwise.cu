@@ -52,11 +52,6 @@ cudaError_t launch_map(const LaunchContext& ctx, const StridedLayout<N>& layout,
 // store (an f32 -> bf16 cast reads 16 bytes and writes 8), and a strided copy
 // unravels its index once per pack. The layout is counted in packs.
 
-template <typename T>
-struct alignas(4 * sizeof(T)) Pack4 {
-  T v[4];
-};
-
 template <typename D, typename S, typename Index>
 __global__ void copy4_kernel(StridedLayout<2> packs, D* dst, const S* src) {
   for (int64_t i = grid_index(); i < packs.numel; i += grid_stride()) {
@@ -75,8 +70,7 @@ template <typename D, typename S>
 std::optional<StridedLayout<2>> in_packs(const StridedLayout<2>& layout, const D* dst, const S* src) {
   const int inner = layout.rank - 1;
   if (inner < 0 || layout.shape[inner] % 4 != 0) return std::nullopt;
-  if (reinterpret_cast<uintptr_t>(dst) % sizeof(Pack4<D>) || reinterpret_cast<uintptr_t>(src) % sizeof(Pack4<S>))
-    return std::nullopt;
+  if (!pack_aligned(dst) || !pack_aligned(src)) return std::nullopt;
   StridedLayout<2> packs = layout;
   packs.numel = layout.numel / 4;
   packs.shape[inner] /= 4;

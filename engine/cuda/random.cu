@@ -47,15 +47,25 @@ __global__ void fill_normal_kernel(int64_t n, T* out, uint64_t seed, uint64_t of
 }
 
 // Keep element i iff its uniform >= p (compared in double, as the CPU
-// promotes it), scaled by 1 / (1 - p) rounded to T.
+// promotes it), scaled by 1 / (1 - p) rounded to T. One thread per Philox
+// block; with `packed`, its four elements move in one load and one store.
 template <typename T>
-__global__ void dropout_kernel(int64_t n, T* out, const T* in, double p, T scale, uint64_t seed, uint64_t offset) {
+__global__ void dropout_kernel(int64_t n, T* out, const T* in, double p, T scale, uint64_t seed, uint64_t offset,
+                               bool packed) {
   for (int64_t t = grid_index(); t * 4 < n; t += grid_stride()) {
     const Philox4 block = philox4x32_10(seed, offset + uint64_t(t));
+    auto kept = [&](int k, T x) { return double(philox_word_to_uniform(block.v[k])) >= p ? x * scale : T(0); };
+    if (packed && t * 4 + 4 <= n) {
+      Pack4<T> x = reinterpret_cast<const Pack4<T>*>(in)[t];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) x.v[k] = kept(k, x.v[k]);
+      reinterpret_cast<Pack4<T>*>(out)[t] = x;
+      continue;
+    }
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int64_t i = t * 4 + k;
-      if (i < n) out[i] = double(philox_word_to_uniform(block.v[k])) >= p ? in[i] * scale : T(0);
+      if (i < n) out[i] = kept(k, in[i]);
     }
   }
 }
@@ -89,8 +99,10 @@ cudaError_t launch_dropout(const LaunchContext& ctx, DType dtype, int64_t n, voi
   if (n == 0) return cudaSuccess;
   dispatch_floating(dtype, [&](auto zero) {
     using T = decltype(zero);
+    T* dst = static_cast<T*>(out);
+    const T* src = static_cast<const T*>(in);
     dropout_kernel<<<grid_for(ctx, (n + 3) / 4), kThreads, 0, ctx.stream>>>(
-        n, static_cast<T*>(out), static_cast<const T*>(in), p, T(1.0 / (1.0 - p)), seed, offset);
+        n, dst, src, p, T(1.0 / (1.0 - p)), seed, offset, pack_aligned(dst) && pack_aligned(src));
   });
   return cudaGetLastError();
 }
