@@ -226,23 +226,11 @@ __device__ __forceinline__ void zero(float (&acc)[DMAX / 8][4]) {
   for (int n = 0; n < DMAX / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
 }
 
-// Whether a 64 x 64 tile (rows from row0, keys from j0) needs no masking at
-// all: every key real and, under causal masking, every key in every row's
-// window. Rows past Tq only need their results dropped at the store.
+// Whether a warp's 16 query rows from row0 against the 64 keys from j0 need
+// no masking at all: every key real and, under causal masking, every key in
+// every row's window. Rows past Tq only need their results dropped at the store.
 __device__ __forceinline__ bool tile_unmasked(const Problem& p, bool all_keys_kept, int64_t row0, int64_t j0) {
   return all_keys_kept && (!p.causal || j0 + kTile - 1 <= row0 + p.causal_shift);
-}
-
-// Marks which keys of tile j0 are real (not padding, not past Tk) and returns
-// how many are. A block-wide barrier: every thread of the block must call it.
-__device__ __forceinline__ int count_key_flags(bool* key_ok, const Problem& p, const int32_t* mask, int64_t j0) {
-  bool kept = false;
-  if (threadIdx.x < kTile) {
-    const int64_t j = j0 + threadIdx.x;
-    kept = j < p.Tk && p.key_kept(mask, j);
-    key_ok[threadIdx.x] = kept;
-  }
-  return __syncthreads_count(kept);
 }
 
 // One block per (batch * head, query tile); the online softmax of attention.cu,
