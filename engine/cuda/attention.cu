@@ -29,7 +29,7 @@ namespace engine::cuda {
 namespace {
 
 using attention::kTile;
-using attention::count_key_flags;
+using attention::load_key_flags;
 using attention::load_query_stats;
 using attention::probability;
 using attention::Problem;
@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(kTileThreads) attention_forward_tiled(Problem 
   const int64_t key_end = p.key_end(i0 + kTile);
   for (int64_t j0 = 0; j0 < key_end; j0 += kTile) {
     __syncthreads();  // everyone is done reading the previous tile
-    if (count_key_flags(key_ok, p, mask, j0) == 0) continue;  // all padding: skipped, as the CPU skips it
+    if (!load_key_flags(key_ok, p, mask, j0)) continue;  // all padding: skipped, as the CPU skips it
     load_tile<DMAX>(k_tile, k + bh * p.Tk * p.D, j0, p.Tk, p.D);
     load_tile<DMAX>(v_tile, v + bh * p.Tk * p.D, j0, p.Tk, p.D);
     __syncthreads();
@@ -247,7 +247,7 @@ __global__ void __launch_bounds__(kTileThreads)
   const int64_t key_end = p.key_end(i0 + kTile);
   for (int64_t j0 = 0; j0 < key_end; j0 += kTile) {
     __syncthreads();
-    if (count_key_flags(key_ok, p, mask, j0) == 0) continue;
+    if (!load_key_flags(key_ok, p, mask, j0)) continue;
     load_tile<DMAX>(k_tile, k + bh * p.Tk * p.D, j0, p.Tk, p.D);
     load_tile<DMAX>(v_tile, v + bh * p.Tk * p.D, j0, p.Tk, p.D);
     __syncthreads();
@@ -302,7 +302,7 @@ __global__ void __launch_bounds__(kTileThreads)
     for (int c = 0; c < Dims::cols; ++c) dk_acc[a][c] = dv_acc[a][c] = 0.f;
 
   // A tile of padding keys gets zero gradient without reading any query.
-  if (count_key_flags(key_ok, p, mask, j0) > 0) {
+  if (load_key_flags(key_ok, p, mask, j0)) {
     load_tile<DMAX>(k_tile, k + bh * p.Tk * p.D, j0, p.Tk, p.D);
     load_tile<DMAX>(v_tile, v + bh * p.Tk * p.D, j0, p.Tk, p.D);
     // Under causal masking, queries before j0 - shift see none of these keys.

@@ -233,6 +233,20 @@ __device__ __forceinline__ bool tile_unmasked(const Problem& p, bool all_keys_ke
   return all_keys_kept && (!p.causal || j0 + kTile - 1 <= row0 + p.causal_shift);
 }
 
+// Marks which keys of tile j0 are real (not padding, not past Tk) and returns
+// how many are. A block-wide barrier: every thread of the block must call it.
+// (attention_common.cuh's load_key_flags, for the f32 kernels, only says
+// whether any is: merging the two waits for a device run.)
+__device__ __forceinline__ int count_key_flags(bool* key_ok, const Problem& p, const int32_t* mask, int64_t j0) {
+  bool kept = false;
+  if (threadIdx.x < kTile) {
+    const int64_t j = j0 + threadIdx.x;
+    kept = j < p.Tk && p.key_kept(mask, j);
+    key_ok[threadIdx.x] = kept;
+  }
+  return __syncthreads_count(kept);
+}
+
 // One block per (batch * head, query tile); the online softmax of attention.cu,
 // per warp, with each lane keeping the running max and sum of its two rows.
 template <int DMAX>

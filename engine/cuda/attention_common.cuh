@@ -64,16 +64,16 @@ inline Problem problem_of(const AttentionShape& s) {
   return p;
 }
 
-// Marks which keys of tile j0 are real (not padding, not past Tk) and returns
-// how many are. A block-wide barrier: every thread of the block must call it.
-__device__ __forceinline__ int count_key_flags(bool* key_ok, const Problem& p, const int32_t* mask, int64_t j0) {
+// Marks which keys of tile j0 are real (not padding, not past Tk); true when
+// any is. A block-wide barrier: every thread of the block must call it.
+__device__ __forceinline__ bool load_key_flags(bool* key_ok, const Problem& p, const int32_t* mask, int64_t j0) {
   bool kept = false;
   if (threadIdx.x < kTile) {
     const int64_t j = j0 + threadIdx.x;
     kept = j < p.Tk && p.key_kept(mask, j);
     key_ok[threadIdx.x] = kept;
   }
-  return __syncthreads_count(kept);
+  return __syncthreads_or(kept);
 }
 
 // The saved lse and delta of the queries of tile i0 (-inf and 0 past Tq),
