@@ -8,6 +8,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -365,7 +366,38 @@ BenchConfig parse_config(const json& root, const std::string& source, const std:
   return c;
 }
 
-BenchConfig load_config(const std::string& path, const std::string& data_dir) {
+void apply_override(json& root, const std::string& assignment, const std::string& source) {
+  const size_t equals = assignment.find('=');
+  check(equals != std::string::npos && equals > 0, "{}: override '{}' must be path=value, e.g. base.model=gpt2-large",
+        source, assignment);
+  const std::string path = assignment.substr(0, equals), text = assignment.substr(equals + 1);
+  json* node = &root;
+  for (size_t start = 0; start <= path.size();) {
+    const size_t dot = std::min(path.find('.', start), path.size());
+    const std::string key = path.substr(start, dot - start);
+    check(!key.empty(), "{}: override '{}': empty key in the path", source, assignment);
+    if (node->is_array()) {
+      size_t index = 0, used = 0;
+      try {
+        index = std::stoul(key, &used);
+      } catch (const std::exception&) {
+        used = 0;
+      }
+      check(used == key.size() && index < node->size(), "{}: override '{}': '{}' is not an index of a list of {}",
+            source, assignment, key, node->size());
+      node = &(*node)[index];
+    } else {
+      check(node->is_object(), "{}: override '{}': '{}' is inside a value that is not an object", source, assignment,
+            key);
+      node = &(*node)[key];  // a new key here fails validation as unknown, naming it
+    }
+    start = dot + 1;
+  }
+  // JSON when it parses (numbers, true, lists), else the text as a string.
+  *node = json::accept(text) ? json::parse(text) : json(text);
+}
+
+BenchConfig load_config(const std::string& path, const std::string& data_dir, const std::vector<std::string>& overrides) {
   std::ifstream in(path);
   check(in.good(), "config '{}': cannot open", path);
   json root;
@@ -374,6 +406,8 @@ BenchConfig load_config(const std::string& path, const std::string& data_dir) {
   } catch (const json::parse_error& e) {
     fail("config '{}': not valid JSON: {}", path, e.what());
   }
+  check(root.is_object(), "config '{}': expected a JSON object at the top", path);
+  for (const std::string& assignment : overrides) apply_override(root, assignment, path);
   return parse_config(root, path, data_dir);
 }
 

@@ -103,8 +103,15 @@ struct BenchConfig {
 // files that do not exist are engine::Errors naming the field (and task).
 // `source` names the config in messages.
 BenchConfig parse_config(const nlohmann::json& json, const std::string& source, const std::string& data_dir);
-// Reads a JSON file; // and /* */ comments are allowed.
-BenchConfig load_config(const std::string& path, const std::string& data_dir);
+// Reads a JSON file; // and /* */ comments are allowed. Each override
+// "a.b.c=value" then sets that field (array elements by index: "tasks.0.epochs")
+// before validation, so a misspelt path is an unknown-key error like any other.
+// The value is read as JSON when it parses ("bf16" may be written bare,
+// [8, 16] is a list).
+BenchConfig load_config(const std::string& path, const std::string& data_dir,
+                        const std::vector<std::string>& overrides = {});
+// One override applied to a parsed config; `source` names the config in messages.
+void apply_override(nlohmann::json& root, const std::string& assignment, const std::string& source);
 
 // The learning-rate schedule of one task. The paper's code sizes the schedule in
 // examples (epochs x rows), the corrected protocol in optimiser steps.

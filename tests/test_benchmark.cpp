@@ -193,6 +193,42 @@ TEST_CASE("benchmark: config errors name the field, the task and the file", "[be
 
 // ---------------------------------------------------------------- protocol
 
+TEST_CASE("benchmark: --set overrides a config's fields before validation", "[benchmark]") {
+  json c = tiny_config("paper");
+  apply_override(c, "base.model=gpt2-large", "test.json");           // bare text: a string
+  apply_override(c, "base.ranks=[8, 16]", "test.json");              // JSON: a list
+  apply_override(c, "tasks.1.epochs=3", "test.json");                // into a list by index
+  apply_override(c, "optimizer.lr=0.0005", "test.json");             // a number
+  apply_override(c, R"(base.dtype="bf16")", "test.json");            // quoted JSON: a string too
+  const BenchConfig parsed = parse(c);
+  CHECK(parsed.base.model == "gpt2-large");
+  CHECK(parsed.base.ranks == std::vector<int64_t>{8, 16});
+  CHECK(parsed.tasks[1].epochs == 3);
+  CHECK(parsed.optimizer.lr == 0.0005);
+  CHECK(parsed.base.dtype == "bf16");
+  // The overrides land in the resolved config that results.json records.
+  CHECK(parsed.to_json()["base"]["model"] == "gpt2-large");
+
+  // A misspelt key reaches validation as an unknown key; malformed paths fail at once.
+  c = tiny_config("paper");
+  apply_override(c, "base.rnaks=[8]", "test.json");
+  CHECK_THAT(error_of([&] { parse(c); }), Catch::Contains("unknown key 'rnaks'"));
+  CHECK_THAT(error_of([&] { apply_override(c, "base.model", "test.json"); }), Catch::Contains("must be path=value"));
+  CHECK_THAT(error_of([&] { apply_override(c, "tasks.7.epochs=2", "test.json"); }),
+             Catch::Contains("'7' is not an index of a list of 3"));
+  CHECK_THAT(error_of([&] { apply_override(c, "tasks.x.epochs=2", "test.json"); }), Catch::Contains("not an index"));
+  CHECK_THAT(error_of([&] { apply_override(c, "base.seed.x=2", "test.json"); }),
+             Catch::Contains("not an object"));
+  CHECK_THAT(error_of([&] { apply_override(c, "base..seed=2", "test.json"); }), Catch::Contains("empty key"));
+
+  // Through load_config, as `curlora bench --set` passes them.
+  const BenchConfig paper = load_config(configs_dir() + "/paper.json", test_data_dir(),
+                                        {"base.model=gpt2-large", "base.methods=[\"curlora\"]", "base.ranks=[8]"});
+  CHECK(paper.base.model == "gpt2-large");
+  CHECK(paper.base.methods.size() == 1);
+  CHECK(paper.base.ranks == std::vector<int64_t>{8});
+}
+
 TEST_CASE("benchmark: the paper's schedule never leaves warmup at MRPC's size; the corrected one does", "[benchmark]") {
   const BenchConfig paper = load_config(configs_dir() + "/paper.json", test_data_dir());
   const TaskConfig& mrpc = paper.tasks[0];

@@ -21,10 +21,14 @@ Command add_bench(CLI::App& app) {
   auto data_dir = std::make_shared<std::string>();
   auto resume = std::make_shared<bool>(false);
   auto stop_after = std::make_shared<int64_t>(0);
+  auto overrides = std::make_shared<std::vector<std::string>>();
   app.add_option("config", *config_path, "benchmark config (JSON with comments), e.g. configs/paper.json")->required();
   app.add_option("--out", *out, "output folder: results.json, table.md, table.csv, *.svg, checkpoints/")->required();
   app.add_flag("--resume", *resume, "continue a stopped run in --out from its last completed task");
   app.add_option("--data-dir", *data_dir, "where relative paths in the config point (default: $CURLORA_DATA_DIR)");
+  app.add_option("--set", *overrides,
+                 "override a config field, e.g. --set base.model=gpt2-large --set base.ranks=[8] (repeatable)")
+      ->allow_extra_args(false);  // one value per --set, so a config path after it is not taken as one
   app.add_option("--stop-after-tasks", *stop_after, "stop once this many tasks are done over the sweep (0: never)")
       ->capture_default_str();
   return [=] {
@@ -33,7 +37,7 @@ Command add_bench(CLI::App& app) {
       const char* env = std::getenv("CURLORA_DATA_DIR");
       dir = env ? env : "";
     }
-    const curlora::bench::BenchConfig config = curlora::bench::load_config(*config_path, dir);
+    const curlora::bench::BenchConfig config = curlora::bench::load_config(*config_path, dir, *overrides);
 
     // One bar per phase (a task's training, an evaluation, a perplexity); notes print between them.
     auto bar = std::make_shared<std::unique_ptr<Progress>>();
