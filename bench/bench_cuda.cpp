@@ -1,6 +1,7 @@
 // The CUDA backend's speed on GPT-2-large shapes: GEMMs through engine::matmul
 // against raw cuBLAS on the same buffers (f32, TF32, bf16), layer norm and
-// AdamW bandwidth, the step's commonest elementwise passes, and attention forward/backward at B=32, H=20, T=256, D=64.
+// AdamW bandwidth, the step's commonest elementwise passes, and attention
+// forward/backward at B=32, H=20, T=256, D=64.
 // Prints one JSON line per case. Run: build-gpu/bench/bench_cuda
 #include "engine/backend.h"
 #include "engine/cuda/cuda_backend.h"
