@@ -397,7 +397,8 @@ void apply_override(json& root, const std::string& assignment, const std::string
   *node = json::accept(text) ? json::parse(text) : json(text);
 }
 
-BenchConfig load_config(const std::string& path, const std::string& data_dir, const std::vector<std::string>& overrides) {
+BenchConfig load_config(const std::string& path, const std::string& data_dir,
+                        const std::vector<std::string>& overrides) {
   std::ifstream in(path);
   check(in.good(), "config '{}': cannot open", path);
   json root;

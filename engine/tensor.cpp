@@ -160,9 +160,8 @@ Tensor Tensor::to(DType target) const {
   Tensor out = empty(shape(), target, device());
   backend_for(device()).copy(view_of(out), view_of(*this));
   if (is_floating(target)) {
-    record(out, "to_dtype", {edge_only(*this)}, [source = dtype()](const Tensor& g, const Node&) -> std::vector<Tensor> {
-      return {g.to(source)};
-    });
+    record(out, "to_dtype", {edge_only(*this)},
+           [source = dtype()](const Tensor& g, const Node&) -> std::vector<Tensor> { return {g.to(source)}; });
   }
   return out;
 }

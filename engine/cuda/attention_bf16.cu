@@ -501,7 +501,8 @@ cudaError_t launch_forward_bf16(const LaunchContext& ctx, const AttentionShape& 
   by_head_size(shape.D, [&](auto dmax) {
     constexpr int DMAX = decltype(dmax)::value;
     status = launch_with_smem(forward_kernel<DMAX>, dim3(unsigned(bh), unsigned(tiles)), kBlockThreads,
-                              5 * kTileElems<DMAX> * sizeof(bf16), ctx.stream, p, float(shape.scale), out, lse, q, k, v);
+                              5 * kTileElems<DMAX> * sizeof(bf16), ctx.stream, p, float(shape.scale), out, lse, q,
+                              k, v);
   });
   return status;
 }
@@ -520,10 +521,12 @@ cudaError_t launch_backward_bf16(const LaunchContext& ctx, const AttentionShape&
     constexpr int DMAX = decltype(dmax)::value;
     if (dq && q_tiles > 0 && status == cudaSuccess)
       status = launch_with_smem(dq_kernel<DMAX>, dim3(unsigned(bh), unsigned(q_tiles)), kBlockThreads,
-                                6 * kTileElems<DMAX> * sizeof(bf16), ctx.stream, p, scale, dq, dout, q, k, v, lse, delta);
+                                6 * kTileElems<DMAX> * sizeof(bf16), ctx.stream, p, scale, dq, dout, q, k, v, lse,
+                                delta);
     if ((dk || dv) && k_tiles > 0 && status == cudaSuccess)
       status = launch_with_smem(dkv_kernel<DMAX>, dim3(unsigned(bh), unsigned(k_tiles)), kBlockThreads,
-                                6 * kTileElems<DMAX> * sizeof(bf16), ctx.stream, p, scale, dk, dv, dout, q, k, v, lse, delta);
+                                6 * kTileElems<DMAX> * sizeof(bf16), ctx.stream, p, scale, dk, dv, dout, q, k, v,
+                                lse, delta);
   });
   return status;
 }
