@@ -84,9 +84,9 @@ void gemm_into(const Tensor& out, Tensor a, Tensor b, int64_t batch, bool b_shar
   backend_for(out.device()).gemm(g);
 }
 
-
 // a @ b, then the epilogue, computed in `compute` (the operands converted to
-// it outside autograd; Tensor::to leaves a tensor already in it as it is) and written in `out_dtype`. Shapes are matmul's, already checked.
+// it outside autograd; Tensor::to leaves a tensor already in it as it is) and
+// written in `out_dtype`. Shapes are matmul's, already checked.
 Tensor product(const Tensor& a, const Tensor& b, DType compute, DType out_dtype, const Epilogue& epilogue = {}) {
   const bool b_shared = b.dim() == 2;
   Shape out_shape(a.shape().begin(), a.shape().end() - 2);
