@@ -43,7 +43,7 @@ struct SplitConfig {
   std::optional<size_t> rows;     // only the first N rows, in file order
   LabelSpec labels;
   size_t balanced_per_class = 0;  // eval: >0 draws this many per class (seeded) from the rows read
-  int64_t batch_size = 0;         // eval: 0 means the training batch size
+  int64_t batch_size = 0;         // eval: 0 means the training batch size; 1 one example at a time, unpadded
 };
 
 struct ScheduleConfig {

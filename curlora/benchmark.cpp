@@ -120,6 +120,9 @@ Tensor class_logits(const Sweep& s, GPT2LMHeadModel& model, Linear& head, const 
   return head(picked.dtype() == engine::DType::F32 ? picked : picked.to(engine::DType::F32));
 }
 
+// At most this many equal-length examples share a forward when evaluating one at a time.
+constexpr int64_t kUnpaddedEvalRows = 64;
+
 double evaluate(const Sweep& s, GPT2LMHeadModel& model, Linear& head, const data::TokenizedDataset& d,
                 int64_t batch_size, const std::string& label) {
   engine::NoGradGuard no_grad;
@@ -127,7 +130,11 @@ double evaluate(const Sweep& s, GPT2LMHeadModel& model, Linear& head, const data
   data::BatchOptions options;
   options.batch_size = batch_size;
   options.shuffle = false;
-  const auto batches = data::epoch_batches(d, options, 0);
+  // Batch size 1 means every example alone, unpadded (the reference's evaluate_mrpc and
+  // evaluate_sst2). Examples of equal length batched together compute exactly that, with one
+  // forward per length instead of one per example; accuracy does not depend on the order.
+  const auto batches = batch_size == 1 ? data::equal_length_batches(d, kUnpaddedEvalRows)
+                                       : data::epoch_batches(d, options, 0);
   const int64_t total = padded_tokens(d, batches);
   int64_t done = 0, correct = 0;
   for (const auto& rows : batches) {

@@ -139,6 +139,22 @@ std::vector<std::vector<size_t>> epoch_batches(const TokenizedDataset& dataset, 
   return batches;
 }
 
+std::vector<std::vector<size_t>> equal_length_batches(const TokenizedDataset& dataset, int64_t max_rows) {
+  engine::check(max_rows > 0, "equal_length_batches: max_rows must be positive, got {}", max_rows);
+  std::vector<size_t> order(dataset.size());
+  std::iota(order.begin(), order.end(), size_t(0));
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t x, size_t y) { return dataset.ids[x].size() < dataset.ids[y].size(); });
+  std::vector<std::vector<size_t>> batches;
+  for (size_t r : order) {
+    if (batches.empty() || batches.back().size() == size_t(max_rows) ||
+        dataset.ids[batches.back().front()].size() != dataset.ids[r].size())
+      batches.emplace_back();
+    batches.back().push_back(r);
+  }
+  return batches;
+}
+
 Batch make_batch(const TokenizedDataset& dataset, std::span<const size_t> rows, const BatchOptions& options) {
   engine::check(!rows.empty(), "make_batch: no rows");
   size_t width = 0;

@@ -7,6 +7,7 @@
 #include "curlora/report.h"
 #include "data/batching.h"
 #include "engine/ops.h"
+#include "models/gpt2.h"
 #include "tests/test_data.h"
 
 #include <unistd.h>
@@ -34,7 +35,7 @@ json tiny_config(const std::string& protocol) {
     "tasks": [
       {"name": "mrpc", "format": "mrpc", "num_classes": 2, "epochs": 1,
        "train": {"file": "glue-mrpc/train.tsv", "rows": 16},
-       "eval": {"file": "glue-mrpc/dev.tsv", "rows": 16},
+       "eval": {"file": "glue-mrpc/dev.tsv", "rows": 16, "batch_size": 1},
        "schedule": {"kind": "cosine", "warmup_steps": 1}},
       {"name": "sst2", "format": "sst2", "num_classes": 2, "epochs": 1,
        "train": {"file": "glue-sst2/train.tsv", "rows": 16},
@@ -298,6 +299,43 @@ TEST_CASE("benchmark: logits come from position -1 (paper) or each row's last re
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < T; ++t)
       for (int64_t c = 0; c < C; ++c) CHECK(g[size_t((b * T + t) * C + c)] == (t == expected[b] ? 1.0 : 0.0));
+}
+
+TEST_CASE("benchmark: equal-length rows batched give each row's logits alone (how batch size 1 is evaluated)",
+          "[benchmark]") {
+  auto model = models::GPT2LMHeadModel::load(test_data_dir() + "/gpt2-mini-wiki");
+  model->eval();
+  engine::NoGradGuard no_grad;
+  // Five rows of seven made-up tokens; position -1 of each is a real token.
+  data::TokenizedDataset d;
+  d.max_length = 16;
+  for (int32_t r = 0; r < 5; ++r) {
+    std::vector<int32_t> ids;
+    for (int32_t t = 0; t < 7; ++t) ids.push_back((7919 * r + 104729 * t + 13) % 50000);
+    d.ids.push_back(ids);
+    d.labels.push_back(r % 2);
+  }
+  data::BatchOptions options;
+  const std::vector<std::vector<size_t>> groups = data::equal_length_batches(d, 64);
+  REQUIRE(groups.size() == 1);
+  const data::Batch together = data::make_batch(d, groups[0], options);
+  const std::vector<float> batched =
+      select_positions(model->hidden_states(together.ids, together.attention_mask), together, Protocol::Paper)
+          .contiguous()
+          .to_vector<float>();
+  const int64_t C = model->config().n_embd;
+  for (size_t r = 0; r < d.size(); ++r) {
+    const data::Batch alone = data::make_batch(d, std::vector<size_t>{r}, options);
+    const std::vector<float> single =
+        select_positions(model->hidden_states(alone.ids, alone.attention_mask), alone, Protocol::Paper)
+            .contiguous()
+            .to_vector<float>();
+    REQUIRE(single.size() == size_t(C));
+    for (int64_t c = 0; c < C; ++c) {
+      INFO("row " << r << " channel " << c);
+      CHECK(batched[r * size_t(C) + size_t(c)] == Approx(single[size_t(c)]).margin(1e-4).epsilon(1e-4));
+    }
+  }
 }
 
 // ---------------------------------------------------------------- whole runs

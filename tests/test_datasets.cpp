@@ -426,6 +426,24 @@ TEST_CASE("datasets: the paper's order is file order in ceil(n / 32) batches", "
   CHECK(data::epoch_batches(ds, options, 0).size() == 114);
 }
 
+TEST_CASE("datasets: equal_length_batches holds every example once, one length per batch, unpadded",
+          "[datasets]") {
+  // Lengths 3 1 3 2 3 3 1 3: length 3 has five examples, so max_rows 2 cuts it into 2 + 2 + 1.
+  TokenizedDataset ds = made_up_dataset({3, 1, 3, 2, 3, 3, 1, 3});
+  const std::vector<std::vector<size_t>> batches = data::equal_length_batches(ds, 2);
+  const std::vector<std::vector<size_t>> expected = {{1, 6}, {3}, {0, 2}, {4, 5}, {7}};
+  CHECK(batches == expected);  // shortest first, file order within a length
+  data::BatchOptions options;
+  for (const auto& rows : batches) {
+    const data::Batch batch = data::make_batch(ds, rows, options);
+    CHECK(batch.ids.size(1) == int64_t(ds.ids[rows.front()].size()));
+    for (int32_t m : batch.attention_mask.to_vector<int32_t>()) CHECK(m == 1);  // no padding anywhere
+  }
+  CHECK(data::equal_length_batches(ds, 64).size() == 3);
+  CHECK(data::equal_length_batches(TokenizedDataset{}, 4).empty());
+  CHECK_THROWS_WITH(data::equal_length_batches(ds, 0), Catch::Contains("max_rows must be positive"));
+}
+
 TEST_CASE("datasets: shuffles are a pure function of (seed, epoch), following the documented draws", "[datasets]") {
   const size_t n = 1000;
   std::vector<size_t> e0 = data::epoch_permutation(n, 42, 0);
