@@ -148,6 +148,9 @@ double evaluate(const Sweep& s, GPT2LMHeadModel& model, Linear& head, const data
   return double(correct) / double(d.size());
 }
 
+// Training steps between reads of their losses from the device.
+constexpr size_t kLossReadSteps = 16;
+
 // Trains the run's newest head and its adapters on task t; returns the training record.
 json train_task(Sweep& s, Run& run, size_t t, engine::optim::AdamW& optimizer) {
   const BenchConfig& c = s.config;
@@ -174,25 +177,40 @@ json train_task(Sweep& s, Run& run, size_t t, engine::optim::AdamW& optimizer) {
   const auto start = Clock::now();
   for (int64_t e = 0; e < task.epochs; ++e) {
     const std::string label = fmt::format("{} | train {} epoch {}/{}", run.label, task.name, e + 1, task.epochs);
+    const size_t steps = epochs[size_t(e)].size();
     double loss_sum = 0;
-    for (size_t step = 0; step < epochs[size_t(e)].size(); ++step) {
+    // Losses are read back kLossReadSteps at a time: a read waits for the device, and waiting
+    // every step would idle it while the host prepares the next step. A non-finite loss still
+    // stops the run, naming its step, before anything of this task is saved.
+    std::vector<Tensor> unread;
+    auto read_losses = [&](size_t steps_done) {
+      if (unread.empty()) return;
+      const std::vector<double> values = engine::cat(unread, 0).to_vector<double>();
+      for (size_t i = 0; i < values.size(); ++i) {
+        check(std::isfinite(values[i]), "{}: task '{}': the loss is {} at epoch {} step {} of {}; training "
+              "diverged (lower the learning rate?)", run.label, task.name, values[i], e + 1,
+              steps_done - values.size() + i + 1, steps);
+        loss_sum += values[i];
+      }
+      unread.clear();
+    };
+    for (size_t step = 0; step < steps; ++step) {
       last_lr = c.optimizer.lr * schedule.multiplier(optimizer.step_count());
       max_lr = std::max(max_lr, last_lr);
       optimizer.set_lr(last_lr);
       const data::Batch batch = data::make_batch(train, epochs[size_t(e)][step], options);
       optimizer.zero_grad();
       Tensor loss = engine::cross_entropy(class_logits(s, *run.model, head, batch), batch.labels.to(s.device));
-      const double value = loss.item();
-      check(std::isfinite(value), "{}: task '{}': the loss is {} at epoch {} step {} of {}; training diverged (lower "
-            "the learning rate?)", run.label, task.name, value, e + 1, step + 1, epochs[size_t(e)].size());
       loss.backward();
       optimizer.step();
-      loss_sum += value;
+      unread.push_back(loss.detach().reshape({1}));
+      if (unread.size() == kLossReadSteps) read_losses(step + 1);
       tokens += batch.ids.numel();
       for (size_t r : batch.rows) real_tokens += int64_t(train.ids[r].size());
       s.progress(label, tokens, total_tokens);
     }
-    epoch_loss.push_back(loss_sum / double(epochs[size_t(e)].size()));
+    read_losses(steps);
+    epoch_loss.push_back(loss_sum / double(steps));
   }
   const double seconds = seconds_since(start);
   return {{"steps", optimizer.step_count()}, {"steps_per_epoch", steps_per_epoch},

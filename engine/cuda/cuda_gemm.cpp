@@ -12,6 +12,9 @@
 
 #include <atomic>
 #include <climits>
+#include <map>
+#include <mutex>
+#include <optional>
 
 namespace engine {
 
@@ -99,6 +102,38 @@ struct LtMatmul {
   }
 };
 
+// What cuBLASLt's heuristic answer depends on: everything in the descriptors, nothing in the pointers.
+struct LtKey {
+  int device;
+  cudaDataType_t storage;
+  cublasComputeType_t compute;
+  cublasOperation_t op_first, op_second;
+  uint64_t m, n, k;
+  int64_t ldb, lda, ldc;
+  cublasLtEpilogue_t epilogue;
+  bool bias;
+  auto operator<=>(const LtKey&) const = default;
+};
+
+// The heuristic query costs host time on every call, a sizeable share of a small GEMM's launch,
+// and its answer for a given key never changes: ask once per key (nullopt: no algorithm fits).
+class LtAlgoCache {
+ public:
+  template <typename Query>
+  std::optional<cublasLtMatmulAlgo_t> get(const LtKey& key, Query&& query) {
+    std::lock_guard lock(mutex_);
+    auto it = algos_.find(key);
+    if (it == algos_.end()) it = algos_.emplace(key, query()).first;
+    return it->second;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::map<LtKey, std::optional<cublasLtMatmulAlgo_t>> algos_;
+};
+
+LtAlgoCache lt_algo_cache;
+
 }  // namespace
 
 // The column-major product of gemm() above, C^T = op(B)^T op(A)^T, with the
@@ -145,20 +180,26 @@ bool gemm_epilogue(DeviceContext& ctx, const GemmArgs& g) {
                index, "gemm (epilogue)");
   check_cublas(cublasLtMatrixLayoutCreate(&lt.c, CUDA_R_32F, m, n, int64_t(g.ldc)), index, "gemm (epilogue)");
 
-  check_cublas(cublasLtMatmulPreferenceCreate(&lt.preference), index, "gemm (epilogue)");
   const size_t workspace = DeviceContext::kGemmWorkspaceBytes;
-  check_cublas(cublasLtMatmulPreferenceSetAttribute(lt.preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                    &workspace, sizeof(workspace)),
-               index, "gemm (epilogue)");
-  cublasLtMatmulHeuristicResult_t heuristic{};
-  int found = 0;
-  if (cublasLtMatmulAlgoGetHeuristic(ctx.cublas_lt(), lt.desc, lt.a, lt.b, lt.c, lt.c, lt.preference, 1, &heuristic,
-                                     &found) != CUBLAS_STATUS_SUCCESS ||
-      found == 0)
-    return false;
+  const LtKey key{index, types.storage, types.compute, op_first, op_second, m, n, k, g.ldb, g.lda, g.ldc, epilogue,
+                  g.bias != nullptr};
+  const std::optional<cublasLtMatmulAlgo_t> algo = lt_algo_cache.get(key, [&]() -> std::optional<cublasLtMatmulAlgo_t> {
+    check_cublas(cublasLtMatmulPreferenceCreate(&lt.preference), index, "gemm (epilogue)");
+    check_cublas(cublasLtMatmulPreferenceSetAttribute(lt.preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                      &workspace, sizeof(workspace)),
+                 index, "gemm (epilogue)");
+    cublasLtMatmulHeuristicResult_t heuristic{};
+    int found = 0;
+    if (cublasLtMatmulAlgoGetHeuristic(ctx.cublas_lt(), lt.desc, lt.a, lt.b, lt.c, lt.c, lt.preference, 1, &heuristic,
+                                       &found) != CUBLAS_STATUS_SUCCESS ||
+        found == 0)
+      return std::nullopt;
+    return heuristic.algo;
+  });
+  if (!algo) return false;
   const float alpha = float(g.alpha), beta = 0.f;
   check_cublas(cublasLtMatmul(ctx.cublas_lt(), lt.desc, &alpha, g.b, lt.a, g.a, lt.b, &beta, g.c, lt.c, g.c, lt.c,
-                              &heuristic.algo, ctx.gemm_workspace(), workspace, ctx.stream()),
+                              &*algo, ctx.gemm_workspace(), workspace, ctx.stream()),
                index, "gemm (epilogue)");
   return true;
 }
