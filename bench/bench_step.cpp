@@ -137,12 +137,14 @@ Timing time_calls(const std::function<void()>& call, int warmup, int steps, Devi
   return timing;
 }
 
-// Uniform integers in [0, high) as an i32 tensor on `device`.
-Tensor random_ids(const engine::Shape& shape, int64_t high, std::mt19937_64& rng, Device device) {
+// Uniform integers in [0, high) as an i32 tensor on the host. Token ids and labels stay
+// there, as a data loader's do: ops check them on the host and copy them to the GPU,
+// where a check would wait for the device.
+Tensor random_ids(const engine::Shape& shape, int64_t high, std::mt19937_64& rng) {
   std::uniform_int_distribution<int32_t> pick(0, int32_t(high - 1));
   std::vector<int32_t> values(size_t(engine::numel(shape)));
   for (int32_t& v : values) v = pick(rng);
-  return Tensor::from_vector(values, shape, Device::cpu()).to(device);
+  return Tensor::from_vector(values, shape);
 }
 
 // The peer's names: its factored CUR adapter ((x C) U) R is the form ours always computes.
@@ -206,9 +208,9 @@ json run(const Options& o) {
   engine::optim::AdamW optimizer(model->named_trainable_parameters(), adamw);
 
   std::mt19937_64 rng(0);
-  const Tensor ids = random_ids({o.batch, o.seq}, config.vocab_size, rng, device);
+  const Tensor ids = random_ids({o.batch, o.seq}, config.vocab_size, rng);
   const Tensor mask = Tensor::ones({o.batch, o.seq}, DType::I32, device);
-  const Tensor labels = random_ids({o.batch}, 2, rng, device);
+  const Tensor labels = random_ids({o.batch}, 2, rng);
 
   Tensor loss;
   auto step = [&] {
@@ -252,7 +254,7 @@ json run(const Options& o) {
   if (o.eval) {
     // As the peer's time_eval: no graph, no attention mask, logits at every
     // position, and the model left in training mode (its dropout stays on).
-    const Tensor eval_ids = random_ids({o.eval_batch, o.eval_seq}, config.vocab_size, rng, device);
+    const Tensor eval_ids = random_ids({o.eval_batch, o.eval_seq}, config.vocab_size, rng);
     engine::NoGradGuard no_grad;
     optimizer.zero_grad();  // the training gradients need not share memory with the forward
     synchronize(device);

@@ -115,7 +115,8 @@ json measure_perplexity(const Sweep& s, GPT2LMHeadModel& model, const std::strin
 
 // Logits [B, K] of a classification batch: hidden states at one position per row, then the head.
 Tensor class_logits(const Sweep& s, GPT2LMHeadModel& model, Linear& head, const data::Batch& batch) {
-  Tensor hidden = model.hidden_states(batch.ids.to(s.device), batch.attention_mask.to(s.device));
+  // The ids stay on the host, where the embedding checks them without waiting on the device.
+  Tensor hidden = model.hidden_states(batch.ids, batch.attention_mask.to(s.device));
   Tensor picked = select_positions(hidden, batch, s.config.protocol).contiguous();
   return head(picked.dtype() == engine::DType::F32 ? picked : picked.to(engine::DType::F32));
 }
@@ -200,7 +201,7 @@ json train_task(Sweep& s, Run& run, size_t t, engine::optim::AdamW& optimizer) {
       optimizer.set_lr(last_lr);
       const data::Batch batch = data::make_batch(train, epochs[size_t(e)][step], options);
       optimizer.zero_grad();
-      Tensor loss = engine::cross_entropy(class_logits(s, *run.model, head, batch), batch.labels.to(s.device));
+      Tensor loss = engine::cross_entropy(class_logits(s, *run.model, head, batch), batch.labels);  // host labels
       loss.backward();
       optimizer.step();
       unread.push_back(loss.detach().reshape({1}));

@@ -116,8 +116,15 @@ class Backend {
   // ---- matrix multiply ----
   virtual void gemm(const GemmArgs& args) = 0;
 
-  // ---- indexing (contiguous) ----
-  // out[i, :] = table[index[i], :] ; index is i32 or i64; throws on an index out of range.
+  // ---- index checks ----
+  // Throw engine::Error naming `op` when an index lies outside [0, rows), or a target outside
+  // [0, classes) is not ignore_index. Ops run them before the kernels that read indices, which
+  // trust what they are given. On a GPU the check waits for the device's answer.
+  virtual void check_indices(const View& index, int64_t rows, const char* op) = 0;
+  virtual void check_targets(const View& targets, int64_t classes, int64_t ignore_index, const char* op) = 0;
+
+  // ---- indexing (contiguous; indices checked) ----
+  // out[i, :] = table[index[i], :] ; index is i32 or i64.
   virtual void index_select_rows(const View& out, const View& table, const View& index) = 0;
   // grad_table[index[i], :] += grad_out[i, :]
   virtual void index_add_rows(const View& grad_table, const View& index, const View& grad_out) = 0;
@@ -134,7 +141,7 @@ class Backend {
   virtual void gelu_backward(const View& dx, const View& dy, const View& x) = 0;
   virtual void softmax_forward(const View& y, const View& x, bool log) = 0;
   virtual void softmax_backward(const View& dx, const View& dy, const View& y, bool log) = 0;
-  // logits [N, K]; targets i32/i64 [N]; loss [N] per row (0 where ignored); lse [N] f32 saved.
+  // logits [N, K]; targets i32/i64 [N], checked; loss [N] per row (0 where ignored); lse [N] f32 saved.
   virtual void cross_entropy_forward(const View& loss, const View& lse, const View& logits, const View& targets,
                                      int64_t ignore_index) = 0;
   // dlogits = dloss[i] * (softmax(logits[i]) - onehot(target[i])); dloss [N].

@@ -64,6 +64,8 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias, WeightL
 Tensor linear_gelu(const Tensor& x, const Tensor& weight, const Tensor& bias, WeightLayout layout);
 
 // ---- indexing (ops/index.cpp) ----
+// Indices (and cross_entropy's targets) may be on the host for a GPU source: they are checked on
+// the host and copied over, which spares the wait a check on the device costs.
 Tensor index_select(const Tensor& a, int64_t dim, const Tensor& index);  // index: i32/i64 1-D
 Tensor embedding(const Tensor& weight, const Tensor& ids);                // weight [V, C], ids any shape
 

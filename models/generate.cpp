@@ -60,10 +60,10 @@ std::vector<int32_t> generate(GPT2LMHeadModel& model, const std::vector<int32_t>
   const bool was_training = model.is_training();
   model.eval();
   engine::Generator gen(options.seed);
-  engine::Device device = model.transformer().token_embedding().device();
   KVCache cache;
   std::vector<int32_t> out;
-  Tensor input = Tensor::from_vector<int32_t>(prompt, {1, int64_t(prompt.size())}, device);
+  // Token ids stay on the host: the embedding checks them there and copies them to the model's device.
+  Tensor input = Tensor::from_vector<int32_t>(prompt, {1, int64_t(prompt.size())});
   for (int64_t step = 0; step < options.max_new_tokens; ++step) {
     Tensor logits = model.forward(input, Tensor(), &cache);  // [1, T, V]
     std::vector<float> last = logits.select(1, -1).reshape({-1}).to(engine::DType::F32).to_vector<float>();
@@ -72,7 +72,7 @@ std::vector<int32_t> generate(GPT2LMHeadModel& model, const std::vector<int32_t>
     out.push_back(token);
     if (on_token) on_token(token);
     if (token == options.stop_token) break;
-    input = Tensor::from_vector<int32_t>({token}, {1, 1}, device);
+    input = Tensor::from_vector<int32_t>({token}, {1, 1});
   }
   model.train(was_training);
   return out;

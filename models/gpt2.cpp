@@ -135,8 +135,8 @@ Tensor GPT2Model::forward(const Tensor& ids, const Tensor& attention_mask, KVCac
     cache->values.resize(size_t(config_.n_layer));
   }
 
-  Tensor positions = Tensor::arange(past, past + T, 1, DType::I64, ids.device());
-  Tensor x = child("drop")(wte_->forward(ids) + wpe_->forward(positions));
+  // Positions past..past+T-1 are a slice of wpe: no index tensor, no gather.
+  Tensor x = child("drop")(wte_->forward(ids) + wpe_->weight.narrow(0, past, T));
   for (int64_t i = 0; i < config_.n_layer; ++i) {
     // Looked up by name, so that a block replaced in the tree takes effect.
     auto* block = dynamic_cast<GPT2Block*>(&child("h").child(std::to_string(i)));

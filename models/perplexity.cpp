@@ -20,15 +20,15 @@ namespace {
 // max_length / 2 that is half the window, and lm_head is most of a small model.
 double window_nll(GPT2LMHeadModel& model, const std::vector<int32_t>& ids, int64_t begin, int64_t end,
                   int64_t first_target) {
-  engine::Device device = model.transformer().token_embedding().device();
+  // ids and targets stay on the host: ops check them there and copy them to the model's device.
   std::vector<int32_t> window(ids.begin() + begin, ids.begin() + end);
   std::vector<int32_t> targets(ids.begin() + first_target, ids.begin() + end);
   const int64_t T = end - begin, n = end - first_target;
-  Tensor hidden = model.hidden_states(Tensor::from_vector<int32_t>(window, {1, T}, device));
+  Tensor hidden = model.hidden_states(Tensor::from_vector<int32_t>(window, {1, T}));
   // Position t predicts token t + 1, so targets [first_target, end) come from positions [first_target - 1, end - 1).
   Tensor logits = model.child("lm_head")(hidden.slice(1, first_target - begin - 1, T - 1));
   Tensor nll = engine::cross_entropy(logits.reshape({n, -1}).to(engine::DType::F32),
-                                     Tensor::from_vector<int32_t>(targets, {n}, device), -100,
+                                     Tensor::from_vector<int32_t>(targets, {n}), -100,
                                      engine::Reduction::Sum);
   return nll.item();
 }

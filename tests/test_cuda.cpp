@@ -380,21 +380,26 @@ TEST_CASE("cuda: embedding and index_select gather rows and scatter-add gradient
     INFO("ids " << engine::dtype_name(id_dtype));
     Tensor table = random({1000, 33}, 1);
     table.set_requires_grad(true);
-    Tensor table_g = gpu_leaf(table);
     // Repeated ids: the scatter-add must accumulate them (atomics: any order).
     std::vector<int64_t> ids_v = {3, 999, 0, 3, 3, 17, 500, 0, 999, 42, 3, 7, 7, 1, 2};
     Tensor ids = Tensor::from_vector(ids_v, {3, 5}).to(id_dtype);
-    Tensor y = engine::embedding(table, ids), yg = engine::embedding(table_g, ids.to(kGpu));
-    require_equal(yg, y, "embedding forward");
+    Tensor y = engine::embedding(table, ids);
     Tensor up = random({3, 5, 33}, 2);
     engine::sum(engine::mul(y, up)).backward();
-    engine::sum(engine::mul(yg, up.to(kGpu))).backward();
-    require_near(table_g.grad(), table.grad(), 4 * kF32Eps, "embedding backward");  // <= 5 adds per element
+    // Ids on the GPU are checked there; ids on the host are checked on the host and copied over.
+    for (Device ids_device : {kGpu, Device::cpu()}) {
+      INFO("ids on " << ids_device.str());
+      Tensor table_g = gpu_leaf(table);
+      Tensor yg = engine::embedding(table_g, ids.to(ids_device));
+      require_equal(yg, y, "embedding forward");
+      engine::sum(engine::mul(yg, up.to(kGpu))).backward();
+      require_near(table_g.grad(), table.grad(), 4 * kF32Eps, "embedding backward");  // <= 5 adds per element
 
-    Tensor bad = Tensor::from_vector(std::vector<int64_t>{1, 1000}, {2}).to(id_dtype).to(kGpu);
-    REQUIRE_THROWS_WITH(engine::embedding(table_g, bad), Catch::Contains("index 1000 (at position 1)"));
-    Tensor negative = Tensor::from_vector(std::vector<int64_t>{-1}, {1}).to(id_dtype).to(kGpu);
-    REQUIRE_THROWS_AS(engine::embedding(table_g, negative), engine::Error);
+      Tensor bad = Tensor::from_vector(std::vector<int64_t>{1, 1000}, {2}).to(id_dtype).to(ids_device);
+      REQUIRE_THROWS_WITH(engine::embedding(table_g, bad), Catch::Contains("index 1000 (at position 1)"));
+      Tensor negative = Tensor::from_vector(std::vector<int64_t>{-1}, {1}).to(id_dtype).to(ids_device);
+      REQUIRE_THROWS_AS(engine::embedding(table_g, negative), engine::Error);
+    }
   }
   // index_select along an inner dim, of any dtype (rows move as bytes: odd row sizes too).
   for (DType dtype : {DType::F32, DType::F64, DType::BF16, DType::I64}) {
@@ -403,6 +408,8 @@ TEST_CASE("cuda: embedding and index_select gather rows and scatter-add gradient
     Tensor ids = Tensor::from_vector(std::vector<int64_t>{32, 0, 5, 5}, {4});
     require_equal(engine::index_select(src.to(kGpu), 1, ids.to(kGpu)), engine::index_select(src, 1, ids),
                   "index_select");
+    require_equal(engine::index_select(src.to(kGpu), 1, ids), engine::index_select(src, 1, ids),
+                  "index_select, indices on the host");
   }
 }
 
@@ -475,21 +482,26 @@ TEST_CASE("cuda: cross_entropy with ignored targets, every reduction, and bad ta
         const int64_t N = 6;
         Tensor logits = random({N, K}, 1, dtype, -5, 5);
         logits.set_requires_grad(true);
-        Tensor lg = gpu_leaf(logits);
         std::vector<int64_t> t = {0, K - 1, -100, K / 2, -100, K / 3};
         Tensor targets = Tensor::from_vector(t, {N}).to(DType::I32);
         Tensor loss = engine::cross_entropy(logits, targets, -100, reduction);
-        Tensor loss_g = engine::cross_entropy(lg, targets.to(kGpu), -100, reduction);
-        const double tolerance = dtype == DType::F32 ? 64 * kF32Eps : 1e-13;  // as softmax's
-        require_near(loss_g, loss, tolerance, "cross_entropy forward");
         Tensor up = reduction == engine::Reduction::None ? random({N}, 2, dtype) : Tensor::ones({}, dtype);
         engine::sum(engine::mul(loss, up)).backward();
-        engine::sum(engine::mul(loss_g, up.to(kGpu))).backward();
-        require_near(lg.grad(), logits.grad(), tolerance, "cross_entropy backward");
+        const double tolerance = dtype == DType::F32 ? 64 * kF32Eps : 1e-13;  // as softmax's
+        for (Device targets_device : {kGpu, Device::cpu()}) {  // host targets are checked there, copied over
+          INFO("targets on " << targets_device.str());
+          Tensor lg = gpu_leaf(logits);
+          Tensor loss_g = engine::cross_entropy(lg, targets.to(targets_device), -100, reduction);
+          require_near(loss_g, loss, tolerance, "cross_entropy forward");
+          engine::sum(engine::mul(loss_g, up.to(kGpu))).backward();
+          require_near(lg.grad(), logits.grad(), tolerance, "cross_entropy backward");
+        }
       }
   Tensor logits = random({2, 7}, 3).to(kGpu);
-  Tensor bad = Tensor::from_vector(std::vector<int32_t>{1, 7}, {2}).to(kGpu);
-  REQUIRE_THROWS_WITH(engine::cross_entropy(logits, bad), Catch::Contains("target 7 (row 1)"));
+  for (Device targets_device : {kGpu, Device::cpu()}) {
+    Tensor bad = Tensor::from_vector(std::vector<int32_t>{1, 7}, {2}).to(targets_device);
+    REQUIRE_THROWS_WITH(engine::cross_entropy(logits, bad), Catch::Contains("target 7 (row 1)"));
+  }
 }
 
 // ---------------------------------------------------------------- attention

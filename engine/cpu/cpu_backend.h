@@ -29,6 +29,8 @@ class CpuBackend final : public Backend {
 
   void gemm(const GemmArgs& args) override;
 
+  void check_indices(const View& index, int64_t rows, const char* op) override;
+  void check_targets(const View& targets, int64_t classes, int64_t ignore_index, const char* op) override;
   void index_select_rows(const View& out, const View& table, const View& index) override;
   void index_add_rows(const View& grad_table, const View& index, const View& grad_out) override;
 

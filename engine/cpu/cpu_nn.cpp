@@ -26,24 +26,6 @@ RowShape rows_of(const View& v) {
   return {cols == 0 ? 0 : v.numel() / cols, cols};
 }
 
-// Every index must name one of `rows` rows. This runs serially before any
-// parallel loop: an exception must never escape an OpenMP region.
-void check_indices(const View& index, int64_t rows, const char* op) {
-  for (int64_t i = 0; i < index.numel(); ++i) {
-    const int64_t id = cpu::read_index(index.data, index.dtype, i);
-    check(id >= 0 && id < rows, "{}: index {} (at position {}) is out of range for {} rows", op, id, i, rows);
-  }
-}
-
-// Cross-entropy targets are in [0, classes) unless they equal ignore_index.
-void check_targets(const View& targets, int64_t classes, int64_t ignore_index, const char* op) {
-  for (int64_t i = 0; i < targets.numel(); ++i) {
-    const int64_t t = cpu::read_index(targets.data, targets.dtype, i);
-    check(t == ignore_index || (t >= 0 && t < classes),
-          "{}: target {} (row {}) is out of range for {} classes (ignore_index {})", op, t, i, classes, ignore_index);
-  }
-}
-
 // Calls body(begin, end) over [0, n) in chunks, in parallel when n is large.
 // Chunks are a multiple of 4 so that dropout draws each Philox block once.
 template <typename Body>
@@ -57,9 +39,25 @@ void for_chunks(int64_t n, Body&& body) {
 
 // ---- indexing ----
 
+// Serial, and before any parallel loop reads the indices: an exception must never escape an
+// OpenMP region.
+void CpuBackend::check_indices(const View& index, int64_t rows, const char* op) {
+  for (int64_t i = 0; i < index.numel(); ++i) {
+    const int64_t id = cpu::read_index(index.data, index.dtype, i);
+    check(id >= 0 && id < rows, "{}: index {} (at position {}) is out of range for {} rows", op, id, i, rows);
+  }
+}
+
+void CpuBackend::check_targets(const View& targets, int64_t classes, int64_t ignore_index, const char* op) {
+  for (int64_t i = 0; i < targets.numel(); ++i) {
+    const int64_t t = cpu::read_index(targets.data, targets.dtype, i);
+    check(t == ignore_index || (t >= 0 && t < classes),
+          "{}: target {} (row {}) is out of range for {} classes (ignore_index {})", op, t, i, classes, ignore_index);
+  }
+}
+
 void CpuBackend::index_select_rows(const View& out, const View& table, const View& index) {
   const int64_t n = index.numel();
-  check_indices(index, table.shape.empty() ? 0 : table.shape[0], "index_select");
   if (n == 0 || out.numel() == 0) return;
   // Rows are copied as bytes, so any dtype can be gathered (token ids too).
   const int64_t row_elements = out.numel() / n;
@@ -74,7 +72,6 @@ void CpuBackend::index_select_rows(const View& out, const View& table, const Vie
 
 void CpuBackend::index_add_rows(const View& grad_table, const View& index, const View& grad_out) {
   const int64_t n = index.numel();
-  check_indices(index, grad_table.shape.empty() ? 0 : grad_table.shape[0], "index_add");
   if (n == 0 || grad_out.numel() == 0) return;
   const int64_t cols = grad_out.numel() / n;
   // Repeated indices add into the same table row, so threads split the
@@ -306,7 +303,6 @@ void CpuBackend::cross_entropy_forward(const View& loss, const View& lse, const 
                                        int64_t ignore_index) {
   const RowShape shape = rows_of(logits);
   const int64_t rows = shape.rows, cols = shape.cols;  // plain locals: lambdas capture them
-  check_targets(targets, cols, ignore_index, "cross_entropy");
   cpu::dispatch_floating(logits.dtype, "cross_entropy", [&](auto zero) {
     using T = decltype(zero);
     const T* px = logits.ptr<T>();
@@ -331,7 +327,6 @@ void CpuBackend::cross_entropy_backward(const View& dlogits, const View& dloss, 
                                         const View& targets, int64_t ignore_index) {
   const RowShape shape = rows_of(logits);
   const int64_t rows = shape.rows, cols = shape.cols;  // plain locals: lambdas capture them
-  check_targets(targets, cols, ignore_index, "cross_entropy_backward");  // the saved targets may have been edited
   cpu::dispatch_floating(logits.dtype, "cross_entropy_backward", [&](auto zero) {
     using T = decltype(zero);
     const T *px = logits.ptr<T>(), *pdloss = dloss.ptr<T>(), *plse = lse.ptr<T>();

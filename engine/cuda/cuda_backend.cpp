@@ -142,6 +142,9 @@ class CudaBackend final : public Backend {
 
   // ---- indexing and fused nn kernels ----
 
+  // Both wait for the device: the answer is read back.
+  void check_indices(const View& index, int64_t rows, const char* op) override;
+  void check_targets(const View& targets, int64_t classes, int64_t ignore_index, const char* op) override;
   void index_select_rows(const View& out, const View& table, const View& index) override;
   void index_add_rows(const View& grad_table, const View& index, const View& grad_out) override;
   void layer_norm_forward(const View& y, const View& mean, const View& rstd, const View& x, const View& weight,
@@ -165,10 +168,6 @@ class CudaBackend final : public Backend {
   void adamw_step(std::span<const AdamWTensors> tensors, const AdamWArgs& args) override;
 
  private:
-  // Raises engine::Error when an index is out of range, in the CPU backend's words.
-  void check_indices(const View& index, int64_t rows, const char* op);
-  void check_targets(const View& targets, int64_t classes, int64_t ignore_index, const char* op);
-
   DeviceContext& ctx_;
   cuda::PinnedStaging staging_;  // for large uploads
 };
@@ -342,6 +341,7 @@ void CudaBackend::gemm(const GemmArgs& args) {
 
 // ---- indexing ----
 
+// The messages are the CPU backend's, word for word.
 void CudaBackend::check_indices(const View& index, int64_t rows, const char* op) {
   if (auto bad = ctx_.find_bad_index(index, rows, std::nullopt, op))
     fail("{}: index {} (at position {}) is out of range for {} rows", op, ctx_.read_index(index, *bad), *bad, rows);
@@ -356,7 +356,6 @@ void CudaBackend::check_targets(const View& targets, int64_t classes, int64_t ig
 void CudaBackend::index_select_rows(const View& out, const View& table, const View& index) {
   OpScope op(ctx_, "index_select");
   const int64_t n = index.numel();
-  check_indices(index, table.shape.empty() ? 0 : table.shape[0], "index_select");
   if (n == 0 || out.numel() == 0) return;
   const size_t row_bytes = size_t(out.numel() / n) * dtype_size(out.dtype);  // rows move as bytes: any dtype
   ctx_.check_launch(
@@ -368,7 +367,6 @@ void CudaBackend::index_add_rows(const View& grad_table, const View& index, cons
   OpScope op(ctx_, "index_add");
   require_floating(grad_table.dtype, "index_add");
   const int64_t n = index.numel();
-  check_indices(index, grad_table.shape.empty() ? 0 : grad_table.shape[0], "index_add");
   if (n == 0 || grad_out.numel() == 0) return;
   ctx_.check_launch(cuda::launch_index_add_rows(ctx_.launch(), grad_table.dtype, n, grad_out.numel() / n,
                                                 grad_table.data, index.data, index.dtype, grad_out.data),
@@ -437,7 +435,6 @@ void CudaBackend::cross_entropy_forward(const View& loss, const View& lse, const
   OpScope op(ctx_, "cross_entropy");
   require_floating(logits.dtype, "cross_entropy");
   const auto [rows, cols] = rows_of(logits);
-  check_targets(targets, cols, ignore_index, "cross_entropy");
   ctx_.check_launch(cuda::launch_cross_entropy_forward(ctx_.launch(), logits.dtype, rows, cols, loss.data, lse.data,
                                                        logits.data, targets.data, targets.dtype, ignore_index),
                     "cross_entropy");
@@ -448,7 +445,6 @@ void CudaBackend::cross_entropy_backward(const View& dlogits, const View& dloss,
   OpScope op(ctx_, "cross_entropy_backward");
   require_floating(logits.dtype, "cross_entropy_backward");
   const auto [rows, cols] = rows_of(logits);
-  check_targets(targets, cols, ignore_index, "cross_entropy_backward");  // the saved targets may have been edited
   ctx_.check_launch(cuda::launch_cross_entropy_backward(ctx_.launch(), logits.dtype, rows, cols, dlogits.data,
                                                         dloss.data, logits.data, lse.data, targets.data,
                                                         targets.dtype, ignore_index),

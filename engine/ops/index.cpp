@@ -1,5 +1,7 @@
 // Row gathers: index_select along any dim, and embedding lookup. The backward
 // of a gather is a scatter-add into zeros, so repeated indices accumulate.
+// Indices may live on the host while the source lives on a GPU: they are then
+// checked on the host and copied over, so the gather never waits on the device.
 #include "engine/ops/common.h"
 
 namespace engine {
@@ -11,8 +13,22 @@ namespace {
 void check_index(const Tensor& index, const Tensor& source, const char* op) {
   check(index.dtype() == DType::I32 || index.dtype() == DType::I64, "{}: indices must be i32 or i64, got {}", op,
         dtype_name(index.dtype()));
-  check(index.device() == source.device(), "{}: indices on {}, source on {}", op, index.device().str(),
-        source.device().str());
+  check(index.device() == source.device() || index.device().is_cpu(), "{}: indices on {}, source on {}", op,
+        index.device().str(), source.device().str());
+}
+
+// The indices, checked, contiguous and on the source's device. `copied`: they were
+// copied from the host, so no one else holds them and the backward need not check again.
+struct CheckedIndex {
+  Tensor ids;
+  bool copied;
+};
+
+CheckedIndex checked_index(const Tensor& index, const Tensor& source, int64_t rows, const char* op) {
+  const Tensor ids = index.detach().contiguous();
+  backend_of(ids).check_indices(view_of(ids), rows, op);
+  if (ids.device() == source.device()) return {ids, false};
+  return {ids.to(source.device()), true};
 }
 
 // A contiguous tensor as the [rows, cols] table the gather kernels expect.
@@ -30,10 +46,11 @@ Tensor index_select(const Tensor& a, int64_t dim, const Tensor& index) {
   dim = wrap_dim(dim, a.dim(), "index_select");
   check_index(index, a, "index_select");
   check(index.dim() == 1, "index_select: index must be 1-D, got shape {}", shape_str(index.shape()));
-  const Tensor ids = index.detach().contiguous();
   // The kernel gathers rows of a [size, rest] table, so the chosen dim goes first.
   const Tensor moved = a.detach().transpose(0, dim).contiguous();
   const Shape moved_shape = moved.shape();
+  const CheckedIndex checked = checked_index(index, a, moved_shape[0], "index_select");
+  const Tensor& ids = checked.ids;
   const int64_t size = moved_shape[0], count = ids.numel();
   const int64_t rest = numel(Shape(moved_shape.begin() + 1, moved_shape.end()));
 
@@ -43,13 +60,15 @@ Tensor index_select(const Tensor& a, int64_t dim, const Tensor& index) {
   backend_of(a).index_select_rows(as_rows(gathered, count, rest), as_rows(moved, size, rest), view_of(ids));
   Tensor out = dim == 0 ? gathered : gathered.transpose(0, dim).contiguous();
 
-  record(out, "index_select", {a}, [dim, ids, moved_shape, rest](const Tensor& g, const Node&) -> std::vector<Tensor> {
+  auto backward = [dim, ids, copied = checked.copied, moved_shape, rest](const Tensor& g, const Node&) {
+    if (!copied) backend_of(ids).check_indices(view_of(ids), moved_shape[0], "index_add");  // they may have been edited
     const Tensor g_rows = g.transpose(0, dim).contiguous();
     Tensor grad = Tensor::zeros(moved_shape, g.dtype(), g.device());
     backend_of(g).index_add_rows(as_rows(grad, moved_shape[0], rest), view_of(ids),
                                  as_rows(g_rows, ids.numel(), rest));
-    return {dim == 0 ? grad : grad.transpose(0, dim).contiguous()};
-  });
+    return std::vector<Tensor>{dim == 0 ? grad : grad.transpose(0, dim).contiguous()};
+  };
+  record(out, "index_select", {a}, backward);
   return out;
 }
 

@@ -19,10 +19,15 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore
   check(targets.dim() == 1 && targets.size(0) == logits.size(0),
         "cross_entropy: targets of shape {} for logits of shape {} (want [{}])", shape_str(targets.shape()),
         shape_str(logits.shape()), logits.size(0));
-  check(targets.device() == logits.device(), "cross_entropy: targets on {}, logits on {}", targets.device().str(),
-        logits.device().str());
-  const int64_t N = logits.size(0);
-  const Tensor x = logits.detach().contiguous(), t = targets.detach().contiguous();
+  check(targets.device() == logits.device() || targets.device().is_cpu(), "cross_entropy: targets on {}, logits on {}",
+        targets.device().str(), logits.device().str());
+  const int64_t N = logits.size(0), K = logits.size(1);
+  const Tensor x = logits.detach().contiguous(), given = targets.detach().contiguous();
+  // Targets on the host are checked and counted there, then copied over, so that a GPU loss never
+  // waits on the device. Targets on the device are checked by its backend, which waits.
+  backend_of(given).check_targets(view_of(given), K, ignore_index, "cross_entropy");
+  const bool copied = given.device() != x.device();
+  const Tensor t = copied ? given.to(x.device()) : given;
 
   // Per-row losses, and each row's log-sum-exp for the backward (f32, or f64
   // for f64 logits as layer norm's statistics).
@@ -39,7 +44,7 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore
   } else if (reduction == Reduction::Sum) {
     out = sum(row_loss);
   } else {
-    const std::vector<int64_t> ids = t.to_vector<int64_t>();
+    const std::vector<int64_t> ids = given.to_vector<int64_t>();
     const auto counted = std::count_if(ids.begin(), ids.end(), [&](int64_t id) { return id != ignore_index; });
     row_scale = counted > 0 ? 1.0 / double(counted) : 0.0;  // ignored rows get zero gradient either way
     out = counted > 0 ? mul(sum(row_loss), row_scale)
@@ -47,7 +52,10 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore
   }
 
   record(out, "cross_entropy", {logits},
-         [x, t, lse, ignore_index, reduction, row_scale, N](const Tensor& g, const Node&) -> std::vector<Tensor> {
+         [x, t, copied, lse, ignore_index, reduction, row_scale, N, K](const Tensor& g,
+                                                                      const Node&) -> std::vector<Tensor> {
+           if (!copied)  // the caller's targets may have been edited since
+             backend_of(t).check_targets(view_of(t), K, ignore_index, "cross_entropy_backward");
            const Tensor dloss =
                reduction == Reduction::None ? g.contiguous() : mul(g, row_scale).expand({N}).contiguous();
            Tensor dlogits = Tensor::empty(x.shape(), x.dtype(), x.device());
