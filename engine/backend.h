@@ -147,7 +147,7 @@ class Backend {
   // dlogits = dloss[i] * (softmax(logits[i]) - onehot(target[i])); dloss [N].
   virtual void cross_entropy_backward(const View& dlogits, const View& dloss, const View& logits, const View& lse,
                                       const View& targets, int64_t ignore_index) = 0;
-  // q, out [B, H, Tq, D]; k, v [B, H, Tk, D]; key_mask i32 [B, Tk] (1 keep, 0 pad) or
+  // q, out [B, H, Tq, D]; k, v [B, H, Tk, D]; key_mask i32 [B, Tk] (nonzero keep, 0 pad) or
   // data == nullptr. q, k, v (and dout) may be bf16 with out (and dq, dk, dv) f32:
   // mixed precision, products of bf16 values accumulated in f32. lse f32 [B, H, Tq]
   // (of the probabilities before dropout) is saved for the backward; rows that see

@@ -259,14 +259,18 @@ TEST_CASE("attention reads any mask dtype as nonzero = attend", "[attention]") {
   const std::vector<int32_t> keep = make_mask(Padding::Holes, B, T);
   std::vector<float> float_mask;  // 0.5 and -2 must count as "attend", not truncate to 0
   std::vector<int64_t> long_mask;
+  std::vector<int32_t> int_mask;  // passed to the kernels as it is: 7 and -1 attend too
   for (size_t i = 0; i < keep.size(); ++i) {
     float_mask.push_back(keep[i] ? (i % 2 ? 0.5f : -2.0f) : 0.0f);
     long_mask.push_back(keep[i] ? int64_t(1) << 33 : 0);
+    int_mask.push_back(keep[i] ? (i % 2 ? 7 : -1) : 0);
   }
   const std::vector<double> expected = naive_attention(q, k, v, keep, false, 1.0 / std::sqrt(3.0));
   testing::require_close(engine::scaled_dot_product_attention(q, k, v, Tensor::from_vector(float_mask, {B, T}), false),
                          expected, 2e-5);
   testing::require_close(engine::scaled_dot_product_attention(q, k, v, Tensor::from_vector(long_mask, {B, T}), false),
+                         expected, 2e-5);
+  testing::require_close(engine::scaled_dot_product_attention(q, k, v, Tensor::from_vector(int_mask, {B, T}), false),
                          expected, 2e-5);
 }
 

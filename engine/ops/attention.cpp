@@ -26,9 +26,11 @@ namespace {
 
 constexpr const char* kOp = "scaled_dot_product_attention";
 
-// The mask as contiguous i32 0/1 whatever its dtype: where() treats any
+// The mask as contiguous i32, nonzero to keep, whatever its dtype: where() treats any
 // nonzero as true, so a float mask of 0.5 keeps its key rather than truncating to 0.
+// An i32 mask (a tokenizer's attention_mask) is already that: no kernels per call.
 Tensor keep_mask_i32(const Tensor& mask) {
+  if (mask.dtype() == DType::I32) return mask.detach().contiguous();
   Tensor one = Tensor::ones({}, DType::F32, mask.device());
   Tensor zero = Tensor::zeros({}, DType::F32, mask.device());
   return where(mask.detach(), one, zero).to(DType::I32).contiguous();
