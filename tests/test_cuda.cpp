@@ -214,6 +214,31 @@ TEST_CASE("cuda: every binary op and where, with broadcasting and transposed ope
   }
 }
 
+TEST_CASE("cuda: binary ops four at a time: same shape, broadcast rows, in place, and misaligned",
+          "[cuda][elementwise]") {
+  using engine::BinaryOp;
+  for (DType dtype : {DType::F32, DType::F64}) {
+    INFO(engine::dtype_name(dtype));
+    // Rows of 68: columns [0, 64) line up on packs of 4; columns [1, 65) start one element off.
+    const Tensor a = random({6, 68}, 1, dtype), b = random({6, 64}, 2, dtype), bias = random({64}, 3, dtype);
+    const Tensor a_gpu = a.to(kGpu), b_gpu = b.to(kGpu), bias_gpu = bias.to(kGpu);
+    for (int64_t first : {0, 1}) {
+      INFO("columns from " << first);
+      const Tensor x = a.slice(1, first, first + 64), x_gpu = a_gpu.slice(1, first, first + 64);
+      require_equal(engine::add(x_gpu, b_gpu), engine::add(x, b), "add");
+      require_equal(engine::div(x_gpu, b_gpu), engine::div(x, b), "div");
+      require_equal(engine::mul(x_gpu, bias_gpu), engine::mul(x, bias), "bias broadcast over rows");
+      require_equal(engine::sub(bias_gpu, x_gpu), engine::sub(bias, x), "bias first");
+      for (BinaryOp op : {BinaryOp::Add, BinaryOp::Maximum}) {  // out is a: each pack read, then written
+        Tensor in_place = x.contiguous(), in_place_gpu = x_gpu.contiguous();
+        cpu_backend().binary(op, view_of(in_place), view_of(in_place), view_of(b));
+        gpu_backend().binary(op, view_of(in_place_gpu), view_of(in_place_gpu), view_of(b_gpu));
+        require_equal(in_place_gpu, in_place, "in place");
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------- reductions
 
 TEST_CASE("cuda: sum and max over any dims of strided inputs", "[cuda][reduce]") {

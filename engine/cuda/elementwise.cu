@@ -46,11 +46,11 @@ cudaError_t launch_map(const LaunchContext& ctx, const StridedLayout<N>& layout,
   return cudaGetLastError();
 }
 
-// ---- copies, four elements at a time ----
-// When the innermost dim has unit stride on both sides and everything else
+// ---- copies and binary maps, four elements at a time ----
+// When the innermost dim has unit stride for every operand and everything else
 // lines up on 4 elements, a thread moves a pack of 4 with one load and one
-// store (an f32 -> bf16 cast reads 16 bytes and writes 8), and a strided copy
-// unravels its index once per pack. The layout is counted in packs.
+// store per operand (an f32 -> bf16 cast reads 16 bytes and writes 8), and a
+// strided layout unravels its index once per pack. The layout is counted in packs.
 
 template <typename D, typename S, typename Index>
 __global__ void copy4_kernel(StridedLayout<2> packs, D* dst, const S* src) {
@@ -65,16 +65,18 @@ __global__ void copy4_kernel(StridedLayout<2> packs, D* dst, const S* src) {
   }
 }
 
-// The copy's layout in packs of 4, or nothing when it does not line up.
-template <typename D, typename S>
-std::optional<StridedLayout<2>> in_packs(const StridedLayout<2>& layout, const D* dst, const S* src) {
+// The layout in packs of 4, or nothing when it does not line up (or a pointer is off a pack
+// boundary, or the packs are too many for 32-bit indexing). An operand broadcast across rows
+// (stride 0 there) packs too; one broadcast along the innermost dim does not.
+template <int N>
+std::optional<StridedLayout<N>> in_packs(const StridedLayout<N>& layout, bool pointers_aligned) {
   const int inner = layout.rank - 1;
-  if (inner < 0 || layout.shape[inner] % 4 != 0) return std::nullopt;
-  if (!pack_aligned(dst) || !pack_aligned(src)) return std::nullopt;
-  StridedLayout<2> packs = layout;
+  if (!pointers_aligned || inner < 0 || layout.shape[inner] % 4 != 0 || layout.numel / 4 > int64_t(UINT32_MAX))
+    return std::nullopt;
+  StridedLayout<N> packs = layout;
   packs.numel = layout.numel / 4;
   packs.shape[inner] /= 4;
-  for (int k = 0; k < 2; ++k) {
+  for (int k = 0; k < N; ++k) {
     if (layout.strides[k][inner] != 1) return std::nullopt;
     for (int d = 0; d < inner; ++d) {
       if (layout.strides[k][d] % 4 != 0) return std::nullopt;
@@ -125,6 +127,20 @@ __device__ __forceinline__ bool truth(C c) {
   if constexpr (std::is_same_v<C, __nv_bfloat16>) return (__bfloat16_as_ushort(c) & 0x7fff) != 0;
   else if constexpr (std::is_same_v<C, __half>) return (__half_as_ushort(c) & 0x7fff) != 0;
   else return c != C(0);
+}
+
+template <typename T, typename Index>
+__global__ void binary4_kernel(StridedLayout<3> packs, BinaryOp op, T* out, const T* a, const T* b) {
+  for (int64_t i = grid_index(); i < packs.numel; i += grid_stride()) {
+    int64_t o[3];
+    strided_offsets(packs, Index(i), o);
+    const Pack4<T> x = reinterpret_cast<const Pack4<T>*>(a)[o[1]];
+    const Pack4<T> y = reinterpret_cast<const Pack4<T>*>(b)[o[2]];
+    Pack4<T> z;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) z.v[k] = apply_binary(op, x.v[k], y.v[k]);
+    reinterpret_cast<Pack4<T>*>(out)[o[0]] = z;  // out may be a or b: each pack is read before it is written
+  }
 }
 
 // ---- the functors ----
@@ -181,7 +197,7 @@ cudaError_t launch_copy(const LaunchContext& ctx, DType dst_dtype, DType src_dty
       using S = decltype(s);
       D* d_ptr = static_cast<D*>(dst);
       const S* s_ptr = static_cast<const S*>(src);
-      if (const auto packs = in_packs(layout, d_ptr, s_ptr); packs && packs->numel <= int64_t(UINT32_MAX)) {
+      if (const auto packs = in_packs(layout, pack_aligned(d_ptr) && pack_aligned(s_ptr))) {
         copy4_kernel<D, S, uint32_t><<<grid_for(ctx, packs->numel), kThreads, 0, ctx.stream>>>(*packs, d_ptr, s_ptr);
         status = cudaGetLastError();
       } else {
@@ -218,8 +234,14 @@ cudaError_t launch_binary(const LaunchContext& ctx, BinaryOp op, DType dtype, co
   cudaError_t status = cudaSuccess;
   dispatch_floating(dtype, [&](auto zero) {
     using T = decltype(zero);
-    status = launch_map(ctx, layout,
-                        BinaryFn<T>{op, static_cast<T*>(out), static_cast<const T*>(a), static_cast<const T*>(b)});
+    T* o = static_cast<T*>(out);
+    const T *x = static_cast<const T*>(a), *y = static_cast<const T*>(b);
+    if (const auto packs = in_packs(layout, pack_aligned(o) && pack_aligned(x) && pack_aligned(y))) {
+      binary4_kernel<T, uint32_t><<<grid_for(ctx, packs->numel), kThreads, 0, ctx.stream>>>(*packs, op, o, x, y);
+      status = cudaGetLastError();
+    } else {
+      status = launch_map(ctx, layout, BinaryFn<T>{op, o, x, y});
+    }
   });
   return status;
 }
