@@ -110,7 +110,7 @@ Fingerprint fingerprint_of(const models::GPT2LMHeadModel& model, const std::vect
     const engine::Tensor& w = base_weight(model, name);
     const std::string hash = weight_hash(w);
     f.layers[name] = {{"shape", w.shape()}, {"hash", hash}};
-    hasher.add(name + engine::shape_str(w.shape()) + hash);
+    hasher.add(name + std::string(engine::shape_str(w.shape())) + hash);
   }
   f.digest = hex(hasher.digest());
   return f;

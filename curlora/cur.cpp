@@ -15,7 +15,7 @@ using engine::DType;
 
 SelectionProbabilities selection_probabilities(const Tensor& weight) {
   check(weight.defined() && weight.dim() == 2, "CUR selection: weight must be 2-D, got shape {}",
-        weight.defined() ? engine::shape_str(weight.shape()) : "undefined");
+        weight.defined() ? std::string(engine::shape_str(weight.shape())) : "undefined");
   check(engine::is_floating(weight.dtype()), "CUR selection: weight must be floating, got {}",
         engine::dtype_name(weight.dtype()));
   const Tensor w = weight.detach().to(engine::Device::cpu()).to(DType::F64).contiguous();

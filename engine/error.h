@@ -3,6 +3,8 @@
 // print it as-is and exit non-zero.
 #pragma once
 
+#include "engine/shape.h"
+
 #include <fmt/format.h>
 
 #include <stdexcept>
@@ -27,3 +29,12 @@ template <typename... Args>
 }
 
 }  // namespace engine
+
+// Shapes in messages (engine::shape_str), formatted only when a message is built.
+template <>
+struct fmt::formatter<engine::ShapeStr> : fmt::formatter<std::string_view> {
+  template <typename FormatContext>
+  auto format(const engine::ShapeStr& s, FormatContext& ctx) const {
+    return fmt::formatter<std::string_view>::format(std::string(s), ctx);
+  }
+};

@@ -4,6 +4,7 @@
 #include "engine/error.h"
 
 #include <algorithm>
+#include <ostream>
 
 namespace engine {
 
@@ -23,7 +24,9 @@ Shape contiguous_strides(const Shape& shape) {
   return strides;
 }
 
-std::string shape_str(const Shape& shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
+ShapeStr::operator std::string() const { return fmt::format("[{}]", fmt::join(shape, ", ")); }
+
+std::ostream& operator<<(std::ostream& out, const ShapeStr& s) { return out << std::string(s); }
 
 int64_t wrap_dim(int64_t dim, int64_t rank, const char* what) {
   check(dim >= -rank && dim < std::max<int64_t>(rank, 1), "{}: dim {} out of range for a tensor of rank {}", what, dim,

@@ -118,8 +118,9 @@ Tensor& Tensor::set_requires_grad(bool enabled) {
 Tensor Tensor::grad() const { return Tensor(impl().grad); }
 
 void Tensor::set_grad(const Tensor& grad) const {
-  check(!grad.defined() || grad.shape() == shape(), "set_grad: gradient shape {} for a tensor of shape {}",
-        grad.defined() ? shape_str(grad.shape()) : "", shape_str(shape()));
+  if (grad.defined())
+    check(grad.shape() == shape(), "set_grad: gradient shape {} for a tensor of shape {}", shape_str(grad.shape()),
+          shape_str(shape()));
   impl().grad = grad.impl_ptr();
 }
 

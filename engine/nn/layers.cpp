@@ -22,7 +22,7 @@ Linear::Linear(int64_t in, int64_t out, Generator& gen, bool with_bias, WeightLa
 
 Linear::Linear(Tensor weight_, Tensor bias_, WeightLayout layout_) : layout(layout_) {
   check(weight_.defined() && weight_.dim() == 2, "Linear: weight must be 2-D, got shape {}",
-        weight_.defined() ? shape_str(weight_.shape()) : "undefined");
+        weight_.defined() ? std::string(shape_str(weight_.shape())) : "undefined");
   in_features = weight_.size(layout == WeightLayout::OutIn ? 1 : 0);
   out_features = weight_.size(layout == WeightLayout::OutIn ? 0 : 1);
   weight = register_parameter("weight", weight_);
@@ -45,7 +45,7 @@ Embedding::Embedding(int64_t num_embeddings, int64_t dim, Generator& gen, double
 
 Embedding::Embedding(Tensor weight_) {
   check(weight_.defined() && weight_.dim() == 2, "Embedding: weight must be 2-D [num, dim], got shape {}",
-        weight_.defined() ? shape_str(weight_.shape()) : "undefined");
+        weight_.defined() ? std::string(shape_str(weight_.shape())) : "undefined");
   weight = register_parameter("weight", weight_);
 }
 
@@ -60,8 +60,8 @@ LayerNorm::LayerNorm(int64_t dim, double eps_, DType dtype, Device device) : eps
 LayerNorm::LayerNorm(Tensor weight_, Tensor bias_, double eps_) : eps(eps_) {
   check(weight_.defined() && bias_.defined() && weight_.dim() == 1 && bias_.shape() == weight_.shape(),
         "LayerNorm: weight and bias must be 1-D of one size, got {} and {}",
-        weight_.defined() ? shape_str(weight_.shape()) : "undefined",
-        bias_.defined() ? shape_str(bias_.shape()) : "undefined");
+        weight_.defined() ? std::string(shape_str(weight_.shape())) : "undefined",
+        bias_.defined() ? std::string(shape_str(bias_.shape())) : "undefined");
   weight = register_parameter("weight", weight_);
   bias = register_parameter("bias", bias_);
 }

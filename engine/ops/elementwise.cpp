@@ -7,8 +7,8 @@ namespace engine {
 namespace detail {
 
 void check_compatible(const Tensor& a, const Tensor& b, const char* op) {
-  check(a.device() == b.device(), "{}: operands on different devices ({} and {})", op, a.device().str(),
-        b.device().str());
+  if (a.device() != b.device())
+    fail("{}: operands on different devices ({} and {})", op, a.device().str(), b.device().str());
   check(a.dtype() == b.dtype(), "{}: operands of different dtypes ({} and {})", op, dtype_name(a.dtype()),
         dtype_name(b.dtype()));
 }
@@ -185,8 +185,8 @@ Tensor square(const Tensor& a) {
 Tensor where(const Tensor& condition, const Tensor& a, const Tensor& b) {
   detail::check_compatible(a, b, "where");
   detail::check_floating(a, "where");
-  check(condition.device() == a.device(), "where: condition on {}, values on {}", condition.device().str(),
-        a.device().str());
+  if (condition.device() != a.device())
+    fail("where: condition on {}, values on {}", condition.device().str(), a.device().str());
   Shape shape = broadcast_shapes(broadcast_shapes(condition.shape(), a.shape()), b.shape());
   Tensor out = Tensor::empty(shape, a.dtype(), a.device());
   backend_of(a).where(view_of(out), broadcast_view(condition, shape), broadcast_view(a, shape),

@@ -13,8 +13,8 @@ namespace {
 void check_index(const Tensor& index, const Tensor& source, const char* op) {
   check(index.dtype() == DType::I32 || index.dtype() == DType::I64, "{}: indices must be i32 or i64, got {}", op,
         dtype_name(index.dtype()));
-  check(index.device() == source.device() || index.device().is_cpu(), "{}: indices on {}, source on {}", op,
-        index.device().str(), source.device().str());
+  if (index.device() != source.device() && !index.device().is_cpu())
+    fail("{}: indices on {}, source on {}", op, index.device().str(), source.device().str());
 }
 
 // The indices, checked, contiguous and on the source's device. `copied`: they were

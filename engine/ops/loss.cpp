@@ -19,8 +19,8 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore
   check(targets.dim() == 1 && targets.size(0) == logits.size(0),
         "cross_entropy: targets of shape {} for logits of shape {} (want [{}])", shape_str(targets.shape()),
         shape_str(logits.shape()), logits.size(0));
-  check(targets.device() == logits.device() || targets.device().is_cpu(), "cross_entropy: targets on {}, logits on {}",
-        targets.device().str(), logits.device().str());
+  if (targets.device() != logits.device() && !targets.device().is_cpu())
+    fail("cross_entropy: targets on {}, logits on {}", targets.device().str(), logits.device().str());
   const int64_t N = logits.size(0), K = logits.size(1);
   const Tensor x = logits.detach().contiguous(), given = targets.detach().contiguous();
   // Targets on the host are checked and counted there, then copied over, so that a GPU loss never

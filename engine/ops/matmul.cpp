@@ -115,7 +115,8 @@ Precision precision_of(const Tensor& a, const Tensor& b) {
   const std::optional<DType> autocast = autocast_dtype();
   auto castable = [](DType d) { return d == DType::F32 || d == DType::BF16; };
   if (autocast && castable(a.dtype()) && castable(b.dtype())) {
-    check(a.device() == b.device(), "matmul: operands on {} and {}", a.device().str(), b.device().str());
+    if (a.device() != b.device())
+      fail("matmul: operands on {} and {}", a.device().str(), b.device().str());
     return {*autocast, DType::F32};
   }
   detail::check_compatible(a, b, "matmul");

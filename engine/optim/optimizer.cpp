@@ -66,8 +66,8 @@ Tensor Optimizer::gradient_of(size_t index, const char* op) const {
   if (!g.defined()) return g;
   check(g.shape() == p.shape(), "{}: gradient of '{}' has shape {}, parameter {}", op, name, shape_str(g.shape()),
         shape_str(p.shape()));
-  check(g.device() == p.device(), "{}: gradient of '{}' is on {}, parameter on {}", op, name, g.device().str(),
-        p.device().str());
+  if (g.device() != p.device())
+    fail("{}: gradient of '{}' is on {}, parameter on {}", op, name, g.device().str(), p.device().str());
   check(g.dtype() == p.dtype(), "{}: gradient of '{}' is {}, parameter {}", op, name, dtype_name(g.dtype()),
         dtype_name(p.dtype()));
   return g.contiguous();  // gradients may be broadcast or transposed views
@@ -116,7 +116,7 @@ void Optimizer::load_state_dict(const OptimizerState& state) {
       auto it = state.tensors.find(key);
       check(it != state.tensors.end(), "load_state_dict: missing tensor '{}'", key);
       check(it->second.defined() && it->second.shape() == p.shape(), "load_state_dict: '{}' has shape {}, expected {}",
-            key, it->second.defined() ? shape_str(it->second.shape()) : "undefined", shape_str(p.shape()));
+            key, it->second.defined() ? std::string(shape_str(it->second.shape())) : "undefined", shape_str(p.shape()));
       NoGradGuard no_grad;
       restored[i].slots[slot] = it->second.detach().to(p.device()).to(p.dtype()).clone();
       used_tensors.insert(key);
