@@ -337,6 +337,24 @@ TEST_CASE("cuda: matmul in f32, f64, TF32 and bf16, plain, transposed and batche
   require_near(wg.grad(), w.grad(), 64 * kF32Eps * 35, "matmul dw");
 }
 
+TEST_CASE("cuda: matmul of views that start off an alignment boundary", "[cuda][matmul]") {
+  // cuBLASLt's algorithm is chosen for the pointers' alignment: views 1 and 3 elements in must work too.
+  for (DType dtype : {DType::F32, DType::BF16}) {
+    INFO(engine::dtype_name(dtype));
+    const Tensor a = random({9, 44}, 1).to(dtype), b = random({44, 13}, 2).to(dtype);
+    const Tensor a_gpu = a.to(kGpu), b_gpu = b.to(kGpu);
+    for (int64_t first : {0, 1, 3}) {
+      INFO("from element " << first);
+      const Tensor got = engine::matmul(a_gpu.slice(1, first, first + 40), b_gpu.slice(0, first, first + 40));
+      const Tensor ref = engine::matmul(a.slice(1, first, first + 40).to(DType::F32),
+                                        b.slice(0, first, first + 40).to(DType::F32));
+      // f32: about K ulps apart; bf16 out: one bf16 ulp (2^-8) relative, at most.
+      require_near(got.to(DType::F32), dtype == DType::F32 ? ref : ref.to(DType::BF16).to(DType::F32),
+                   dtype == DType::F32 ? kF32Eps * 80 : 1.0 / 64, "matmul of offset views");
+    }
+  }
+}
+
 TEST_CASE("cuda: linear's bias in the cuBLASLt epilogue, and added after batched and f64 GEMMs", "[cuda][matmul]") {
   for (DType dtype : {DType::F32, DType::F64}) {
     Tensor x = random({3, 40, 33}, 1, dtype), w = random({33, 17}, 2, dtype), bias = random({17}, 3, dtype);

@@ -320,7 +320,7 @@ void CudaBackend::argmax_last(const View& out, const View& in) {
 // for the case; elsewhere (f64, batches) it runs as separate passes.
 void CudaBackend::gemm(const GemmArgs& args) {
   OpScope op(ctx_, "gemm", 2.0 * double(args.m) * double(args.n) * double(args.k) * double(args.batch));
-  if ((args.bias || args.gelu) && cuda::gemm_epilogue(ctx_, args)) return;
+  if (cuda::gemm_lt(ctx_, args)) return;
   GemmArgs plain = args;
   plain.bias = nullptr;
   plain.gelu = false;

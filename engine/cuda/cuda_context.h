@@ -102,8 +102,9 @@ class Scratch {
 
 // cuBLAS GEMM for the backend (cuda_gemm.cpp), args.bias ignored.
 void gemm(DeviceContext& ctx, const GemmArgs& args);
-// The same with args' epilogue (bias, GELU) applied by cuBLASLt in the GEMM's
-// own pass over C. False (nothing done) where cuBLASLt offers no such kernel.
-bool gemm_epilogue(DeviceContext& ctx, const GemmArgs& args);
+// The same by cuBLASLt, with args' epilogue (bias, GELU) in the GEMM's own pass
+// over C and the algorithm chosen once per shape. False (nothing done) for what
+// it does not take (batches, f64) or where cuBLASLt offers no kernel.
+bool gemm_lt(DeviceContext& ctx, const GemmArgs& args);
 
 }  // namespace engine::cuda

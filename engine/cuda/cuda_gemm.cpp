@@ -4,12 +4,14 @@
 // with row stride ld is, read column-major, its own transpose [c, r] with
 // leading dimension ld. So C = op(A) op(B) is computed as the column-major
 // product C^T = op(B)^T op(A)^T: the operands swap places, m and n swap, and
-// each keeps its own transpose flag. No data moves. A bias and a GELU go into
-// the epilogue of a cuBLASLt matmul (gemm_epilogue), saving passes over C.
+// each keeps its own transpose flag. No data moves. Single f32 and bf16
+// products go through cuBLASLt (gemm_lt), whose algorithm choice is asked once
+// per shape and whose epilogue takes a bias and a GELU in the pass over C.
 #include "engine/cuda/cuda_context.h"
 
 #include "engine/error.h"
 
+#include <algorithm>
 #include <atomic>
 #include <climits>
 #include <map>
@@ -102,21 +104,29 @@ struct LtMatmul {
   }
 };
 
-// What cuBLASLt's heuristic answer depends on: everything in the descriptors, nothing in the pointers.
+// What cuBLASLt's heuristic answer depends on: the descriptors, and how the pointers are aligned.
 struct LtKey {
   int device;
-  cudaDataType_t storage;
+  cudaDataType_t storage, c_storage;
   cublasComputeType_t compute;
   cublasOperation_t op_first, op_second;
   uint64_t m, n, k;
   int64_t ldb, lda, ldc;
   cublasLtEpilogue_t epilogue;
   bool bias;
+  uint32_t align_a, align_b, align_c;  // bytes, a power of two up to 256
   auto operator<=>(const LtKey&) const = default;
 };
 
-// The heuristic query costs host time on every call, a sizeable share of a small GEMM's launch,
-// and its answer for a given key never changes: ask once per key (nullopt: no algorithm fits).
+// The largest power of two (up to 256, cuBLASLt's default assumption) that divides the address.
+uint32_t alignment_of(const void* p) {
+  const auto address = reinterpret_cast<uintptr_t>(p);
+  return uint32_t(std::min<uintptr_t>(256, address & (~address + 1)));
+}
+
+// The heuristic query costs host time on every call, a sizeable share of a small GEMM's launch
+// (cublasGemmEx makes one inside every call), and its answer for a given key never changes:
+// ask once per key (nullopt: no algorithm fits).
 class LtAlgoCache {
  public:
   template <typename Query>
@@ -136,17 +146,21 @@ LtAlgoCache lt_algo_cache;
 
 }  // namespace
 
-// The column-major product of gemm() above, C^T = op(B)^T op(A)^T, with the
-// epilogue: cuBLASLt adds a bias vector with one entry per row of its
-// (column-major) output, which is one per column n of our row-major C, and
-// its GELU_AUX epilogues also write the GELU's input to an aux matrix laid
-// out as C (their aux leading dimension must be a multiple of 8).
-bool gemm_epilogue(DeviceContext& ctx, const GemmArgs& g) {
-  const bool fusable = (g.bias || g.gelu) && g.batch == 1 && g.beta == 0 && g.c_dtype == DType::F32 &&
-                       (g.dtype == DType::F32 || g.dtype == DType::BF16) && g.m > 0 && g.n > 0 && g.k > 0 &&
-                       fits_int(g.m) && fits_int(g.n) && fits_int(g.k) && (!g.gelu || g.ldc % 8 == 0);
-  if (!fusable) return false;
+// The column-major product of gemm() above, C^T = op(B)^T op(A)^T, by
+// cuBLASLt, with the epilogue: cuBLASLt adds a bias vector with one entry per
+// row of its (column-major) output, which is one per column n of our row-major
+// C, and its GELU_AUX epilogues also write the GELU's input to an aux matrix
+// laid out as C (their aux leading dimension must be a multiple of 8). An
+// epilogue needs beta == 0; a plain product may accumulate into C.
+bool gemm_lt(DeviceContext& ctx, const GemmArgs& g) {
+  const bool epilogue_fits = (!g.bias && !g.gelu) || (g.beta == 0 && (!g.gelu || g.ldc % 8 == 0));
+  const bool types_fit = (g.dtype == DType::F32 && g.c_dtype == DType::F32) ||
+                         (g.dtype == DType::BF16 && (g.c_dtype == DType::F32 || g.c_dtype == DType::BF16));
+  const bool fits = g.batch == 1 && types_fit && epilogue_fits && g.m > 0 && g.n > 0 && g.k > 0 && fits_int(g.m) &&
+                    fits_int(g.n) && fits_int(g.k);
+  if (!fits) return false;
   const GemmTypes types = gemm_types(g.dtype);
+  const cudaDataType_t c_storage = g.c_dtype == DType::F32 ? CUDA_R_32F : CUDA_R_16BF;
   const cublasOperation_t op_first = g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cublasOperation_t op_second = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
   const uint64_t m = uint64_t(g.n), n = uint64_t(g.m), k = uint64_t(g.k);
@@ -154,19 +168,20 @@ bool gemm_epilogue(DeviceContext& ctx, const GemmArgs& g) {
   ctx.launch();
 
   LtMatmul lt;
-  check_cublas(cublasLtMatmulDescCreate(&lt.desc, types.compute, CUDA_R_32F), index, "gemm (epilogue)");
+  check_cublas(cublasLtMatmulDescCreate(&lt.desc, types.compute, CUDA_R_32F), index, "gemm (cuBLASLt)");
   auto set = [&](cublasLtMatmulDescAttributes_t attribute, const auto& value) {
     check_cublas(cublasLtMatmulDescSetAttribute(lt.desc, attribute, &value, sizeof(value)), index,
-                 "gemm (epilogue)");
+                 "gemm (cuBLASLt)");
   };
   set(CUBLASLT_MATMUL_DESC_TRANSA, op_first);
   set(CUBLASLT_MATMUL_DESC_TRANSB, op_second);
-  const cublasLtEpilogue_t epilogue = g.gelu ? (g.bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX)
-                                             : CUBLASLT_EPILOGUE_BIAS;
+  cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+  if (g.gelu) epilogue = g.bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
+  else if (g.bias) epilogue = CUBLASLT_EPILOGUE_BIAS;
   set(CUBLASLT_MATMUL_DESC_EPILOGUE, epilogue);
-  if (g.bias) {
+  if (g.bias) {  // in C's dtype
     set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, g.bias);
-    set(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, CUDA_R_32F);
+    set(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, c_storage);
   }
   if (g.gelu) {
     set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, g.pre_gelu);
@@ -175,19 +190,26 @@ bool gemm_epilogue(DeviceContext& ctx, const GemmArgs& g) {
   // Layouts as stored: a transposed operand is held with its dims swapped.
   const bool first_n = op_first == CUBLAS_OP_N, second_n = op_second == CUBLAS_OP_N;
   check_cublas(cublasLtMatrixLayoutCreate(&lt.a, types.storage, first_n ? m : k, first_n ? k : m, int64_t(g.ldb)),
-               index, "gemm (epilogue)");
+               index, "gemm (cuBLASLt)");
   check_cublas(cublasLtMatrixLayoutCreate(&lt.b, types.storage, second_n ? k : n, second_n ? n : k, int64_t(g.lda)),
-               index, "gemm (epilogue)");
-  check_cublas(cublasLtMatrixLayoutCreate(&lt.c, CUDA_R_32F, m, n, int64_t(g.ldc)), index, "gemm (epilogue)");
+               index, "gemm (cuBLASLt)");
+  check_cublas(cublasLtMatrixLayoutCreate(&lt.c, c_storage, m, n, int64_t(g.ldc)), index, "gemm (cuBLASLt)");
 
   const size_t workspace = DeviceContext::kGemmWorkspaceBytes;
-  const LtKey key{index, types.storage, types.compute, op_first, op_second, m, n, k, g.ldb, g.lda, g.ldc, epilogue,
-                  g.bias != nullptr};
+  // A view may start anywhere in its tensor: the algorithm must suit the pointers' alignment.
+  const LtKey key{index, types.storage, c_storage, types.compute, op_first, op_second, m, n, k, g.ldb, g.lda, g.ldc,
+                  epilogue, g.bias != nullptr, alignment_of(g.b), alignment_of(g.a), alignment_of(g.c)};
   const std::optional<cublasLtMatmulAlgo_t> algo = lt_algo_cache.get(key, [&]() -> std::optional<cublasLtMatmulAlgo_t> {
-    check_cublas(cublasLtMatmulPreferenceCreate(&lt.preference), index, "gemm (epilogue)");
-    check_cublas(cublasLtMatmulPreferenceSetAttribute(lt.preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                      &workspace, sizeof(workspace)),
-                 index, "gemm (epilogue)");
+    check_cublas(cublasLtMatmulPreferenceCreate(&lt.preference), index, "gemm (cuBLASLt)");
+    auto prefer = [&](cublasLtMatmulPreferenceAttributes_t attribute, const auto& value) {
+      check_cublas(cublasLtMatmulPreferenceSetAttribute(lt.preference, attribute, &value, sizeof(value)), index,
+                   "gemm (cuBLASLt)");
+    };
+    prefer(CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, workspace);
+    prefer(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, key.align_a);
+    prefer(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, key.align_b);
+    prefer(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, key.align_c);
+    prefer(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, key.align_c);
     cublasLtMatmulHeuristicResult_t heuristic{};
     int found = 0;
     if (cublasLtMatmulAlgoGetHeuristic(ctx.cublas_lt(), lt.desc, lt.a, lt.b, lt.c, lt.c, lt.preference, 1, &heuristic,
@@ -197,10 +219,11 @@ bool gemm_epilogue(DeviceContext& ctx, const GemmArgs& g) {
     return heuristic.algo;
   });
   if (!algo) return false;
-  const float alpha = float(g.alpha), beta = 0.f;
-  check_cublas(cublasLtMatmul(ctx.cublas_lt(), lt.desc, &alpha, g.b, lt.a, g.a, lt.b, &beta, g.c, lt.c, g.c, lt.c,
-                              &*algo, ctx.gemm_workspace(), workspace, ctx.stream()),
-               index, "gemm (epilogue)");
+  const float alpha = float(g.alpha), beta = float(g.beta);
+  const cublasStatus_t status = cublasLtMatmul(ctx.cublas_lt(), lt.desc, &alpha, g.b, lt.a, g.a, lt.b, &beta, g.c,
+                                               lt.c, g.c, lt.c, &*algo, ctx.gemm_workspace(), workspace, ctx.stream());
+  if (status == CUBLAS_STATUS_NOT_SUPPORTED) return false;  // cublasGemmEx takes it
+  check_cublas(status, index, "gemm (cuBLASLt)");
   return true;
 }
 
