@@ -132,8 +132,9 @@ double evaluate(const Sweep& s, GPT2LMHeadModel& model, Linear& head, const data
   options.batch_size = batch_size;
   options.shuffle = false;
   // Batch size 1 means every example alone, unpadded (the reference's evaluate_mrpc and
-  // evaluate_sst2). Examples of equal length batched together compute exactly that, with one
-  // forward per length instead of one per example; accuracy does not depend on the order.
+  // evaluate_sst2). Examples of equal length batched together compute that, up to the rounding
+  // of a larger GEMM, with one forward per length instead of one per example; accuracy does not
+  // depend on the order.
   const auto batches = batch_size == 1 ? data::equal_length_batches(d, kUnpaddedEvalRows)
                                        : data::epoch_batches(d, options, 0);
   const int64_t total = padded_tokens(d, batches);

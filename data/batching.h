@@ -88,7 +88,8 @@ std::vector<std::vector<size_t>> epoch_batches(const TokenizedDataset& dataset, 
 
 // Batches of examples that are all as long: the examples sorted by length (file order within a
 // length) and each length's run cut into batches of at most max_rows. No row is padded, so each
-// computes what it would alone; this is how a batch size of 1 is evaluated, in far fewer calls.
+// computes what it would alone (up to rounding); this is how a batch size of 1 is evaluated, in
+// far fewer calls.
 std::vector<std::vector<size_t>> equal_length_batches(const TokenizedDataset& dataset, int64_t max_rows);
 
 // CPU tensors for one batch. Rows are padded on the right (GPT-2's default padding side),
