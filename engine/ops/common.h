@@ -20,4 +20,21 @@ Tensor make_view(const Tensor& t, const Shape& shape, const Shape& strides, int6
 
 inline Backend& backend_of(const Tensor& t) { return backend_for(t.device()); }
 
+// Indices (or targets) made contiguous, checked by `check(backend, view)` with the backend
+// of the device they are on, and brought to `device`. Indices on the host are checked there
+// and copied over, so that a GPU op never waits for a check on the device. `copied`: the
+// indices are then a private copy that no one can edit before the backward.
+struct CheckedIndices {
+  Tensor ids;
+  bool copied;
+};
+
+template <typename Check>
+CheckedIndices checked_indices(const Tensor& index, Device device, Check&& check) {
+  const Tensor ids = index.detach().contiguous();
+  check(backend_of(ids), view_of(ids));
+  if (ids.device() == device) return {ids, false};
+  return {ids.to(device), true};
+}
+
 }  // namespace engine::detail

@@ -1,7 +1,6 @@
 // Row gathers: index_select along any dim, and embedding lookup. The backward
 // of a gather is a scatter-add into zeros, so repeated indices accumulate.
-// Indices may live on the host while the source lives on a GPU: they are then
-// checked on the host and copied over, so the gather never waits on the device.
+// Indices may live on the host for a GPU source (detail::checked_indices).
 #include "engine/ops/common.h"
 
 namespace engine {
@@ -15,20 +14,6 @@ void check_index(const Tensor& index, const Tensor& source, const char* op) {
         dtype_name(index.dtype()));
   if (index.device() != source.device() && !index.device().is_cpu())
     fail("{}: indices on {}, source on {}", op, index.device().str(), source.device().str());
-}
-
-// The indices, checked, contiguous and on the source's device. `copied`: they were
-// copied from the host, so no one else holds them and the backward need not check again.
-struct CheckedIndex {
-  Tensor ids;
-  bool copied;
-};
-
-CheckedIndex checked_index(const Tensor& index, const Tensor& source, int64_t rows, const char* op) {
-  const Tensor ids = index.detach().contiguous();
-  backend_of(ids).check_indices(view_of(ids), rows, op);
-  if (ids.device() == source.device()) return {ids, false};
-  return {ids.to(source.device()), true};
 }
 
 // A contiguous tensor as the [rows, cols] table the gather kernels expect.
@@ -49,9 +34,13 @@ Tensor index_select(const Tensor& a, int64_t dim, const Tensor& index) {
   // The kernel gathers rows of a [size, rest] table, so the chosen dim goes first.
   const Tensor moved = a.detach().transpose(0, dim).contiguous();
   const Shape moved_shape = moved.shape();
-  const CheckedIndex checked = checked_index(index, a, moved_shape[0], "index_select");
+  const int64_t size = moved_shape[0];
+  const detail::CheckedIndices checked =
+      detail::checked_indices(index, a.device(), [&](Backend& backend, const View& ids) {
+        backend.check_indices(ids, size, "index_select");
+      });
   const Tensor& ids = checked.ids;
-  const int64_t size = moved_shape[0], count = ids.numel();
+  const int64_t count = ids.numel();
   const int64_t rest = numel(Shape(moved_shape.begin() + 1, moved_shape.end()));
 
   Shape gathered_shape = moved_shape;

@@ -22,12 +22,14 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore
   if (targets.device() != logits.device() && !targets.device().is_cpu())
     fail("cross_entropy: targets on {}, logits on {}", targets.device().str(), logits.device().str());
   const int64_t N = logits.size(0), K = logits.size(1);
-  const Tensor x = logits.detach().contiguous(), given = targets.detach().contiguous();
-  // Targets on the host are checked and counted there, then copied over, so that a GPU loss never
-  // waits on the device. Targets on the device are checked by its backend, which waits.
-  backend_of(given).check_targets(view_of(given), K, ignore_index, "cross_entropy");
-  const bool copied = given.device() != x.device();
-  const Tensor t = copied ? given.to(x.device()) : given;
+  const Tensor x = logits.detach().contiguous();
+  // Targets on the host are checked (and, for the mean, counted) there: a GPU loss never waits.
+  const detail::CheckedIndices checked =
+      detail::checked_indices(targets, x.device(), [&](Backend& backend, const View& ids) {
+        backend.check_targets(ids, K, ignore_index, "cross_entropy");
+      });
+  const Tensor& t = checked.ids;
+  const bool copied = checked.copied;
 
   // Per-row losses, and each row's log-sum-exp for the backward (f32, or f64
   // for f64 logits as layer norm's statistics).
@@ -44,7 +46,7 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore
   } else if (reduction == Reduction::Sum) {
     out = sum(row_loss);
   } else {
-    const std::vector<int64_t> ids = given.to_vector<int64_t>();
+    const std::vector<int64_t> ids = targets.to_vector<int64_t>();
     const auto counted = std::count_if(ids.begin(), ids.end(), [&](int64_t id) { return id != ignore_index; });
     row_scale = counted > 0 ? 1.0 / double(counted) : 0.0;  // ignored rows get zero gradient either way
     out = counted > 0 ? mul(sum(row_loss), row_scale)
