@@ -52,9 +52,10 @@ struct GemmArgs {
   int64_t ldc = 0, stride_c = 0;
   int64_t batch = 1;
   double alpha = 1, beta = 0;
-  // Epilogue, applied after the product (with beta == 0), in C's dtype (f32
-  // or f64); a GPU applies it in the GEMM's own pass over C where it can:
-  const void* bias = nullptr;  // optional [n] vector added to every row of C
+  // Epilogue, applied after the product (with beta == 0) to the f32 (or f64)
+  // sums before C is rounded to its dtype; a GPU applies it in the GEMM's own
+  // pass over C where it can:
+  const void* bias = nullptr;  // optional [n] vector in C's dtype, added to every row of C
   // GPT-2's GELU (gelu_new, the tanh form) last: C = gelu(AB + bias). Then
   // pre_gelu, laid out as C, must be given: it receives AB + bias, which the backward needs.
   bool gelu = false;
@@ -167,6 +168,11 @@ class Backend {
   // parameters at the same step. A list, so CUDA updates them in one launch.
   virtual void adamw_step(std::span<const AdamWTensors> tensors, const AdamWArgs& args) = 0;
 };
+
+// The epilogue of a GEMM with a bf16 C, for a backend without a fused kernel
+// for the case: the product into f32 scratch, the bias and GELU in f32 there,
+// and one rounding into C (and pre_gelu) at the end, as a fused epilogue rounds.
+void gemm_with_f32_epilogue(Backend& backend, const GemmArgs& args);
 
 // The backend that owns `device`'s memory. Throws engine::Error for a CUDA
 // device when CUDA was not compiled in or no GPU is present.

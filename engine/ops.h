@@ -61,6 +61,7 @@ enum class WeightLayout { OutIn, InOut };
 // y = x W^T + b (OutIn) or x W + b (InOut); bias may be undefined.
 Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias, WeightLayout layout);
 // gelu_new(linear(x, weight, bias)), with the bias and GELU in the GEMM's epilogue.
+// Under autocast the result is bf16: it feeds the next GEMM (engine/precision.h).
 Tensor linear_gelu(const Tensor& x, const Tensor& weight, const Tensor& bias, WeightLayout layout);
 
 // ---- indexing (ops/index.cpp) ----

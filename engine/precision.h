@@ -3,8 +3,10 @@
 // attention round their f32 inputs to bf16 and multiply on tensor cores with
 // f32 accumulation. Their outputs and gradients stay f32, as does everything
 // else: layer_norm, softmax, the loss, and the trainable parameters and AdamW
-// state (the f32 master copies). store_frozen_weights (engine/nn/module.h)
-// adds the other half: frozen Linear weights kept in bf16, half the memory.
+// state (the f32 master copies). One exception: linear_gelu returns bf16,
+// since an MLP's GELU output only feeds the next GEMM. store_frozen_weights
+// (engine/nn/module.h) adds the other half: frozen Linear weights kept in
+// bf16, half the memory.
 #pragma once
 
 #include "engine/dtype.h"

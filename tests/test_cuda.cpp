@@ -391,28 +391,24 @@ TEST_CASE("cuda: linear_gelu's GELU in the cuBLASLt epilogue is GPT-2's gelu_new
                                              engine::WeightLayout::InOut);
     require_within(fused, engine::gelu_new(x), 1.5e-5, "gelu of the epilogue");
   }
-  // In f32 and in bf16 under autocast; the permuted input takes the composed path.
-  for (bool bf16 : {false, true}) {
-    const engine::AutocastGuard autocast(bf16 ? DType::BF16 : DType::F32);
-    Tensor x = random({4, 40, 64}, 1, DType::F32, -3, 3), w = random({64, 24}, 2), bias = random({24}, 3);
-    x.set_requires_grad(true), w.set_requires_grad(true), bias.set_requires_grad(true);
-    Tensor xg = gpu_leaf(x), wg = gpu_leaf(w), bg = gpu_leaf(bias);
-    const Tensor up = random({40, 4, 24}, 4);  // permuted below to y's shape
-    for (bool permuted : {false, true}) {
-      INFO("bf16 " << bf16 << " permuted " << permuted);
-      auto input = [&](const Tensor& t) { return permuted ? t.permute({1, 0, 2}) : t; };
-      Tensor y = engine::linear_gelu(input(x), w, bias, engine::WeightLayout::InOut);
-      Tensor yg = engine::linear_gelu(input(xg), wg, bg, engine::WeightLayout::InOut);
-      // f32: sums of 64 products (the f32 matmul tolerance), then the GELU (slope <= 1.13);
-      // bf16: the same bf16 products on both devices, summed in different orders.
-      require_near(yg, y, 4 * kF32Eps * 64, "linear_gelu");
-      for (Tensor* t : {&x, &w, &bias, &xg, &wg, &bg}) t->zero_grad();
-      engine::sum(engine::mul(y, input(up.permute({1, 0, 2})))).backward();
-      engine::sum(engine::mul(yg, input(up.permute({1, 0, 2}).to(kGpu)))).backward();
-      require_near(xg.grad(), x.grad(), 4 * kF32Eps * 64, "dx");
-      require_near(wg.grad(), w.grad(), 4 * kF32Eps * 160, "dw");
-      require_near(bg.grad(), bias.grad(), 4 * kF32Eps * 160, "dbias");
-    }
+  // In f32, with a plain and a permuted input (bf16 under autocast: test_cuda_mixed).
+  Tensor x = random({4, 40, 64}, 1, DType::F32, -3, 3), w = random({64, 24}, 2), bias = random({24}, 3);
+  x.set_requires_grad(true), w.set_requires_grad(true), bias.set_requires_grad(true);
+  Tensor xg = gpu_leaf(x), wg = gpu_leaf(w), bg = gpu_leaf(bias);
+  const Tensor up = random({40, 4, 24}, 4);  // permuted below to y's shape
+  for (bool permuted : {false, true}) {
+    INFO("permuted " << permuted);
+    auto input = [&](const Tensor& t) { return permuted ? t.permute({1, 0, 2}) : t; };
+    Tensor y = engine::linear_gelu(input(x), w, bias, engine::WeightLayout::InOut);
+    Tensor yg = engine::linear_gelu(input(xg), wg, bg, engine::WeightLayout::InOut);
+    // Sums of 64 products (the f32 matmul tolerance), then the GELU (slope <= 1.13).
+    require_near(yg, y, 4 * kF32Eps * 64, "linear_gelu");
+    for (Tensor* t : {&x, &w, &bias, &xg, &wg, &bg}) t->zero_grad();
+    engine::sum(engine::mul(y, input(up.permute({1, 0, 2})))).backward();
+    engine::sum(engine::mul(yg, input(up.permute({1, 0, 2}).to(kGpu)))).backward();
+    require_near(xg.grad(), x.grad(), 4 * kF32Eps * 64, "dx");
+    require_near(wg.grad(), w.grad(), 4 * kF32Eps * 160, "dw");
+    require_near(bg.grad(), bias.grad(), 4 * kF32Eps * 160, "dbias");
   }
 }
 

@@ -1,7 +1,8 @@
 // Mixed precision on CUDA against the CPU (engine/precision.h): autocast
-// matmul and its gradients, the tensor-core attention kernels for every head
-// size, padding and dropout, and a GPT-2 with bf16 frozen weights. The CPU
-// multiplies the same bf16-rounded operands in f32, so it is the reference.
+// matmul and its gradients, bf16 linear_gelu, the tensor-core attention
+// kernels for every head size, padding and dropout, and a GPT-2 with bf16
+// frozen weights. The CPU multiplies the same bf16-rounded operands in f32,
+// so it is the reference.
 // Exits 77 (SKIP in Meson) without a GPU.
 #define CATCH_CONFIG_RUNNER
 #include <catch2/catch.hpp>
@@ -44,6 +45,38 @@ TEST_CASE("cuda mixed: autocast matmul and its gradients match the CPU's", "[cud
     engine::sum(engine::mul(yg, up.to(kGpu))).backward();
     require_near(xg.grad(), x.grad(), 2 * kF32Eps * double(N), "dx");
     require_near(wg.grad(), w.grad(), 2 * kF32Eps * double(2 * M), "dw");
+  }
+}
+
+TEST_CASE("cuda mixed: bf16 linear_gelu, in cuBLASLt's epilogue or through f32, matches the CPU",
+          "[cuda][precision][matmul]") {
+  // N = 16: cuBLASLt's GELU_AUX epilogue writes bf16 C and pre-activation; N = 12 is no multiple
+  // of 8, which that epilogue needs, so the product and epilogue run in f32 and are rounded after.
+  // A permuted input is made contiguous on the way in.
+  for (const auto& [N, permuted] : {std::pair{16, false}, std::pair{12, false}, std::pair{16, true}}) {
+    INFO("N " << N << " permuted " << permuted);
+    const int64_t K = 40;
+    Tensor x = random({2, 9, K}, 1), w = random({K, N}, 2), bias = random({N}, 3);
+    const Tensor w2 = random({N, 5}, 4), up = random({2, 9, 5}, 5);
+    for (Tensor* t : {&x, &w, &bias}) t->set_requires_grad(true);
+    Tensor xg = gpu_leaf(x), wg = gpu_leaf(w), bg = gpu_leaf(bias);
+    auto input = [&](const Tensor& t) { return permuted ? t.permute({1, 0, 2}).contiguous().permute({1, 0, 2}) : t; };
+    Tensor h, hg, y, yg;
+    {
+      AutocastGuard autocast(DType::BF16);
+      h = engine::linear_gelu(input(x), w, bias, engine::WeightLayout::InOut);
+      hg = engine::linear_gelu(input(xg), wg, bg, engine::WeightLayout::InOut);
+      y = engine::matmul(h, w2);
+      yg = engine::matmul(hg, w2.to(kGpu));
+    }
+    REQUIRE(hg.dtype() == DType::BF16);
+    // Sums in different orders may round to neighbouring bf16 values: 2^-8 of the largest.
+    require_near(hg, h, 4e-3, "forward");
+    engine::sum(engine::mul(y, up)).backward();
+    engine::sum(engine::mul(yg, up.to(kGpu))).backward();
+    require_near(xg.grad(), x.grad(), 1e-2, "dx");
+    require_near(wg.grad(), w.grad(), 1e-2, "dw");
+    require_near(bg.grad(), bias.grad(), 1e-2, "dbias");
   }
 }
 

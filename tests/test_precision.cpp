@@ -1,8 +1,9 @@
 // Mixed precision on the CPU (engine/precision.h): bf16 GEMMs multiply
 // exactly the widened bf16 values; under autocast, matmul and attention
 // compute what f32 computes on bf16-rounded operands, forward and backward,
-// and give f32 results; store_frozen_linear_weights converts exactly the
-// frozen Linear weights. The GPU's kernels are held to these in test_cuda_mixed.
+// and give f32 results (linear_gelu gives bf16, rounded where the policy
+// says); store_frozen_linear_weights converts exactly the frozen Linear
+// weights. The GPU's kernels are held to these in test_cuda_mixed.
 #include "engine/nn/layers.h"
 #include "engine/ops.h"
 #include "engine/precision.h"
@@ -101,6 +102,42 @@ TEST_CASE("autocast: a bf16 frozen weight meets f32 activations, and f64 is left
   REQUIRE(c.dtype() == DType::F64);
   AutocastGuard off(DType::F32);
   REQUIRE(max_abs_diff(c, engine::matmul(a.to(DType::F32), b.to(DType::F32))) < 1e-6);
+}
+
+TEST_CASE("autocast: linear_gelu gives bf16, rounded once, and its bf16 gradients sum in f32",
+          "[precision][matmul]") {
+  Tensor x = random({3, 5, 24}, 30), w = random({24, 16}, 31);
+  const Tensor bias = random({16}, 32), w2 = random({16, 6}, 33), w3 = random({16, 6}, 34), up = random({3, 5, 6}, 35);
+  x.set_requires_grad(true);
+  Tensor h, y;
+  {
+    AutocastGuard autocast(DType::BF16);
+    h = engine::linear_gelu(x, w, bias, engine::WeightLayout::InOut);
+    // The GELU output feeds two GEMMs, so its two bf16 gradients must be summed.
+    y = engine::add(engine::matmul(h, w2), engine::matmul(h, w3));
+    // Composed (no bias to fuse), the result has the fused op's dtype.
+    REQUIRE(engine::linear_gelu(x, w, Tensor(), engine::WeightLayout::InOut).dtype() == DType::BF16);
+  }
+  REQUIRE(h.dtype() == DType::BF16);
+  // The GELU of the f32 sum r(x) r(w) + r(bias), rounded to bf16 once. The
+  // CPU's sums are the reference's own, so the roundings agree exactly.
+  const Tensor pre = engine::add(engine::matmul(rounded(x), rounded(w)), rounded(bias));
+  REQUIRE(max_abs_diff(h.to(DType::F32), rounded(engine::gelu_new(pre))) == 0);
+
+  // Backward: each use's gradient is rounded to bf16, the two are added in
+  // f32 and rounded, the GELU's derivative is taken in f32 at the rounded
+  // pre-activation, and its product is rounded before the last GEMM.
+  engine::sum(engine::mul(y, up)).backward();
+  auto grad_through = [&](const Tensor& w_next) {
+    return rounded(engine::matmul(rounded(up), rounded(w_next).transpose(0, 1)));
+  };
+  const Tensor dh = rounded(engine::add(grad_through(w2), grad_through(w3)));
+  Tensor pre_r = rounded(pre);
+  pre_r.set_requires_grad(true);
+  engine::sum(engine::mul(engine::gelu_new(pre_r), dh)).backward();
+  const Tensor dx = engine::matmul(rounded(pre_r.grad()), rounded(w).transpose(0, 1));
+  REQUIRE(x.grad().dtype() == DType::F32);
+  require_same_products(x.grad(), dx, 16, "dx");
 }
 
 TEST_CASE("autocast: attention computes f32 attention of bf16-rounded q, k, v, forward and backward",

@@ -200,7 +200,23 @@ constexpr double kSqrt2OverPi = 0.79788456080286535588;
 constexpr double kGeluCubic = 0.044715;
 }  // namespace
 
+namespace {
+
+// bf16 is stored, not computed in: a GELU on bf16 (mixed precision's MLP)
+// widens its operands to f32, computes there, and rounds the result once, as
+// the GPU's kernel does. Views are contiguous; f32 vectors of n elements.
+View flat(const View& v) { return View{v.data, v.dtype, {v.numel()}, {1}}; }
+View flat(std::vector<float>& v) { return View{v.data(), DType::F32, {int64_t(v.size())}, {1}}; }
+
+}  // namespace
+
 void CpuBackend::gelu_forward(const View& y, const View& x) {
+  if (x.dtype == DType::BF16) {
+    std::vector<float> wide(size_t(x.numel())), out(wide.size());
+    copy(flat(wide), flat(x));
+    gelu_forward(flat(out), flat(wide));
+    return copy(flat(y), flat(out));
+  }
   cpu::dispatch_floating(x.dtype, "gelu", [&](auto zero) {
     using T = decltype(zero);
     const T* px = x.ptr<T>();
@@ -216,6 +232,13 @@ void CpuBackend::gelu_forward(const View& y, const View& x) {
 }
 
 void CpuBackend::gelu_backward(const View& dx, const View& dy, const View& x) {
+  if (x.dtype == DType::BF16) {
+    std::vector<float> wide(size_t(x.numel())), grad(wide.size()), out(wide.size());
+    copy(flat(wide), flat(x));
+    copy(flat(grad), flat(dy));
+    gelu_backward(flat(out), flat(grad), flat(wide));
+    return copy(flat(dx), flat(out));
+  }
   cpu::dispatch_floating(x.dtype, "gelu_backward", [&](auto zero) {
     using T = decltype(zero);
     const T *px = x.ptr<T>(), *pdy = dy.ptr<T>();

@@ -36,6 +36,13 @@ void dispatch_floating(DType dtype, Fn&& fn) {
   else fn(float{});
 }
 
+// f32, f64 or bf16 storage (the kernel computes in compute_t of it).
+template <typename Fn>
+void dispatch_floating_or_bf16(DType dtype, Fn&& fn) {
+  if (dtype == DType::BF16) fn(__nv_bfloat16{});
+  else dispatch_floating(dtype, fn);
+}
+
 // i32 or i64 index tensors.
 template <typename Fn>
 void dispatch_index(DType dtype, Fn&& fn) {
@@ -70,6 +77,11 @@ __device__ __forceinline__ To convert(From x) {
   else if constexpr (std::is_same_v<From, __half> && std::is_same_v<To, float>) return __half2float(x);
   else return from_double<To>(to_double(x));
 }
+
+// The type a kernel computes in for storage type T: bf16 and f16 values are
+// widened to f32 (exactly) and rounded once when stored.
+template <typename T>
+using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // std::min is host-only in device code without --expt-relaxed-constexpr.
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }

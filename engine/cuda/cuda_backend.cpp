@@ -32,10 +32,16 @@ using cuda::Scratch;
 // ---- argument helpers ----
 
 // Our kernels compute in f32 or f64; bf16 and f16 are storage types, which
-// only copies, GEMMs and attention (bf16 inputs) read.
+// only copies, GEMMs, attention (bf16 inputs) and GELU read.
 void require_floating(DType dtype, const char* op) {
   check(dtype == DType::F32 || dtype == DType::F64, "{} on CUDA: computes in f32 or f64, got {}", op,
         dtype_name(dtype));
+}
+
+// For kernels that also read and write bf16, computing in f32.
+void require_floating_or_bf16(DType dtype, const char* op) {
+  check(dtype == DType::F32 || dtype == DType::F64 || dtype == DType::BF16,
+        "{} on CUDA: computes in f32 or f64 (or f32 on bf16 storage), got {}", op, dtype_name(dtype));
 }
 
 // N operands of one shape with their own strides, dims merged where every
@@ -317,10 +323,12 @@ void CudaBackend::argmax_last(const View& out, const View& in) {
 // ---- matrix multiply ----
 
 // The epilogue (bias, GELU) goes into the GEMM where cuBLASLt has a kernel
-// for the case; elsewhere (f64, batches) it runs as separate passes.
+// for the case; elsewhere (f64, batches) it runs as separate passes, in f32
+// for a bf16 C.
 void CudaBackend::gemm(const GemmArgs& args) {
   OpScope op(ctx_, "gemm", 2.0 * double(args.m) * double(args.n) * double(args.k) * double(args.batch));
   if (cuda::gemm_lt(ctx_, args)) return;
+  if (args.c_dtype == DType::BF16 && (args.bias || args.gelu)) return gemm_with_f32_epilogue(*this, args);
   GemmArgs plain = args;
   plain.bias = nullptr;
   plain.gelu = false;
@@ -404,13 +412,13 @@ void CudaBackend::layer_norm_backward(const View& dx, const View& dweight, const
 
 void CudaBackend::gelu_forward(const View& y, const View& x) {
   OpScope op(ctx_, "gelu");
-  require_floating(x.dtype, "gelu");
+  require_floating_or_bf16(x.dtype, "gelu");
   ctx_.check_launch(cuda::launch_gelu_forward(ctx_.launch(), x.dtype, x.numel(), y.data, x.data), "gelu");
 }
 
 void CudaBackend::gelu_backward(const View& dx, const View& dy, const View& x) {
   OpScope op(ctx_, "gelu_backward");
-  require_floating(x.dtype, "gelu_backward");
+  require_floating_or_bf16(x.dtype, "gelu_backward");
   ctx_.check_launch(cuda::launch_gelu_backward(ctx_.launch(), x.dtype, x.numel(), dx.data, dy.data, x.data),
                     "gelu_backward");
 }

@@ -158,24 +158,46 @@ __global__ void sum_slices_kernel(int64_t slices, int64_t cols, const T* partial
 constexpr double kSqrt2OverPi = 0.79788456080286535588;
 constexpr double kGeluCubic = 0.044715;
 
+template <typename C>
+__device__ __forceinline__ C gelu_value(C v) {
+  const C two_u = C(2 * kSqrt2OverPi) * (v + C(kGeluCubic) * v * v * v);
+  return v / (C(1) + math_exp(-two_u));
+}
+
+template <typename C>
+__device__ __forceinline__ C gelu_slope(C v) {
+  const C two_u = C(2 * kSqrt2OverPi) * (v + C(kGeluCubic) * v * v * v);
+  const C two_du = C(2 * kSqrt2OverPi) * (C(1) + C(3 * kGeluCubic) * v * v);
+  const C s = C(1) / (C(1) + math_exp(-two_u));
+  return s + v * s * (C(1) - s) * two_du;
+}
+
+// y = gelu(x), or with dy given, dx = dy * gelu'(x): the first `packs` groups
+// of four elements by one load and store each, the rest one at a time.
 template <typename T>
-__global__ void gelu_forward_kernel(int64_t n, T* y, const T* x) {
-  for (int64_t i = grid_index(); i < n; i += grid_stride()) {
-    const T v = x[i];
-    const T two_u = T(2 * kSqrt2OverPi) * (v + T(kGeluCubic) * v * v * v);
-    y[i] = v / (T(1) + math_exp(-two_u));
+__global__ void gelu_kernel(int64_t n, int64_t packs, T* out, const T* dy, const T* x) {
+  using C = compute_t<T>;
+  auto at = [&](C v, C g) { return convert<T>(dy ? g * gelu_slope(v) : gelu_value(v)); };
+  for (int64_t p = grid_index(); p < packs; p += grid_stride()) {
+    const Pack4<T> xv = reinterpret_cast<const Pack4<T>*>(x)[p];
+    const Pack4<T> gv = dy ? reinterpret_cast<const Pack4<T>*>(dy)[p] : xv;
+    Pack4<T> r;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) r.v[k] = at(convert<C>(xv.v[k]), convert<C>(gv.v[k]));
+    reinterpret_cast<Pack4<T>*>(out)[p] = r;
   }
+  for (int64_t i = 4 * packs + grid_index(); i < n; i += grid_stride())
+    out[i] = at(convert<C>(x[i]), dy ? convert<C>(dy[i]) : C(0));
 }
 
 template <typename T>
-__global__ void gelu_backward_kernel(int64_t n, T* dx, const T* dy, const T* x) {
-  for (int64_t i = grid_index(); i < n; i += grid_stride()) {
-    const T v = x[i];
-    const T two_u = T(2 * kSqrt2OverPi) * (v + T(kGeluCubic) * v * v * v);
-    const T two_du = T(2 * kSqrt2OverPi) * (T(1) + T(3 * kGeluCubic) * v * v);
-    const T s = T(1) / (T(1) + math_exp(-two_u));
-    dx[i] = dy[i] * (s + v * s * (T(1) - s) * two_du);
-  }
+cudaError_t launch_gelu(const LaunchContext& ctx, int64_t n, void* out, const void* dy, const void* x) {
+  T* o = static_cast<T*>(out);
+  const T *g = static_cast<const T*>(dy), *v = static_cast<const T*>(x);
+  const bool aligned = pack_aligned(o) && pack_aligned(v) && (!g || pack_aligned(g));
+  const int64_t packs = aligned ? n / 4 : 0;
+  gelu_kernel<<<grid_for(ctx, std::max<int64_t>(packs, n - 4 * packs)), kThreads, 0, ctx.stream>>>(n, packs, o, g, v);
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -292,24 +314,17 @@ cudaError_t launch_layer_norm_backward_params(const LaunchContext& ctx, DType dt
 
 cudaError_t launch_gelu_forward(const LaunchContext& ctx, DType dtype, int64_t n, void* y, const void* x) {
   if (n == 0) return cudaSuccess;
-  dispatch_floating(dtype, [&](auto zero) {
-    using T = decltype(zero);
-    gelu_forward_kernel<<<grid_for(ctx, n), kThreads, 0, ctx.stream>>>(n, static_cast<T*>(y),
-                                                                       static_cast<const T*>(x));
-  });
-  return cudaGetLastError();
+  cudaError_t status = cudaSuccess;
+  dispatch_floating_or_bf16(dtype, [&](auto zero) { status = launch_gelu<decltype(zero)>(ctx, n, y, nullptr, x); });
+  return status;
 }
 
 cudaError_t launch_gelu_backward(const LaunchContext& ctx, DType dtype, int64_t n, void* dx, const void* dy,
                                  const void* x) {
   if (n == 0) return cudaSuccess;
-  dispatch_floating(dtype, [&](auto zero) {
-    using T = decltype(zero);
-    gelu_backward_kernel<<<grid_for(ctx, n), kThreads, 0, ctx.stream>>>(n, static_cast<T*>(dx),
-                                                                        static_cast<const T*>(dy),
-                                                                        static_cast<const T*>(x));
-  });
-  return cudaGetLastError();
+  cudaError_t status = cudaSuccess;
+  dispatch_floating_or_bf16(dtype, [&](auto zero) { status = launch_gelu<decltype(zero)>(ctx, n, dx, dy, x); });
+  return status;
 }
 
 }  // namespace engine::cuda

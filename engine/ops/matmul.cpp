@@ -2,7 +2,8 @@
 // x @ W.T costs no copy; a 2-D weight shared across a batch is folded into
 // one large GEMM; a Linear's bias (and linear_gelu's GELU) ride in the GEMM's
 // epilogue. The backward skips dW entirely when W is frozen. Under autocast
-// (engine/precision.h) the GEMMs multiply bf16 and return f32.
+// (engine/precision.h) the GEMMs multiply bf16 and return f32, except
+// linear_gelu's, which returns bf16 (see fused_linear).
 #include "engine/ops/common.h"
 #include "engine/precision.h"
 
@@ -158,7 +159,7 @@ Node::BackwardFn product_backward(DType compute) {
                                                    g.reshape({-1, g.size(-1)}), compute, b.dtype())
                                          : product(a.transpose(-1, -2), g, compute, b.dtype());
     }
-    if (n.inputs.size() > 2 && n.needs_grad(2)) grads[2] = sum_to(g, n.inputs[2].shape()).to(n.inputs[2].dtype());
+    if (n.inputs.size() > 2 && n.needs_grad(2)) grads[2] = sum_to(g.to(n.inputs[2].dtype()), n.inputs[2].shape());
     return grads;
   };
 }
@@ -176,8 +177,14 @@ Tensor matmul(const Tensor& a, const Tensor& b) {
 namespace {
 
 // linear and linear_gelu as one GEMM with the bias (and GELU) in its
-// epilogue, where the bias has the result's dtype (f32 or f64) and the sum is
-// not empty; undefined where they must be composed of separate ops.
+// epilogue, where the bias has the product's dtype (f32 or f64) and the sum
+// is not empty; undefined where they must be composed of separate ops.
+//
+// Under autocast linear_gelu returns bf16, the dtype its GEMM multiplies in,
+// and keeps its pre-activation in bf16: an MLP's GELU output only ever feeds
+// the next GEMM, which would round it to bf16 anyway. That saves a cast of
+// the layer's widest activation each way, and half its memory; the backward
+// computes the GELU's derivative in f32 from bf16 operands.
 Tensor fused_linear(const Tensor& x, const Tensor& weight, const Tensor& bias, WeightLayout layout, bool gelu) {
   const char* op = gelu ? "linear_gelu" : "linear";
   check(weight.dim() == 2, "{}: weight must be 2-D, got shape {}", op, shape_str(weight.shape()));
@@ -190,14 +197,16 @@ Tensor fused_linear(const Tensor& x, const Tensor& weight, const Tensor& bias, W
   const bool fusable = bias.dtype() == precision.out && (precision.out == DType::F32 || precision.out == DType::F64) &&
                        bias.device() == x.device() && w.size(0) > 0;
   if (!fusable) return Tensor();
+  const DType out_dtype = gelu ? precision.compute : precision.out;
   Shape out_shape = x.shape();
   out_shape.back() = w.size(1);
-  Epilogue epilogue{bias.detach().contiguous(), gelu ? Tensor::empty(out_shape, precision.out, x.device()) : Tensor()};
-  Tensor out = product(x, w, precision.compute, precision.out, epilogue);
+  Epilogue epilogue{bias.detach().to(out_dtype).contiguous(),
+                    gelu ? Tensor::empty(out_shape, out_dtype, x.device()) : Tensor()};
+  Tensor out = product(x, w, precision.compute, out_dtype, epilogue);
   Node::BackwardFn backward = product_backward(precision.compute);
   if (gelu) {  // through the GELU first, from the saved pre-activation
     backward = [backward, pre = epilogue.pre_gelu](const Tensor& g, const Node& n) {
-      Tensor dpre = Tensor::empty(pre.shape(), pre.dtype(), pre.device()), gc = g.contiguous();
+      Tensor dpre = Tensor::empty(pre.shape(), pre.dtype(), pre.device()), gc = g.to(pre.dtype()).contiguous();
       detail::backend_of(pre).gelu_backward(view_of(dpre), view_of(gc), view_of(pre));
       return backward(dpre, n);
     };
@@ -218,7 +227,9 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias, WeightL
 
 Tensor linear_gelu(const Tensor& x, const Tensor& weight, const Tensor& bias, WeightLayout layout) {
   if (Tensor out = fused_linear(x, weight, bias, layout, /*gelu=*/true); out.defined()) return out;
-  return gelu_new(linear(x, weight, bias, layout));
+  // Composed: in the same dtype as the fused op gives (bf16 under autocast).
+  const Tensor w = layout == WeightLayout::InOut ? weight : weight.transpose(0, 1);
+  return gelu_new(linear(x, weight, bias, layout)).to(precision_of(x, w).compute);
 }
 
 }  // namespace engine
