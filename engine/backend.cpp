@@ -25,27 +25,35 @@ bool View::is_contiguous() const {
 
 View view_of(const Tensor& t) { return View{t.data_ptr(), t.dtype(), t.shape(), t.strides()}; }
 
-namespace {
+KernelOperands::~KernelOperands() {
+  for (const auto& [ptr, nbytes] : scratch_) backend_.deallocate(ptr, nbytes);
+}
 
-// Backend memory for the length of a scope.
-class Buffer {
- public:
-  Buffer(Backend& backend, size_t nbytes)
-      : backend_(backend), nbytes_(nbytes), ptr_(nbytes ? backend.allocate(nbytes) : nullptr) {}
-  ~Buffer() {
-    if (ptr_) backend_.deallocate(ptr_, nbytes_);
-  }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-  void* get() const { return ptr_; }
+View KernelOperands::scratch(const View& like, DType dtype) {
+  const size_t nbytes = size_t(like.numel()) * dtype_size(dtype);
+  View v{nbytes ? backend_.allocate(nbytes) : nullptr, dtype, like.shape, contiguous_strides(like.shape)};
+  if (v.data) scratch_.emplace_back(v.data, nbytes);
+  return v;
+}
 
- private:
-  Backend& backend_;
-  size_t nbytes_;
-  void* ptr_;
-};
+View KernelOperands::in(const View& v, DType dtype) {
+  if (fits(v, dtype)) return v;
+  const View copy = scratch(v, dtype);
+  backend_.copy(copy, v);
+  return copy;
+}
 
-}  // namespace
+View KernelOperands::out(const View& v, DType dtype) {
+  if (fits(v, dtype)) return v;
+  const View written = scratch(v, dtype);
+  results_.emplace_back(v, written);
+  return written;
+}
+
+void KernelOperands::finish() {
+  for (const auto& [caller, written] : results_) backend_.copy(caller, written);
+  results_.clear();
+}
 
 void gemm_with_f32_epilogue(Backend& backend, const GemmArgs& args) {
   check(args.dtype == DType::BF16 && args.c_dtype == DType::BF16 && args.beta == 0,
@@ -53,25 +61,18 @@ void gemm_with_f32_epilogue(Backend& backend, const GemmArgs& args) {
         dtype_name(args.c_dtype));
   check(!args.gelu || (args.ldc == args.n && (args.batch == 1 || args.stride_c == args.m * args.n)),
         "gemm: a GELU epilogue needs a contiguous C");
-  const int64_t count = args.batch * args.m * args.n;
-  const Shape shape{args.batch, args.m, args.n}, dense{args.m * args.n, args.n, 1};
-  Buffer wide(backend, size_t(count) * sizeof(float)), bias(backend, args.bias ? size_t(args.n) * sizeof(float) : 0),
-      pre(backend, args.gelu ? size_t(count) * sizeof(float) : 0);
-  GemmArgs f32 = args;
-  f32.c_dtype = DType::F32;
-  f32.c = wide.get();
-  f32.ldc = args.n;
-  f32.stride_c = args.m * args.n;
-  if (args.bias) {
-    backend.copy(View{bias.get(), DType::F32, {args.n}, {1}},
-                 View{const_cast<void*>(args.bias), DType::BF16, {args.n}, {1}});
-    f32.bias = bias.get();
-  }
-  f32.pre_gelu = pre.get();
-  backend.gemm(f32);
-  backend.copy(View{args.c, DType::BF16, shape, {args.stride_c, args.ldc, 1}}, View{wide.get(), DType::F32, shape, dense});
-  if (args.gelu)  // laid out as C, which a GELU epilogue needs contiguous
-    backend.copy(View{args.pre_gelu, DType::BF16, {count}, {1}}, View{pre.get(), DType::F32, {count}, {1}});
+  KernelOperands f32(backend);
+  GemmArgs wide = args;
+  wide.c_dtype = DType::F32;
+  wide.c = f32.out(View{args.c, DType::BF16, {args.batch, args.m, args.n}, {args.stride_c, args.ldc, 1}}, DType::F32)
+               .data;
+  wide.ldc = args.n;
+  wide.stride_c = args.m * args.n;
+  if (args.bias) wide.bias = f32.in(View{const_cast<void*>(args.bias), DType::BF16, {args.n}, {1}}, DType::F32).data;
+  if (args.gelu)  // laid out as C
+    wide.pre_gelu = f32.out(View{args.pre_gelu, DType::BF16, {args.batch * args.m * args.n}, {1}}, DType::F32).data;
+  backend.gemm(wide);
+  f32.finish();
 }
 
 Backend& backend_for(Device device) {

@@ -148,12 +148,12 @@ class Backend {
   // dlogits = dloss[i] * (softmax(logits[i]) - onehot(target[i])); dloss [N].
   virtual void cross_entropy_backward(const View& dlogits, const View& dloss, const View& logits, const View& lse,
                                       const View& targets, int64_t ignore_index) = 0;
-  // q, out [B, H, Tq, D]; k, v [B, H, Tk, D]; key_mask i32 [B, Tk] (nonzero keep, 0 pad) or
-  // data == nullptr. q, k, v (and dout) may be bf16 with out (and dq, dk, dv) f32:
-  // mixed precision, products of bf16 values accumulated in f32. lse f32 [B, H, Tq]
-  // (of the probabilities before dropout) is saved for the backward; rows that see
-  // no key give zeros and lse = -inf. In the backward, dq/dk/dv may have
-  // data == nullptr (not computed); they are overwritten.
+  // q, out [B, H, Tq, D]; k, v [B, H, Tk, D], each with any strides; key_mask i32 [B, Tk]
+  // (nonzero keep, 0 pad) or data == nullptr. q, k, v (and dout) may be bf16 with out f32 or
+  // bf16 and dq, dk, dv f32: mixed precision, products of bf16 values accumulated in
+  // f32. lse f32 [B, H, Tq] (contiguous; of the probabilities before dropout) is saved
+  // for the backward; rows that see no key give zeros and lse = -inf. In the backward,
+  // dq/dk/dv may have data == nullptr (not computed); they are overwritten.
   virtual void attention_forward(const View& out, const View& lse, const View& q, const View& k, const View& v,
                                  const View& key_mask, const AttentionArgs& args) = 0;
   virtual void attention_backward(const View& dq, const View& dk, const View& dv, const View& dout, const View& q,
@@ -167,6 +167,31 @@ class Backend {
   // and v: all arrays contiguous and of one dtype (f32, or f64 for tests), all
   // parameters at the same step. A list, so CUDA updates them in one launch.
   virtual void adamw_step(std::span<const AdamWTensors> tensors, const AdamWArgs& args) = 0;
+};
+
+// Operands as a kernel that takes only contiguous data of one dtype wants
+// them, behind an interface that allows any strides and more dtypes: in()
+// gives the view itself when it already fits, else a converted contiguous
+// copy; out() gives a view to write, copied (and converted) back into the
+// caller's view by finish(). A view without data (an output not wanted)
+// passes through.
+class KernelOperands {
+ public:
+  explicit KernelOperands(Backend& backend) : backend_(backend) {}
+  ~KernelOperands();  // frees the copies
+  KernelOperands(const KernelOperands&) = delete;
+  KernelOperands& operator=(const KernelOperands&) = delete;
+
+  static bool fits(const View& v, DType dtype) { return !v.data || (v.dtype == dtype && v.is_contiguous()); }
+  View in(const View& v, DType dtype);
+  View out(const View& v, DType dtype);
+  void finish();
+
+ private:
+  View scratch(const View& like, DType dtype);
+  Backend& backend_;
+  std::vector<std::pair<void*, size_t>> scratch_;
+  std::vector<std::pair<View, View>> results_;  // the caller's view, and the one the kernel writes
 };
 
 // The epilogue of a GEMM with a bf16 C, for a backend without a fused kernel

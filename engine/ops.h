@@ -84,7 +84,9 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore
 // KV-cache step needs no extra mask). A row that sees no key gives zeros and
 // zero gradient. Scale defaults to 1/sqrt(D). With dropout_p > 0 the
 // probabilities are dropped (inverted dropout, as torch's dropout_p) with a
-// mask drawn from `generator`, which must then be given. Returns [B, H, Tq, D].
+// mask drawn from `generator`, which must then be given. Returns [B, H, Tq, D],
+// laid out [B, Tq, H, D] in memory so that merging the heads is a view; bf16
+// under autocast (engine/precision.h). q, k and v may have any strides.
 Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                     const Tensor& key_padding_mask = Tensor(), bool causal = true,
                                     std::optional<double> scale = std::nullopt, double dropout_p = 0,
@@ -92,7 +94,9 @@ Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, const Tens
 // The same attention for q, k and v stacked in one tensor [3, B, H, T, D]
 // (self-attention; GPT-2's c_attn makes all three at once): the backward
 // returns one [3, B, H, T, D] gradient rather than three that autograd would
-// have to add into zeros of the whole, and the kernel inputs are one copy.
+// have to add into zeros of the whole, laid out as the input (GPT-2's view of
+// one [B, T, 3, H, D] tensor stays one), and nothing is copied but for
+// autocast's one cast.
 Tensor scaled_dot_product_attention_packed(const Tensor& qkv, const Tensor& key_padding_mask = Tensor(),
                                            bool causal = true, std::optional<double> scale = std::nullopt,
                                            double dropout_p = 0, Generator* generator = nullptr);

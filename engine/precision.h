@@ -1,12 +1,13 @@
 // Mixed precision as one switch, in the manner of torch.autocast. Inside an
 // AutocastGuard(DType::BF16), matmul (so every Linear and adapter) and
 // attention round their f32 inputs to bf16 and multiply on tensor cores with
-// f32 accumulation. Their outputs and gradients stay f32, as does everything
-// else: layer_norm, softmax, the loss, and the trainable parameters and AdamW
-// state (the f32 master copies). One exception: linear_gelu returns bf16,
-// since an MLP's GELU output only feeds the next GEMM. store_frozen_weights
-// (engine/nn/module.h) adds the other half: frozen Linear weights kept in
-// bf16, half the memory.
+// f32 accumulation. matmul's outputs and the gradients of f32 inputs stay
+// f32, as does everything else: layer_norm, softmax, the loss, and the
+// trainable parameters and AdamW state (the f32 master copies). linear_gelu
+// and attention return bf16, as torch's do: in a transformer their outputs
+// only feed the next GEMM, which would round them anyway, so the cast moves
+// into the op that writes them. store_frozen_weights (engine/nn/module.h)
+// adds the other half: frozen Linear weights kept in bf16, half the memory.
 #pragma once
 
 #include "engine/dtype.h"

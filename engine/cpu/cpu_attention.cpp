@@ -365,25 +365,23 @@ double product_flops(const Problem& p) {
   return 2.0 * double(p.B * p.H) * double(p.Tq) * double(p.Tk) * double(p.D) * (p.causal ? 0.5 : 1.0);
 }
 
-// An f32 copy of a contiguous bf16 input, for mixed precision: bf16 values
-// widen to f32 exactly, so the f32 kernels then multiply exactly those values.
-struct Widened {
-  std::vector<float> data;
-  View view;
-  explicit Widened(const View& in) : data(size_t(in.numel())), view(in) {
-    view.data = data.data();
-    view.dtype = DType::F32;
-    cpu_backend().copy(view, in);
-  }
-};
+// The kernels compute in f32 (f64 for f64 inputs) on contiguous operands.
+// Anything else is converted around them (KernelOperands): bf16 inputs widen
+// to f32 exactly, so the f32 kernels then multiply exactly those values, and
+// a bf16 output is rounded once at the end.
+DType compute_dtype(const View& q) { return q.dtype == DType::F64 ? DType::F64 : DType::F32; }
 
 }  // namespace
 
 void CpuBackend::attention_forward(const View& out, const View& lse, const View& q, const View& k, const View& v,
                                    const View& key_mask, const AttentionArgs& args) {
-  if (q.dtype == DType::BF16) {
-    const Widened wq(q), wk(k), wv(v);
-    return attention_forward(out, lse, wq.view, wk.view, wv.view, key_mask, args);
+  const DType t = compute_dtype(q);
+  bool fit = true;
+  for (const View* view : {&out, &q, &k, &v}) fit = fit && KernelOperands::fits(*view, t);
+  if (!fit) {
+    KernelOperands ops(*this);
+    attention_forward(ops.out(out, t), lse, ops.in(q, t), ops.in(k, t), ops.in(v, t), key_mask, args);
+    return ops.finish();
   }
   const Problem p = problem_of(q, k, key_mask, args);
   ProfileScope profile("attention_forward", 2 * product_flops(p));  // S = Q K^T and P V
@@ -400,9 +398,14 @@ void CpuBackend::attention_forward(const View& out, const View& lse, const View&
 void CpuBackend::attention_backward(const View& dq, const View& dk, const View& dv, const View& dout, const View& q,
                                     const View& k, const View& v, const View& out, const View& lse,
                                     const View& key_mask, const AttentionArgs& args) {
-  if (q.dtype == DType::BF16) {
-    const Widened wq(q), wk(k), wv(v), wdout(dout);
-    return attention_backward(dq, dk, dv, wdout.view, wq.view, wk.view, wv.view, out, lse, key_mask, args);
+  const DType t = compute_dtype(q);
+  bool fit = true;
+  for (const View* view : {&dq, &dk, &dv, &dout, &q, &k, &v, &out}) fit = fit && KernelOperands::fits(*view, t);
+  if (!fit) {
+    KernelOperands ops(*this);
+    attention_backward(ops.out(dq, t), ops.out(dk, t), ops.out(dv, t), ops.in(dout, t), ops.in(q, t), ops.in(k, t),
+                       ops.in(v, t), ops.in(out, t), lse, key_mask, args);
+    return ops.finish();
   }
   const Problem p = problem_of(q, k, key_mask, args);
   ProfileScope profile("attention_backward", 5 * product_flops(p));  // S, dV, dP, dQ and dK

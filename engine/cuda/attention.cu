@@ -14,8 +14,8 @@
 //             in shared memory, each thread computing a 4 x 4 sub-tile
 //             (rows ty + 16a, columns tx + 16b for a, b < 4). D is padded to
 //             DMAX in {32, 64, 128} with zeros, so inner loops have fixed trip counts.
-//   bf16:     bf16 inputs with f32 outputs (mixed precision), D <= 128, on
-//             the tensor cores: attention_bf16.cu.
+//   bf16:     bf16 inputs (mixed precision), D <= 128, on the tensor cores,
+//             any strides: attention_bf16.cu.
 //   fallback: any D, f32 or f64 (f64 is for gradient checks): one warp per
 //             row, scores one key at a time with warp-reduced dot products,
 //             accumulating straight into the output row. Slow but plain.
@@ -470,7 +470,7 @@ cudaError_t launch_attention_forward(const LaunchContext& ctx, DType dtype, cons
   if (bh == 0 || shape.Tq == 0) return cudaSuccess;
   if (dtype == DType::BF16) {
     using bf16 = __nv_bfloat16;
-    return attention::launch_forward_bf16(ctx, shape, static_cast<float*>(out), lse, static_cast<const bf16*>(q),
+    return attention::launch_forward_bf16(ctx, shape, out, lse, static_cast<const bf16*>(q),
                                           static_cast<const bf16*>(k), static_cast<const bf16*>(v));
   }
   if (use_tiled(dtype, shape.D)) {
@@ -511,7 +511,7 @@ cudaError_t launch_attention_backward(const LaunchContext& ctx, DType dtype, con
     return attention::launch_backward_bf16(
         ctx, shape, static_cast<float*>(dq), static_cast<float*>(dk), static_cast<float*>(dv),
         static_cast<const bf16*>(dout), static_cast<const bf16*>(q), static_cast<const bf16*>(k),
-        static_cast<const bf16*>(v), static_cast<const float*>(out), lse, static_cast<float*>(scratch));
+        static_cast<const bf16*>(v), out, lse, static_cast<float*>(scratch));
   }
   const Problem p = problem_of(shape);
   const int64_t bh = shape.B * shape.H;
@@ -528,7 +528,7 @@ cudaError_t launch_attention_backward(const LaunchContext& ctx, DType dtype, con
     const T *tq = static_cast<const T*>(q), *tk = static_cast<const T*>(k), *tv = static_cast<const T*>(v);
     const T* tdout = static_cast<const T*>(dout);
     if (dq || dk)  // dV alone needs no delta
-      status = attention::launch_delta(ctx, bh * shape.Tq, shape.D, delta, tdout, static_cast<const T*>(out));
+      status = attention::launch_delta(ctx, p, bh * shape.Tq, delta, tdout, static_cast<const T*>(out));
     if (status != cudaSuccess) return;
     if constexpr (std::is_same_v<T, float>) {
       if (tiled) {

@@ -1,7 +1,8 @@
 // Attention on the tensor cores for bf16 inputs (mixed precision): the
 // flash-attention algorithm of attention.cu, with every product made by the
-// mma.sync instruction (m16n8k16, bf16 operands, f32 accumulation) and f32
-// outputs.
+// mma.sync instruction (m16n8k16, bf16 operands, f32 accumulation), an f32
+// or bf16 output and f32 gradients. Every operand is read and written through
+// its strides (GPT-2's q, k and v are views of one [B, T, 3, H, D] tensor).
 //
 // A block of 4 warps owns a 64-row tile (queries in the forward and in dQ,
 // keys in dK/dV) and warp w owns its rows 16w .. 16w+15. A warp's scores,
@@ -99,28 +100,44 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(pending));
 }
 
-// Starts copying rows row0 .. row0+63 of a contiguous [rows, D] matrix into a
-// [64, DMAX] tile, zero-filled past the last row and past D. Whole block. In
-// 16-byte cp.async chunks when D allows them (rows then start 16-byte
-// aligned): the copy lands by cp_async_wait and a barrier. Otherwise element
-// by element, which the barrier alone publishes.
+// The [T, D] matrix of one (batch, head) of an operand: row r starts at
+// base + r * ld (the operand's row stride, which a view may make anything).
+template <typename T>
+struct Rows {
+  T* base;
+  int64_t ld;
+  __device__ T* row(int64_t r) const { return base + r * ld; }
+  __device__ Rows from(int64_t r) const { return {row(r), ld}; }
+};
+
+template <typename T>
+__device__ __forceinline__ Rows<T> rows_of(const Problem& p, T* data, const HeadStrides& s, int64_t bh) {
+  return {data + p.offset(s, bh), s.row};
+}
+
+// Starts copying rows row0 .. row0+63 of a [rows, D] matrix into a [64, DMAX]
+// tile, zero-filled past the last row and past D. Whole block. In 16-byte
+// cp.async chunks when every row starts 16-byte aligned and D is a multiple
+// of 8 (p.vector_loads): the copy lands by cp_async_wait and a barrier.
+// Otherwise element by element, which the barrier alone publishes.
 template <int DMAX>
-__device__ __forceinline__ void load_tile(bf16* tile, const bf16* src, int64_t row0, int64_t rows, int64_t D) {
+__device__ __forceinline__ void load_tile(bf16* tile, Rows<const bf16> src, int64_t row0, int64_t rows,
+                                          const Problem& p) {
   constexpr int ld = kLd<DMAX>;
-  if (D % 8 == 0) {
+  if (p.vector_loads) {
     constexpr int chunks = DMAX / 8;
     for (int e = threadIdx.x; e < kTile * chunks; e += kBlockThreads) {
       const int r = e / chunks, c = e % chunks * 8;
       const int64_t row = row0 + r;
-      const bool valid = row < rows && c < D;
-      cp_async16(tile + r * ld + c, valid ? src + row * D + c : src, valid);
+      const bool valid = row < rows && c < p.D;
+      cp_async16(tile + r * ld + c, valid ? src.row(row) + c : src.base, valid);
     }
     return;
   }
   for (int e = threadIdx.x; e < kTile * DMAX; e += kBlockThreads) {
     const int r = e / DMAX, c = e % DMAX;
     const int64_t row = row0 + r;
-    tile[r * ld + c] = (row < rows && c < D) ? src[row * D + c] : bf16(0.f);
+    tile[r * ld + c] = (row < rows && c < p.D) ? src.row(row)[c] : bf16(0.f);
   }
 }
 
@@ -130,16 +147,16 @@ __device__ __forceinline__ void load_tile(bf16* tile, const bf16* src, int64_t r
 template <int DMAX>
 struct TileStream {
   bf16* base;  // four tiles: buffer 0's two, then buffer 1's
-  const bf16 *first, *second;
-  int64_t rows, D;
+  Rows<const bf16> first, second;
+  int64_t rows;
 
   __device__ bf16* tile(int buffer, int which) const { return base + (2 * buffer + which) * kTileElems<DMAX>; }
   // Starts loading rows row0 .. row0+63 into `buffer`, if row0 < end, and
   // closes a cp.async group either way, so the groups count one per tile.
-  __device__ void fetch(int buffer, int64_t row0, int64_t end) const {
+  __device__ void fetch(int buffer, int64_t row0, int64_t end, const Problem& p) const {
     if (row0 < end) {
-      load_tile<DMAX>(tile(buffer, 0), first, row0, rows, D);
-      load_tile<DMAX>(tile(buffer, 1), second, row0, rows, D);
+      load_tile<DMAX>(tile(buffer, 0), first, row0, rows, p);
+      load_tile<DMAX>(tile(buffer, 1), second, row0, rows, p);
     }
     cp_async_commit();
   }
@@ -187,9 +204,10 @@ __device__ __forceinline__ void warp_accumulate(float (&acc)[DMAX / 8][4], const
 }
 
 // The lane's two rows of a [16, DMAX] accumulator, times scale[row], for
-// rows below `rows` and columns below D; dst points at the warp's first row.
-template <int DMAX>
-__device__ __forceinline__ void store_rows(float* dst, const float (&acc)[DMAX / 8][4], const float (&scale)[2],
+// rows below `rows` and columns below D, rounded to T; dst starts at the
+// warp's first row.
+template <int DMAX, typename T>
+__device__ __forceinline__ void store_rows(Rows<T> dst, const float (&acc)[DMAX / 8][4], const float (&scale)[2],
                                            int64_t rows, int64_t D, int lane) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -200,7 +218,7 @@ __device__ __forceinline__ void store_rows(float* dst, const float (&acc)[DMAX /
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int d = n * 8 + 2 * (lane % 4) + e;
-        if (d < D) dst[r * D + d] = acc[n][2 * h + e] * scale[h];
+        if (d < D) dst.row(r)[d] = convert<T>(acc[n][2 * h + e] * scale[h]);
       }
   }
 }
@@ -249,19 +267,20 @@ __device__ __forceinline__ int count_key_flags(bool* key_ok, const Problem& p, c
 
 // One block per (batch * head, query tile); the online softmax of attention.cu,
 // per warp, with each lane keeping the running max and sum of its two rows.
-template <int DMAX>
+template <int DMAX, typename Out>
 __global__ void __launch_bounds__(kBlockThreads)
-    forward_kernel(Problem p, float scale, float* out, float* lse, const bf16* q, const bf16* k, const bf16* v) {
+    forward_kernel(Problem p, float scale, Out* out, float* lse, const bf16* q, const bf16* k, const bf16* v) {
   extern __shared__ __align__(128) bf16 smem[];
   bf16* q_tile = smem;
   __shared__ bool key_ok[kTile];
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
   const int64_t bh = blockIdx.x, i0 = int64_t(blockIdx.y) * kTile + warp * kRows;  // the warp's first query
   const int32_t* mask = p.mask_row(bh);
-  const TileStream<DMAX> kv{smem + kTileElems<DMAX>, k + bh * p.Tk * p.D, v + bh * p.Tk * p.D, p.Tk, p.D};
+  const TileStream<DMAX> kv{smem + kTileElems<DMAX>, rows_of(p, k, p.strides.k, bh), rows_of(p, v, p.strides.v, bh),
+                            p.Tk};
   const int64_t key_end = p.key_end(int64_t(blockIdx.y) * kTile + kTile);
-  load_tile<DMAX>(q_tile, q + bh * p.Tq * p.D, int64_t(blockIdx.y) * kTile, p.Tq, p.D);
-  kv.fetch(0, 0, key_end);  // one group with Q
+  load_tile<DMAX>(q_tile, rows_of(p, q, p.strides.q, bh), int64_t(blockIdx.y) * kTile, p.Tq, p);
+  kv.fetch(0, 0, key_end, p);  // one group with Q
   const bf16* q_rows = q_tile + warp * kRows * kLd<DMAX>;
 
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, acc[DMAX / 8][4];
@@ -271,7 +290,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   int buffer = 0;
   for (int64_t j0 = 0; j0 < key_end; j0 += kTile, buffer ^= 1) {
     __syncthreads();  // every warp is done with the other buffer and with key_ok
-    kv.fetch(buffer ^ 1, j0 + kTile, key_end);
+    kv.fetch(buffer ^ 1, j0 + kTile, key_end, p);
     cp_async_wait<1>();  // all but that newest group: this tile has landed
     const int kept = count_key_flags(key_ok, p, mask, j0);  // a barrier: the tile is the block's
     if (kept == 0) continue;  // all padding: skipped, as the CPU skips it
@@ -342,7 +361,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     const int r = score_row(lane, 2 * h);
     if (lane % 4 == 0 && r < rows) lse[bh * p.Tq + i0 + r] = seen[h] ? m[h] + logf(l[h]) : -INFINITY;
   }
-  store_rows<DMAX>(out + (bh * p.Tq + i0) * p.D, acc, inverse, rows, p.D, lane);
+  store_rows<DMAX>(rows_of(p, out, p.strides.out, bh).from(i0), acc, inverse, rows, p.D, lane);
 }
 
 // One element of the softmax backward: from the raw score s and dp = <dO_i, v_j>,
@@ -366,11 +385,12 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
   const int64_t bh = blockIdx.x, tile0 = int64_t(blockIdx.y) * kTile, i0 = tile0 + warp * kRows;
   const int32_t* mask = p.mask_row(bh);
-  const TileStream<DMAX> kv{smem + 2 * kTileElems<DMAX>, k + bh * p.Tk * p.D, v + bh * p.Tk * p.D, p.Tk, p.D};
+  const TileStream<DMAX> kv{smem + 2 * kTileElems<DMAX>, rows_of(p, k, p.strides.k, bh),
+                            rows_of(p, v, p.strides.v, bh), p.Tk};
   const int64_t key_end = p.key_end(tile0 + kTile);
-  load_tile<DMAX>(q_tile, q + bh * p.Tq * p.D, tile0, p.Tq, p.D);
-  load_tile<DMAX>(do_tile, dout + bh * p.Tq * p.D, tile0, p.Tq, p.D);
-  kv.fetch(0, 0, key_end);
+  load_tile<DMAX>(q_tile, rows_of(p, q, p.strides.q, bh), tile0, p.Tq, p);
+  load_tile<DMAX>(do_tile, rows_of(p, dout, p.strides.dout, bh), tile0, p.Tq, p);
+  kv.fetch(0, 0, key_end, p);
   const bf16 *q_rows = q_tile + warp * kRows * kLd<DMAX>, *do_rows = do_tile + warp * kRows * kLd<DMAX>;
   float row_lse[2], row_delta[2];
 #pragma unroll
@@ -385,7 +405,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   int buffer = 0;
   for (int64_t j0 = 0; j0 < key_end; j0 += kTile, buffer ^= 1) {
     __syncthreads();
-    kv.fetch(buffer ^ 1, j0 + kTile, key_end);
+    kv.fetch(buffer ^ 1, j0 + kTile, key_end, p);
     cp_async_wait<1>();
     const int kept = count_key_flags(key_ok, p, mask, j0);
     if (kept == 0) continue;
@@ -410,7 +430,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
   cp_async_wait<0>();  // no copy outlives the loop, even when it never ran
   const float one[2] = {1.f, 1.f};
-  if (i0 < p.Tq) store_rows<DMAX>(dq + (bh * p.Tq + i0) * p.D, acc, one, p.Tq - i0, p.D, lane);
+  if (i0 < p.Tq) store_rows<DMAX>(rows_of(p, dq, p.strides.dq, bh).from(i0), acc, one, p.Tq - i0, p.D, lane);
 }
 
 // dK and dV for one (batch * head, key tile): dV = (P F)^T dO, dK = dS^T Q.
@@ -435,18 +455,19 @@ __global__ void __launch_bounds__(kBlockThreads)
   // A tile of padding keys gets zero gradient without reading any query.
   const int kept = count_key_flags(key_ok, p, mask, tile0);
   if (kept > 0) {
-    const TileStream<DMAX> qdo{smem + 2 * kTileElems<DMAX>, q + bh * p.Tq * p.D, dout + bh * p.Tq * p.D, p.Tq, p.D};
+    const TileStream<DMAX> qdo{smem + 2 * kTileElems<DMAX>, rows_of(p, q, p.strides.q, bh),
+                               rows_of(p, dout, p.strides.dout, bh), p.Tq};
     // Under causal masking, queries before tile0 - shift see none of these keys.
     const int64_t first_query = (p.causal ? max64(0, tile0 - p.causal_shift) : 0) / kTile * kTile;
-    load_tile<DMAX>(k_tile, k + bh * p.Tk * p.D, tile0, p.Tk, p.D);
-    load_tile<DMAX>(v_tile, v + bh * p.Tk * p.D, tile0, p.Tk, p.D);
-    qdo.fetch(0, first_query, p.Tq);  // one group with K and V
+    load_tile<DMAX>(k_tile, rows_of(p, k, p.strides.k, bh), tile0, p.Tk, p);
+    load_tile<DMAX>(v_tile, rows_of(p, v, p.strides.v, bh), tile0, p.Tk, p);
+    qdo.fetch(0, first_query, p.Tq, p);  // one group with K and V
     const bf16 *k_rows = k_tile + warp * kRows * kLd<DMAX>, *v_rows = v_tile + warp * kRows * kLd<DMAX>;
     const bool* warp_keys_ok = key_ok + warp * kRows;
     int buffer = 0;
     for (int64_t q0 = first_query; q0 < p.Tq; q0 += kTile, buffer ^= 1) {
       __syncthreads();  // every warp is done with the other buffer and the query stats
-      qdo.fetch(buffer ^ 1, q0 + kTile, p.Tq);
+      qdo.fetch(buffer ^ 1, q0 + kTile, p.Tq, p);
       load_query_stats(tile_lse, tile_delta, p, bh, q0, lse, delta);
       cp_async_wait<1>();
       __syncthreads();
@@ -475,8 +496,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
   if (j0 >= p.Tk) return;
   const float one[2] = {1.f, 1.f};
-  if (dk) store_rows<DMAX>(dk + (bh * p.Tk + j0) * p.D, dk_acc, one, p.Tk - j0, p.D, lane);
-  if (dv) store_rows<DMAX>(dv + (bh * p.Tk + j0) * p.D, dv_acc, one, p.Tk - j0, p.D, lane);
+  if (dk) store_rows<DMAX>(rows_of(p, dk, p.strides.dk, bh).from(j0), dk_acc, one, p.Tk - j0, p.D, lane);
+  if (dv) store_rows<DMAX>(rows_of(p, dv, p.strides.dv, bh).from(j0), dv_acc, one, p.Tk - j0, p.D, lane);
 }
 
 // Calls fn(std::integral_constant<int, DMAX>) for the smallest padded head size that holds D.
@@ -489,33 +510,52 @@ void by_head_size(int64_t D, Fn&& fn) {
 
 int64_t tiles_of(int64_t rows) { return (rows + kTile - 1) / kTile; }
 
+// Whether every row of the operand starts 16 bytes aligned, for cp.async.
+bool rows_aligned(const void* data, const HeadStrides& s, int64_t D) {
+  return reinterpret_cast<uintptr_t>(data) % 16 == 0 && s.batch % 8 == 0 && s.head % 8 == 0 && s.row % 8 == 0 &&
+         D % 8 == 0;
+}
+
 }  // namespace
 
-cudaError_t launch_forward_bf16(const LaunchContext& ctx, const AttentionShape& shape, float* out, float* lse,
+cudaError_t launch_forward_bf16(const LaunchContext& ctx, const AttentionShape& shape, void* out, float* lse,
                                 const bf16* q, const bf16* k, const bf16* v) {
-  const Problem p = problem_of(shape);
+  Problem p = problem_of(shape);
+  const AttentionStrides& s = shape.strides;
+  p.vector_loads = rows_aligned(q, s.q, p.D) && rows_aligned(k, s.k, p.D) && rows_aligned(v, s.v, p.D);
   const int64_t bh = shape.B * shape.H, tiles = tiles_of(shape.Tq);
   if (bh == 0 || tiles == 0) return cudaSuccess;
   if (!grid_fits(bh, tiles)) return cudaErrorInvalidConfiguration;
   cudaError_t status = cudaSuccess;
   by_head_size(shape.D, [&](auto dmax) {
     constexpr int DMAX = decltype(dmax)::value;
-    status = launch_with_smem(forward_kernel<DMAX>, dim3(unsigned(bh), unsigned(tiles)), kBlockThreads,
-                              5 * kTileElems<DMAX> * sizeof(bf16), ctx.stream, p, float(shape.scale), out, lse, q,
-                              k, v);
+    const dim3 grid{unsigned(bh), unsigned(tiles)};
+    const size_t smem = 5 * kTileElems<DMAX> * sizeof(bf16);
+    const float scale = float(shape.scale);
+    status = shape.out_bf16 ? launch_with_smem(forward_kernel<DMAX, bf16>, grid, kBlockThreads, smem, ctx.stream, p,
+                                               scale, static_cast<bf16*>(out), lse, q, k, v)
+                            : launch_with_smem(forward_kernel<DMAX, float>, grid, kBlockThreads, smem, ctx.stream, p,
+                                               scale, static_cast<float*>(out), lse, q, k, v);
   });
   return status;
 }
 
 cudaError_t launch_backward_bf16(const LaunchContext& ctx, const AttentionShape& shape, float* dq, float* dk,
                                  float* dv, const bf16* dout, const bf16* q, const bf16* k, const bf16* v,
-                                 const float* out, const float* lse, float* delta) {
-  const Problem p = problem_of(shape);
+                                 const void* out, const float* lse, float* delta) {
+  Problem p = problem_of(shape);
+  const AttentionStrides& s = shape.strides;
+  p.vector_loads = rows_aligned(q, s.q, p.D) && rows_aligned(k, s.k, p.D) && rows_aligned(v, s.v, p.D) &&
+                   rows_aligned(dout, s.dout, p.D);
   const int64_t bh = shape.B * shape.H, q_tiles = tiles_of(shape.Tq), k_tiles = tiles_of(shape.Tk);
   if (bh == 0 || (!dq && !dk && !dv)) return cudaSuccess;
   if (!grid_fits(bh, q_tiles) || !grid_fits(bh, k_tiles)) return cudaErrorInvalidConfiguration;
   cudaError_t status = cudaSuccess;
-  if (dq || dk) status = launch_delta(ctx, bh * shape.Tq, shape.D, delta, dout, out);  // dV alone needs no delta
+  if (dq || dk) {  // dV alone needs no delta
+    const int64_t rows = bh * shape.Tq;
+    status = shape.out_bf16 ? launch_delta(ctx, p, rows, delta, dout, static_cast<const bf16*>(out))
+                            : launch_delta(ctx, p, rows, delta, dout, static_cast<const float*>(out));
+  }
   const float scale = float(shape.scale);
   by_head_size(shape.D, [&](auto dmax) {
     constexpr int DMAX = decltype(dmax)::value;

@@ -21,6 +21,11 @@ struct Problem {
   double dropout_p = 0;   // 0: no dropout
   double keep_scale = 1;  // 1 / (1 - dropout_p)
   uint64_t dropout_seed = 0, dropout_offset = 0;
+  AttentionStrides strides{};
+  bool vector_loads = false;  // bf16 inputs: every row 16-byte aligned (set by their launchers)
+
+  // Where an operand's (batch * head) index bh starts.
+  __device__ int64_t offset(const HeadStrides& s, int64_t bh) const { return (bh / H) * s.batch + (bh % H) * s.head; }
 
   __device__ const int32_t* mask_row(int64_t bh) const { return key_mask ? key_mask + (bh / H) * Tk : nullptr; }
   __device__ bool key_kept(const int32_t* mask, int64_t j) const { return !mask || mask[j] != 0; }
@@ -61,6 +66,7 @@ inline Problem problem_of(const AttentionShape& s) {
   p.keep_scale = 1.0 / (1.0 - s.dropout_p);
   p.dropout_seed = s.dropout_seed;
   p.dropout_offset = s.dropout_offset;
+  p.strides = s.strides;
   return p;
 }
 
@@ -92,23 +98,28 @@ __device__ __forceinline__ float probability(bool visible, float s, float scale,
   return visible && row_lse != -INFINITY ? expf(s * scale - row_lse) : 0.f;
 }
 
-// delta_i = <dO_i, O_i>, the softmax backward's correction term; one warp per
-// row. dO has the kernels' input type, O their output type T.
-template <typename In, typename T>
-__global__ void delta_kernel(int64_t rows, int64_t D, T* delta, const In* dout, const T* out) {
+// delta_i = <dO_i, O_i>, the softmax backward's correction term, for every
+// query row of every head; one warp per row. dO has the kernels' input type,
+// O their output type, and T is the sum's.
+template <typename T, typename In, typename Out>
+__global__ void delta_kernel(Problem p, int64_t rows, T* delta, const In* dout, const Out* out) {
   const int64_t row = int64_t(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
   if (row >= rows) return;
+  const int64_t bh = row / p.Tq, i = row % p.Tq;
+  const In* g = dout + p.offset(p.strides.dout, bh) + i * p.strides.dout.row;
+  const Out* o = out + p.offset(p.strides.out, bh) + i * p.strides.out.row;
   T sum = 0;
-  for (int64_t d = threadIdx.x % 32; d < D; d += 32) sum += T(dout[row * D + d]) * out[row * D + d];
+  for (int64_t d = threadIdx.x % 32; d < p.D; d += 32) sum += convert<T>(g[d]) * convert<T>(o[d]);
   sum = warp_reduce(sum, SumOp{});
   if (threadIdx.x % 32 == 0) delta[row] = sum;
 }
 
-template <typename In, typename T>
-cudaError_t launch_delta(const LaunchContext& ctx, int64_t rows, int64_t D, T* delta, const In* dout, const T* out) {
+template <typename T, typename In, typename Out>
+cudaError_t launch_delta(const LaunchContext& ctx, const Problem& p, int64_t rows, T* delta, const In* dout,
+                         const Out* out) {
   if (rows == 0) return cudaSuccess;
   const unsigned blocks = unsigned((rows + kThreads / 32 - 1) / (kThreads / 32));
-  delta_kernel<<<blocks, kThreads, 0, ctx.stream>>>(rows, D, delta, dout, out);
+  delta_kernel<<<blocks, kThreads, 0, ctx.stream>>>(p, rows, delta, dout, out);
   return cudaGetLastError();
 }
 
@@ -124,12 +135,13 @@ cudaError_t launch_with_smem(Kernel kernel, dim3 grid, int threads, size_t smem,
 inline bool grid_fits(int64_t bh, int64_t tiles) { return bh <= int64_t(INT32_MAX) && tiles <= 65535; }
 
 // ---- the bf16 tensor-core family (attention_bf16.cu), head dim D <= 128 ----
-// q, k, v (and dO) bf16 [B, H, T, D]; out, dq, dk, dv f32. delta: f32 [B * H * Tq] scratch.
-cudaError_t launch_forward_bf16(const LaunchContext& ctx, const AttentionShape& shape, float* out, float* lse,
+// q, k, v (and dO) bf16 [B, H, T, D]; out f32 or bf16 (shape.out_bf16); dq,
+// dk, dv f32; all through shape.strides. delta: f32 [B * H * Tq] scratch.
+cudaError_t launch_forward_bf16(const LaunchContext& ctx, const AttentionShape& shape, void* out, float* lse,
                                 const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v);
 cudaError_t launch_backward_bf16(const LaunchContext& ctx, const AttentionShape& shape, float* dq, float* dk,
                                  float* dv, const __nv_bfloat16* dout, const __nv_bfloat16* q,
-                                 const __nv_bfloat16* k, const __nv_bfloat16* v, const float* out, const float* lse,
+                                 const __nv_bfloat16* k, const __nv_bfloat16* v, const void* out, const float* lse,
                                  float* delta);
 
 }  // namespace engine::cuda::attention

@@ -475,43 +475,61 @@ cuda::AttentionShape attention_shape(const View& q, const View& k, const View& k
   return s;
 }
 
+// A [B, H, T, D] view's strides over B, H and T (0 over a dim of size 1, where any stride is as good;
+// none for a gradient not wanted).
+cuda::HeadStrides head_strides(const View& v) {
+  if (!v.data) return {};
+  auto stride = [&](size_t d) { return v.shape[d] == 1 ? 0 : v.strides[d]; };
+  return {stride(0), stride(1), stride(2)};
+}
+
 double attention_flops(const cuda::AttentionShape& s, double per_product) {
   return per_product * double(s.B * s.H) * double(s.Tq) * double(s.Tk) * double(s.D) * (s.causal ? 0.5 : 1.0);
 }
 
-}  // namespace
+// The tensor-core kernels take bf16 inputs with D <= 128, an f32 or bf16
+// output and f32 gradients, through any strides whose D is contiguous. Every
+// other call runs on contiguous operands in the compute dtype (f32, or f64):
+// bf16 inputs of larger heads are widened, which the f32 kernels then
+// multiply exactly, and a bf16 output is rounded once at the end.
+bool tensor_core_fits(const View& q, std::initializer_list<const View*> inputs, const View& out,
+                      std::initializer_list<const View*> gradients) {
+  auto unit_d = [](const View& v) { return !v.data || v.shape[3] == 1 || v.strides[3] == 1; };
+  bool fits = q.dtype == DType::BF16 && q.shape[3] <= 128 && (out.dtype == DType::F32 || out.dtype == DType::BF16) &&
+              unit_d(out);
+  for (const View* v : inputs) fits = fits && v->dtype == DType::BF16 && unit_d(*v);
+  for (const View* g : gradients) fits = fits && (!g->data || g->dtype == DType::F32) && unit_d(*g);
+  return fits;
+}
 
-// Mixed precision: bf16 q, k, v (and dO) with f32 outputs. Only the tiled
-// kernels (D <= 128) take bf16; beyond that the inputs are widened to f32,
-// which the kernels then multiply exactly.
-bool needs_widening(const View& q) { return q.dtype == DType::BF16 && q.shape[3] > 128; }
-
-struct Widened {
-  Scratch buffer;
-  View view;
-  Widened(CudaBackend& backend, DeviceContext& ctx, const View& in)
-      : buffer(ctx, size_t(in.numel()) * sizeof(float), "attention inputs widened to f32"), view(in) {
-    view.data = buffer.get();
-    view.dtype = DType::F32;
-    backend.copy(view, in);
-  }
-};
+DType compute_dtype(const View& q) { return q.dtype == DType::F64 ? DType::F64 : DType::F32; }
 
 void check_attention_dtypes(const View& q, const View& out, const char* op) {
-  const bool mixed = q.dtype == DType::BF16 && out.dtype == DType::F32;
+  const bool mixed = q.dtype == DType::BF16 && (out.dtype == DType::F32 || out.dtype == DType::BF16);
   check(mixed || ((q.dtype == DType::F32 || q.dtype == DType::F64) && out.dtype == q.dtype),
-        "{} on CUDA: needs f32 or f64 inputs and outputs, or bf16 inputs with f32 outputs; got {} and {}", op,
+        "{} on CUDA: needs f32 or f64 inputs and outputs, or bf16 inputs with f32 or bf16 outputs; got {} and {}", op,
         dtype_name(q.dtype), dtype_name(out.dtype));
 }
+
+}  // namespace
 
 void CudaBackend::attention_forward(const View& out, const View& lse, const View& q, const View& k, const View& v,
                                     const View& key_mask, const AttentionArgs& args) {
   check_attention_dtypes(q, out, "attention");
-  if (needs_widening(q)) {
-    const Widened wq(*this, ctx_, q), wk(*this, ctx_, k), wv(*this, ctx_, v);
-    return attention_forward(out, lse, wq.view, wk.view, wv.view, key_mask, args);
+  if (!tensor_core_fits(q, {&k, &v}, out, {})) {
+    const DType t = compute_dtype(q);
+    bool fit = true;
+    for (const View* view : {&out, &q, &k, &v}) fit = fit && KernelOperands::fits(*view, t);
+    if (!fit) {
+      KernelOperands ops(*this);
+      attention_forward(ops.out(out, t), lse, ops.in(q, t), ops.in(k, t), ops.in(v, t), key_mask, args);
+      return ops.finish();
+    }
   }
-  const cuda::AttentionShape s = attention_shape(q, k, key_mask, args);
+  cuda::AttentionShape s = attention_shape(q, k, key_mask, args);
+  s.strides.q = head_strides(q), s.strides.k = head_strides(k), s.strides.v = head_strides(v);
+  s.strides.out = head_strides(out);
+  s.out_bf16 = out.dtype == DType::BF16;
   OpScope op(ctx_, "attention_forward", attention_flops(s, 4));
   ctx_.check_launch(cuda::launch_attention_forward(ctx_.launch(), q.dtype, s, out.data, lse.ptr<float>(), q.data,
                                                    k.data, v.data),
@@ -522,11 +540,21 @@ void CudaBackend::attention_backward(const View& dq, const View& dk, const View&
                                      const View& k, const View& v, const View& out, const View& lse,
                                      const View& key_mask, const AttentionArgs& args) {
   check_attention_dtypes(q, out, "attention_backward");
-  if (needs_widening(q)) {
-    const Widened wq(*this, ctx_, q), wk(*this, ctx_, k), wv(*this, ctx_, v), wdout(*this, ctx_, dout);
-    return attention_backward(dq, dk, dv, wdout.view, wq.view, wk.view, wv.view, out, lse, key_mask, args);
+  if (!tensor_core_fits(q, {&k, &v, &dout}, out, {&dq, &dk, &dv})) {
+    const DType t = compute_dtype(q);
+    bool fit = true;
+    for (const View* view : {&dq, &dk, &dv, &dout, &q, &k, &v, &out}) fit = fit && KernelOperands::fits(*view, t);
+    if (!fit) {
+      KernelOperands ops(*this);
+      attention_backward(ops.out(dq, t), ops.out(dk, t), ops.out(dv, t), ops.in(dout, t), ops.in(q, t),
+                         ops.in(k, t), ops.in(v, t), ops.in(out, t), lse, key_mask, args);
+      return ops.finish();
+    }
   }
-  const cuda::AttentionShape s = attention_shape(q, k, key_mask, args);
+  cuda::AttentionShape s = attention_shape(q, k, key_mask, args);
+  s.strides = {head_strides(q),    head_strides(k),  head_strides(v),  head_strides(out),
+               head_strides(dout), head_strides(dq), head_strides(dk), head_strides(dv)};
+  s.out_bf16 = out.dtype == DType::BF16;
   OpScope op(ctx_, "attention_backward", attention_flops(s, 10));
   Scratch delta(ctx_, cuda::attention_backward_scratch_bytes(q.dtype, s), "attention_backward rowsum(dO * O)");
   ctx_.check_launch(cuda::launch_attention_backward(ctx_.launch(), q.dtype, s, dq.data, dk.data, dv.data, dout.data,

@@ -114,10 +114,21 @@ cudaError_t launch_cross_entropy_backward(const LaunchContext& ctx, DType dtype,
                                           const void* targets, DType target_dtype, int64_t ignore_index);
 
 // ---- attention (attention.cu, attention_bf16.cu) ----
-// q [B, H, Tq, D], k and v [B, H, Tk, D], key_mask i32 [B, Tk] or null, all
-// contiguous. `dtype` is q's, k's, v's (and dO's): f32 or f64 with outputs of
-// the same dtype, or bf16 (D <= 128) with f32 outputs. Query i sees key j when key_mask[b, j] != 0 and, if causal,
-// j <= i + (Tk - Tq) (bottom-right aligned, as PyTorch; Tq == Tk today).
+// q [B, H, Tq, D], k and v [B, H, Tk, D], key_mask i32 [B, Tk] or null.
+// `dtype` is q's, k's, v's (and dO's): f32 or f64, contiguous, with outputs
+// of the same dtype; or bf16 (D <= 128) with f32 gradients and an f32 or
+// bf16 output, every operand read and written through its strides. Query i
+// sees key j when key_mask[b, j] != 0 and, if causal, j <= i + (Tk - Tq)
+// (bottom-right aligned, as PyTorch).
+
+// Element strides over B, H and T of one [B, H, T, D] operand; D is contiguous.
+struct HeadStrides {
+  int64_t batch = 0, head = 0, row = 0;
+};
+struct AttentionStrides {
+  HeadStrides q, k, v, out, dout, dq, dk, dv;
+};
+
 struct AttentionShape {
   int64_t B = 0, H = 0, Tq = 0, Tk = 0, D = 0;
   const int32_t* key_mask = nullptr;
@@ -125,6 +136,8 @@ struct AttentionShape {
   double scale = 1;
   double dropout_p = 0;  // engine/backend.h's AttentionArgs: probabilities dropped by Philox
   uint64_t dropout_seed = 0, dropout_offset = 0;
+  AttentionStrides strides;
+  bool out_bf16 = false;  // bf16 inputs only
 };
 // out [B, H, Tq, D]; lse f32 [B, H, Tq] (-inf for a query that sees no key).
 cudaError_t launch_attention_forward(const LaunchContext& ctx, DType dtype, const AttentionShape& shape, void* out,

@@ -17,8 +17,10 @@
 #include "engine/precision.h"
 #include "engine/rng.h"
 
+#include <algorithm>
 #include <array>
 #include <cmath>
+#include <numeric>
 
 namespace engine {
 
@@ -78,16 +80,54 @@ Call make_call(const Tensor& q, const Tensor& k, const Tensor& key_padding_mask,
   return call;
 }
 
-// What the kernels read: contiguous, and under autocast rounded to bf16 by
-// the same copy; their outputs and gradients are f32 then.
+// Under autocast the kernels read bf16 (the inputs rounded by one cast),
+// write a bf16 output (it feeds the next GEMM, which would round it anyway)
+// and f32 gradients; otherwise everything is in the inputs' dtype.
 DType kernel_dtype(const Tensor& t) { return autocast_dtype().value_or(t.dtype()); }
-DType output_dtype(const Tensor& t) { return autocast_dtype() ? DType::F32 : t.dtype(); }
-Tensor kernel_input(const Tensor& t, DType dtype) { return t.detach().to(dtype).contiguous(); }
+DType gradient_dtype(const Tensor& t) { return autocast_dtype() ? DType::F32 : t.dtype(); }
 
-// The forward on kernel inputs: out [B, H, Tq, D] and lse [B, H, Tq].
+// The dims of t, outermost in memory first: t.permute(order) is contiguous
+// when t is a permutation of a dense tensor, as GPT-2's q, k and v are (views
+// of one [B, T, 3, H, D] tensor) and as the gradient of its head merge is.
+std::vector<int64_t> memory_order(const Tensor& t) {
+  std::vector<int64_t> order(size_t(t.dim()));
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return t.strides()[size_t(a)] > t.strides()[size_t(b)]; });
+  return order;
+}
+
+std::vector<int64_t> inverse(const std::vector<int64_t>& order) {
+  std::vector<int64_t> back(order.size());
+  for (size_t i = 0; i < order.size(); ++i) back[size_t(order[i])] = int64_t(i);
+  return back;
+}
+
+// The kernels read any strides: a kernel input is t itself, or t cast to
+// `dtype` laid out in memory as t is, so the cast sweeps memory in order.
+Tensor kernel_input(const Tensor& t, DType dtype) {
+  if (t.dtype() == dtype) return t.detach();
+  const std::vector<int64_t> order = memory_order(t);
+  const Tensor dense = t.detach().permute(order);
+  return dense.is_contiguous() ? dense.to(dtype).permute(inverse(order)) : t.detach().to(dtype);
+}
+
+// A new tensor of t's shape, laid out in memory as t is: a gradient the
+// next op back (a reshape of t's source) receives as a plain contiguous tensor.
+Tensor empty_like_layout(const Tensor& t, DType dtype) {
+  const std::vector<int64_t> order = memory_order(t);
+  Shape shape;
+  for (int64_t d : order) shape.push_back(t.size(d));
+  return Tensor::empty(shape, dtype, t.device()).permute(inverse(order));
+}
+
+// The forward on kernel inputs: out [B, H, Tq, D] and lse [B, H, Tq]. out is
+// laid out [B, Tq, H, D] in memory, so that merging its heads back into
+// [B, Tq, H * D] (out.permute(0, 2, 1, 3), then a reshape) moves no data.
 std::pair<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tensor& v, const Call& call,
                                   DType out_dtype) {
-  Tensor out = Tensor::empty(q.shape(), out_dtype, q.device());
+  Tensor out =
+      Tensor::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, out_dtype, q.device()).permute({0, 2, 1, 3});
   Tensor lse = Tensor::empty({q.size(0), q.size(1), q.size(2)}, DType::F32, q.device());
   if (q.numel() == 0 || k.numel() == 0)  // no query, no key or D = 0: every output row is empty (zeros)
     out.zero_();
@@ -117,18 +157,17 @@ Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, const Tens
                                     bool causal, std::optional<double> scale, double dropout_p, Generator* generator) {
   check_arguments(q, k, v, key_padding_mask);
   const Call call = make_call(q, k, key_padding_mask, causal, scale, dropout_p, generator);
-  // GPT-2's q, k, v are permuted views of one c_attn output: kernel_input
-  // copies them contiguous once here, since the kernel walks rows of D.
-  const DType in = kernel_dtype(q), out_dtype = output_dtype(q);
-  auto [out, lse] = forward(kernel_input(q, in), kernel_input(k, in), kernel_input(v, in), call, out_dtype);
+  const DType in = kernel_dtype(q);
+  auto [out, lse] = forward(kernel_input(q, in), kernel_input(k, in), kernel_input(v, in), call, in);
 
   // The backward keeps the inputs as given (in node.inputs) rather than their
-  // contiguous copies: re-copying costs little time, keeping copies costs a
+  // bf16 copies: rounding again costs little time, keeping copies costs a
   // second q, k, v per layer of activation memory.
   record(out, kOp, {q, k, v},
-         [call, lse, y = out.detach(), in](const Tensor& grad, const Node& node) -> std::vector<Tensor> {
-           auto buffer = [&](size_t i) {  // in the kernel's output dtype
-             return node.needs_grad(i) ? Tensor::empty(node.inputs[i].shape(), y.dtype(), y.device()) : Tensor();
+         [call, lse, y = out.detach(), in, grad_dtype = gradient_dtype(q)](const Tensor& grad,
+                                                                          const Node& node) -> std::vector<Tensor> {
+           auto buffer = [&](size_t i) {
+             return node.needs_grad(i) ? empty_like_layout(node.inputs[i], grad_dtype) : Tensor();
            };
            std::vector<Tensor> grads{buffer(0), buffer(1), buffer(2)};
            backward(grads[0], grads[1], grads[2], kernel_input(grad, in), kernel_input(node.inputs[0], in),
@@ -148,22 +187,23 @@ Tensor scaled_dot_product_attention_packed(const Tensor& qkv, const Tensor& key_
   const Tensor q = qkv.detach().select(0, 0), k = qkv.detach().select(0, 1), v = qkv.detach().select(0, 2);
   check_arguments(q, k, v, key_padding_mask);
   const Call call = make_call(q, k, key_padding_mask, causal, scale, dropout_p, generator);
-  // One copy (and under autocast one rounding) of all three, which the
-  // backward keeps instead of the input: as large in f32, half in bf16, and
-  // no second copy to make.
+  // One cast of all three (none without autocast), which the backward keeps
+  // instead of the input: as large in f32, half in bf16, and no second cast.
   const DType in = kernel_dtype(qkv);
   auto parts = [](const Tensor& packed) {
     return std::array{packed.select(0, 0), packed.select(0, 1), packed.select(0, 2)};
   };
   const Tensor packed = kernel_input(qkv, in);
   const auto [qc, kc, vc] = parts(packed);
-  auto [out, lse] = forward(qc, kc, vc, call, output_dtype(qkv));
+  auto [out, lse] = forward(qc, kc, vc, call, in);
 
   record(out, kOp, {edge_only(qkv)},
-         [call, lse, y = out.detach(), packed, parts](const Tensor& grad, const Node& node) -> std::vector<Tensor> {
+         [call, lse, y = out.detach(), packed, parts, grad_dtype = gradient_dtype(qkv)](
+             const Tensor& grad, const Node& node) -> std::vector<Tensor> {
            const Tensor& qkv = node.inputs[0];
-           // The three gradients land in one buffer: the input's whole gradient, as it is.
-           Tensor dqkv = Tensor::empty(qkv.shape(), y.dtype(), y.device());
+           // The three gradients land in one buffer laid out as the input:
+           // the input's whole gradient, as it is.
+           Tensor dqkv = empty_like_layout(qkv, grad_dtype);
            const auto [dq, dk, dv] = parts(dqkv);
            const auto [q, k, v] = parts(packed);
            backward(dq, dk, dv, kernel_input(grad, packed.dtype()), q, k, v, y, lse, call);
