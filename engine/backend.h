@@ -149,8 +149,8 @@ class Backend {
   virtual void cross_entropy_backward(const View& dlogits, const View& dloss, const View& logits, const View& lse,
                                       const View& targets, int64_t ignore_index) = 0;
   // q, out [B, H, Tq, D]; k, v [B, H, Tk, D], each with any strides; key_mask i32 [B, Tk]
-  // (nonzero keep, 0 pad) or data == nullptr. q, k, v (and dout) may be bf16 with out f32 or
-  // bf16 and dq, dk, dv f32: mixed precision, products of bf16 values accumulated in
+  // (nonzero keep, 0 pad) or data == nullptr. q, k, v (and dout) may be bf16 with out and
+  // dq, dk, dv each f32 or bf16: mixed precision, products of bf16 values accumulated in
   // f32. lse f32 [B, H, Tq] (contiguous; of the probabilities before dropout) is saved
   // for the backward; rows that see no key give zeros and lse = -inf. In the backward,
   // dq/dk/dv may have data == nullptr (not computed); they are overwritten.

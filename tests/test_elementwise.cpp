@@ -77,6 +77,49 @@ TEST_CASE("binary ops read non-contiguous views", "[elementwise]") {
       }
 }
 
+TEST_CASE("mixed floating dtypes meet in the wider one, and gradients come back in each", "[elementwise]") {
+  engine::Generator gen(11);
+  Tensor wide = Tensor::rand({3, 4}, gen, -1, 1, DType::F32), narrow = Tensor::rand({4}, gen, -1, 1, DType::BF16);
+  Tensor d = Tensor::rand({3, 4}, gen, -1, 1, DType::F64);
+  wide.set_requires_grad(true), narrow.set_requires_grad(true), d.set_requires_grad(true);
+  const Tensor sum = wide + narrow;  // the bf16 values widen exactly
+  REQUIRE(sum.dtype() == DType::F32);
+  testing::require_close(sum, naive_binary(wide, narrow.to(DType::F32), [](double x, double y) { return x + y; }), 0);
+  REQUIRE((narrow * wide).dtype() == DType::F32);
+  REQUIRE((wide - d).dtype() == DType::F64);
+  REQUIRE((narrow.to(DType::F16) + narrow).dtype() == DType::F32);
+  engine::sum(sum * 2.0 + engine::maximum(wide, d)).backward();
+  REQUIRE(narrow.grad().dtype() == DType::BF16);  // 2 summed over the broadcast rows: 6
+  testing::require_close(narrow.grad(), std::vector<double>(4, 6.0), 0);
+  REQUIRE(wide.grad().dtype() == DType::F32);
+  REQUIRE(d.grad().dtype() == DType::F64);
+}
+
+TEST_CASE("bf16 is stored, not computed in: each op rounds its f32 result once", "[elementwise]") {
+  engine::Generator gen(12);
+  const Tensor a = Tensor::rand({5, 6}, gen, 0.5, 2, DType::F32).to(DType::BF16);
+  const Tensor b = Tensor::rand({6}, gen, 0.5, 2, DType::F32).to(DType::BF16);
+  const Tensor a32 = a.to(DType::F32), b32 = b.to(DType::F32);
+  auto rounded = [](const Tensor& t) { return t.to(DType::BF16).to(DType::F32).to_vector<double>(); };
+  auto same = [&](const Tensor& got, const Tensor& f32) {
+    REQUIRE(got.dtype() == DType::BF16);
+    testing::require_close(got.to(DType::F32), rounded(f32), 0);
+  };
+  same(a + b, a32 + b32);
+  same(a / b, a32 / b32);
+  same(a * 0.3, a32 * 0.3);
+  same(engine::exp(a), engine::exp(a32));
+  same(engine::sum(a, {1}, false), engine::sum(a32, {1}, false));
+  std::vector<float> alternate(30);
+  for (size_t i = 0; i < alternate.size(); ++i) alternate[i] = float(i % 2);
+  const Tensor mask = Tensor::from_vector(alternate, {5, 6});
+  same(engine::where(mask, a, b), engine::where(mask, a32, b32));
+  REQUIRE(engine::argmax(a, -1).to_vector<int64_t>() == engine::argmax(a32, -1).to_vector<int64_t>());
+  // Layer norm, softmax and the loss widen bf16 to f32 and return f32.
+  REQUIRE(engine::softmax(a, -1).dtype() == DType::F32);
+  testing::require_close(engine::log_softmax(a, 0), engine::log_softmax(a32, 0).to_vector<double>(), 0);
+}
+
 TEST_CASE("unary ops match the C library", "[elementwise]") {
   engine::Generator gen(3);
   Tensor x = Tensor::rand({3, 5, 7}, gen, 0.1, 3.0, DType::F64);

@@ -59,9 +59,19 @@ bool truth(const View& v, int64_t i) {
   return false;
 }
 
+// bf16 (and f16) are stored, not computed in: an op on them runs on f32
+// copies of its operands (KernelOperands) and rounds its result once, as the
+// GPU's kernels compute in f32 on bf16 storage.
+bool stored_only(DType dtype) { return dtype == DType::BF16 || dtype == DType::F16; }
+
 }  // namespace
 
 void CpuBackend::unary(UnaryOp op, const View& out, const View& in, double scalar) {
+  if (stored_only(out.dtype)) {
+    KernelOperands f32(*this);
+    unary(op, f32.out(out, DType::F32), f32.in(in, DType::F32), scalar);
+    return f32.finish();
+  }
   cpu::dispatch_floating(out.dtype, "unary", [&](auto zero) {
     using T = decltype(zero);
     T* y = out.ptr<T>();
@@ -80,6 +90,11 @@ void CpuBackend::unary(UnaryOp op, const View& out, const View& in, double scala
 }
 
 void CpuBackend::binary(BinaryOp op, const View& out, const View& a, const View& b) {
+  if (stored_only(out.dtype)) {
+    KernelOperands f32(*this);
+    binary(op, f32.out(out, DType::F32), f32.in(a, DType::F32), f32.in(b, DType::F32));
+    return f32.finish();
+  }
   cpu::dispatch_floating(out.dtype, "binary", [&](auto zero) {
     using T = decltype(zero);
     T* y = out.ptr<T>();
@@ -101,6 +116,11 @@ void CpuBackend::binary(BinaryOp op, const View& out, const View& a, const View&
 }
 
 void CpuBackend::where(const View& out, const View& condition, const View& a, const View& b) {
+  if (stored_only(out.dtype)) {
+    KernelOperands f32(*this);
+    where(f32.out(out, DType::F32), condition, f32.in(a, DType::F32), f32.in(b, DType::F32));
+    return f32.finish();
+  }
   cpu::dispatch_floating(out.dtype, "where", [&](auto zero) {
     using T = decltype(zero);
     T* y = out.ptr<T>();
@@ -116,6 +136,11 @@ void CpuBackend::where(const View& out, const View& condition, const View& a, co
 }
 
 void CpuBackend::reduce(ReduceOp op, const View& out, const View& in) {
+  if (stored_only(out.dtype)) {
+    KernelOperands f32(*this);
+    reduce(op, f32.out(out, DType::F32), f32.in(in, DType::F32));
+    return f32.finish();
+  }
   // Reorder `in` as [kept dims..., reduced dims...]: each output element then
   // owns one block of the reduced index space, and outputs run in parallel.
   Shape kept_shape, kept_strides, red_shape, red_strides;
@@ -162,6 +187,10 @@ void CpuBackend::reduce(ReduceOp op, const View& out, const View& in) {
 }
 
 void CpuBackend::argmax_last(const View& out, const View& in) {
+  if (stored_only(in.dtype)) {
+    KernelOperands f32(*this);
+    return argmax_last(out, f32.in(in, DType::F32));
+  }
   const int64_t cols = in.shape.back(), rows = in.numel() / std::max<int64_t>(cols, 1);
   cpu::dispatch_floating(in.dtype, "argmax", [&](auto zero) {
     using T = decltype(zero);

@@ -200,22 +200,11 @@ constexpr double kSqrt2OverPi = 0.79788456080286535588;
 constexpr double kGeluCubic = 0.044715;
 }  // namespace
 
-namespace {
-
-// bf16 is stored, not computed in: a GELU on bf16 (mixed precision's MLP)
-// widens its operands to f32, computes there, and rounds the result once, as
-// the GPU's kernel does. Views are contiguous; f32 vectors of n elements.
-View flat(const View& v) { return View{v.data, v.dtype, {v.numel()}, {1}}; }
-View flat(std::vector<float>& v) { return View{v.data(), DType::F32, {int64_t(v.size())}, {1}}; }
-
-}  // namespace
-
 void CpuBackend::gelu_forward(const View& y, const View& x) {
-  if (x.dtype == DType::BF16) {
-    std::vector<float> wide(size_t(x.numel())), out(wide.size());
-    copy(flat(wide), flat(x));
-    gelu_forward(flat(out), flat(wide));
-    return copy(flat(y), flat(out));
+  if (x.dtype == DType::BF16) {  // stored, not computed in: on f32 copies, rounded once
+    KernelOperands f32(*this);
+    gelu_forward(f32.out(y, DType::F32), f32.in(x, DType::F32));
+    return f32.finish();
   }
   cpu::dispatch_floating(x.dtype, "gelu", [&](auto zero) {
     using T = decltype(zero);
@@ -233,11 +222,9 @@ void CpuBackend::gelu_forward(const View& y, const View& x) {
 
 void CpuBackend::gelu_backward(const View& dx, const View& dy, const View& x) {
   if (x.dtype == DType::BF16) {
-    std::vector<float> wide(size_t(x.numel())), grad(wide.size()), out(wide.size());
-    copy(flat(wide), flat(x));
-    copy(flat(grad), flat(dy));
-    gelu_backward(flat(out), flat(grad), flat(wide));
-    return copy(flat(dx), flat(out));
+    KernelOperands f32(*this);
+    gelu_backward(f32.out(dx, DType::F32), f32.in(dy, DType::F32), f32.in(x, DType::F32));
+    return f32.finish();
   }
   cpu::dispatch_floating(x.dtype, "gelu_backward", [&](auto zero) {
     using T = decltype(zero);
@@ -376,6 +363,11 @@ void CpuBackend::cross_entropy_backward(const View& dlogits, const View& dloss, 
 // tests compare the two element by element.
 
 void CpuBackend::dropout(const View& out, const View& in, double p, uint64_t seed, uint64_t offset) {
+  if (in.dtype == DType::BF16) {  // stored, not computed in: on f32 copies, rounded once
+    KernelOperands f32(*this);
+    dropout(f32.out(out, DType::F32), f32.in(in, DType::F32), p, seed, offset);
+    return f32.finish();
+  }
   cpu::dispatch_floating(in.dtype, "dropout", [&](auto zero) {
     using T = decltype(zero);
     const T* px = in.ptr<T>();

@@ -508,10 +508,9 @@ cudaError_t launch_attention_backward(const LaunchContext& ctx, DType dtype, con
                                       const void* v, const void* out, const float* lse, void* scratch) {
   if (dtype == DType::BF16) {
     using bf16 = __nv_bfloat16;
-    return attention::launch_backward_bf16(
-        ctx, shape, static_cast<float*>(dq), static_cast<float*>(dk), static_cast<float*>(dv),
-        static_cast<const bf16*>(dout), static_cast<const bf16*>(q), static_cast<const bf16*>(k),
-        static_cast<const bf16*>(v), out, lse, static_cast<float*>(scratch));
+    return attention::launch_backward_bf16(ctx, shape, dq, dk, dv, static_cast<const bf16*>(dout),
+                                           static_cast<const bf16*>(q), static_cast<const bf16*>(k),
+                                           static_cast<const bf16*>(v), out, lse, static_cast<float*>(scratch));
   }
   const Problem p = problem_of(shape);
   const int64_t bh = shape.B * shape.H;

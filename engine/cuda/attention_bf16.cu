@@ -1,7 +1,7 @@
 // Attention on the tensor cores for bf16 inputs (mixed precision): the
 // flash-attention algorithm of attention.cu, with every product made by the
-// mma.sync instruction (m16n8k16, bf16 operands, f32 accumulation), an f32
-// or bf16 output and f32 gradients. Every operand is read and written through
+// mma.sync instruction (m16n8k16, bf16 operands, f32 accumulation), and an
+// output and gradients in f32 or bf16. Every operand is read and written through
 // its strides (GPT-2's q, k and v are views of one [B, T, 3, H, D] tensor).
 //
 // A block of 4 warps owns a 64-row tile (queries in the forward and in dQ,
@@ -375,9 +375,9 @@ __device__ __forceinline__ void softmax_grad(float& s, float& dp, bool visible, 
 }
 
 // dQ for one (batch * head, query tile): dQ = dS K, dS = scale * P * (dP F - delta), dP = dO V^T.
-template <int DMAX>
+template <int DMAX, typename Grad>
 __global__ void __launch_bounds__(kBlockThreads)
-    dq_kernel(Problem p, float scale, float* dq, const bf16* dout, const bf16* q, const bf16* k, const bf16* v,
+    dq_kernel(Problem p, float scale, Grad* dq, const bf16* dout, const bf16* q, const bf16* k, const bf16* v,
               const float* lse, const float* delta) {
   extern __shared__ __align__(128) bf16 smem[];
   bf16 *q_tile = smem, *do_tile = smem + kTileElems<DMAX>;
@@ -436,9 +436,9 @@ __global__ void __launch_bounds__(kBlockThreads)
 // dK and dV for one (batch * head, key tile): dV = (P F)^T dO, dK = dS^T Q.
 // Here a warp's rows are keys and its score columns queries: it makes P^T and
 // dS^T directly, as K Q^T and V dO^T.
-template <int DMAX>
+template <int DMAX, typename Grad>
 __global__ void __launch_bounds__(kBlockThreads)
-    dkv_kernel(Problem p, float scale, float* dk, float* dv, const bf16* dout, const bf16* q, const bf16* k,
+    dkv_kernel(Problem p, float scale, Grad* dk, Grad* dv, const bf16* dout, const bf16* q, const bf16* k,
                const bf16* v, const float* lse, const float* delta) {
   extern __shared__ __align__(128) bf16 smem[];
   bf16 *k_tile = smem, *v_tile = smem + kTileElems<DMAX>;
@@ -540,9 +540,9 @@ cudaError_t launch_forward_bf16(const LaunchContext& ctx, const AttentionShape& 
   return status;
 }
 
-cudaError_t launch_backward_bf16(const LaunchContext& ctx, const AttentionShape& shape, float* dq, float* dk,
-                                 float* dv, const bf16* dout, const bf16* q, const bf16* k, const bf16* v,
-                                 const void* out, const float* lse, float* delta) {
+cudaError_t launch_backward_bf16(const LaunchContext& ctx, const AttentionShape& shape, void* dq, void* dk, void* dv,
+                                 const bf16* dout, const bf16* q, const bf16* k, const bf16* v, const void* out,
+                                 const float* lse, float* delta) {
   Problem p = problem_of(shape);
   const AttentionStrides& s = shape.strides;
   p.vector_loads = rows_aligned(q, s.q, p.D) && rows_aligned(k, s.k, p.D) && rows_aligned(v, s.v, p.D) &&
@@ -557,16 +557,22 @@ cudaError_t launch_backward_bf16(const LaunchContext& ctx, const AttentionShape&
                             : launch_delta(ctx, p, rows, delta, dout, static_cast<const float*>(out));
   }
   const float scale = float(shape.scale);
-  by_head_size(shape.D, [&](auto dmax) {
+  // The gradients in f32, or in bf16 for bf16 inputs.
+  auto launch = [&](auto dmax, auto* grad_type) {
     constexpr int DMAX = decltype(dmax)::value;
+    using Grad = std::remove_pointer_t<decltype(grad_type)>;
+    const size_t smem = 6 * kTileElems<DMAX> * sizeof(bf16);
     if (dq && q_tiles > 0 && status == cudaSuccess)
-      status = launch_with_smem(dq_kernel<DMAX>, dim3(unsigned(bh), unsigned(q_tiles)), kBlockThreads,
-                                6 * kTileElems<DMAX> * sizeof(bf16), ctx.stream, p, scale, dq, dout, q, k, v, lse,
-                                delta);
+      status = launch_with_smem(dq_kernel<DMAX, Grad>, dim3{unsigned(bh), unsigned(q_tiles)}, kBlockThreads, smem,
+                                ctx.stream, p, scale, static_cast<Grad*>(dq), dout, q, k, v, lse, delta);
     if ((dk || dv) && k_tiles > 0 && status == cudaSuccess)
-      status = launch_with_smem(dkv_kernel<DMAX>, dim3(unsigned(bh), unsigned(k_tiles)), kBlockThreads,
-                                6 * kTileElems<DMAX> * sizeof(bf16), ctx.stream, p, scale, dk, dv, dout, q, k, v,
+      status = launch_with_smem(dkv_kernel<DMAX, Grad>, dim3{unsigned(bh), unsigned(k_tiles)}, kBlockThreads, smem,
+                                ctx.stream, p, scale, static_cast<Grad*>(dk), static_cast<Grad*>(dv), dout, q, k, v,
                                 lse, delta);
+  };
+  by_head_size(shape.D, [&](auto dmax) {
+    if (shape.grads_bf16) launch(dmax, static_cast<bf16*>(nullptr));
+    else launch(dmax, static_cast<float*>(nullptr));
   });
   return status;
 }

@@ -136,12 +136,12 @@ inline bool grid_fits(int64_t bh, int64_t tiles) { return bh <= int64_t(INT32_MA
 
 // ---- the bf16 tensor-core family (attention_bf16.cu), head dim D <= 128 ----
 // q, k, v (and dO) bf16 [B, H, T, D]; out f32 or bf16 (shape.out_bf16); dq,
-// dk, dv f32; all through shape.strides. delta: f32 [B * H * Tq] scratch.
+// dk, dv f32 or bf16 (shape.grads_bf16); all through shape.strides. delta:
+// f32 [B * H * Tq] scratch.
 cudaError_t launch_forward_bf16(const LaunchContext& ctx, const AttentionShape& shape, void* out, float* lse,
                                 const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v);
-cudaError_t launch_backward_bf16(const LaunchContext& ctx, const AttentionShape& shape, float* dq, float* dk,
-                                 float* dv, const __nv_bfloat16* dout, const __nv_bfloat16* q,
-                                 const __nv_bfloat16* k, const __nv_bfloat16* v, const void* out, const float* lse,
-                                 float* delta);
+cudaError_t launch_backward_bf16(const LaunchContext& ctx, const AttentionShape& shape, void* dq, void* dk, void* dv,
+                                 const __nv_bfloat16* dout, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                                 const __nv_bfloat16* v, const void* out, const float* lse, float* delta);
 
 }  // namespace engine::cuda::attention

@@ -31,8 +31,9 @@ using cuda::Scratch;
 
 // ---- argument helpers ----
 
-// Our kernels compute in f32 or f64; bf16 and f16 are storage types, which
-// only copies, GEMMs, attention (bf16 inputs) and GELU read.
+// Our kernels compute in f32 or f64; bf16 is a storage type, which copies,
+// GEMMs, attention, GELU, dropout and the unary and binary maps read and
+// write (computing in f32); other ops take it on f32 copies (KernelOperands).
 void require_floating(DType dtype, const char* op) {
   check(dtype == DType::F32 || dtype == DType::F64, "{} on CUDA: computes in f32 or f64, got {}", op,
         dtype_name(dtype));
@@ -248,19 +249,24 @@ void CudaBackend::fill_normal(const View& dst, uint64_t seed, uint64_t offset, d
 
 void CudaBackend::unary(UnaryOp op, const View& out, const View& in, double scalar) {
   OpScope scope(ctx_, op_name(op));
-  require_floating(out.dtype, "unary");
+  require_floating_or_bf16(out.dtype, "unary");
   const auto layout = layout_of<2>(out.shape, {&out.strides, &in.strides}, "unary");
   ctx_.check_launch(cuda::launch_unary(ctx_.launch(), op, out.dtype, layout, out.data, in.data, scalar), "unary");
 }
 
 void CudaBackend::binary(BinaryOp op, const View& out, const View& a, const View& b) {
   OpScope scope(ctx_, op_name(op));
-  require_floating(out.dtype, "binary");
+  require_floating_or_bf16(out.dtype, "binary");
   const auto layout = layout_of<3>(out.shape, {&out.strides, &a.strides, &b.strides}, "binary");
   ctx_.check_launch(cuda::launch_binary(ctx_.launch(), op, out.dtype, layout, out.data, a.data, b.data), "binary");
 }
 
 void CudaBackend::where(const View& out, const View& condition, const View& a, const View& b) {
+  if (out.dtype == DType::BF16) {  // rare: on f32 copies, rounded once
+    KernelOperands f32(*this);
+    where(f32.out(out, DType::F32), condition, f32.in(a, DType::F32), f32.in(b, DType::F32));
+    return f32.finish();
+  }
   OpScope op(ctx_, "where");
   require_floating(out.dtype, "where");
   const auto layout =
@@ -275,6 +281,11 @@ void CudaBackend::where(const View& out, const View& condition, const View& a, c
 // `in` split into kept dims (out has the same size there) and reduced dims
 // (out has 1, in more), each merged where memory allows, as the CPU splits it.
 void CudaBackend::reduce(ReduceOp op, const View& out, const View& in) {
+  if (in.dtype == DType::BF16) {  // summed in f32 (as every f32 sum), rounded once
+    KernelOperands f32(*this);
+    reduce(op, f32.out(out, DType::F32), f32.in(in, DType::F32));
+    return f32.finish();
+  }
   OpScope scope(ctx_, op == ReduceOp::Sum ? "sum" : "max");
   require_floating(in.dtype, "reduce");
   if (in.numel() == 0) return;
@@ -313,6 +324,10 @@ void CudaBackend::reduce(ReduceOp op, const View& out, const View& in) {
 }
 
 void CudaBackend::argmax_last(const View& out, const View& in) {
+  if (in.dtype == DType::BF16) {
+    KernelOperands f32(*this);
+    return argmax_last(out, f32.in(in, DType::F32));
+  }
   OpScope op(ctx_, "argmax");
   require_floating(in.dtype, "argmax");
   const auto [rows, cols] = rows_of(in);
@@ -487,8 +502,8 @@ double attention_flops(const cuda::AttentionShape& s, double per_product) {
   return per_product * double(s.B * s.H) * double(s.Tq) * double(s.Tk) * double(s.D) * (s.causal ? 0.5 : 1.0);
 }
 
-// The tensor-core kernels take bf16 inputs with D <= 128, an f32 or bf16
-// output and f32 gradients, through any strides whose D is contiguous. Every
+// The tensor-core kernels take bf16 inputs with D <= 128, an output and
+// gradients in f32 or bf16, through any strides whose D is contiguous. Every
 // other call runs on contiguous operands in the compute dtype (f32, or f64):
 // bf16 inputs of larger heads are widened, which the f32 kernels then
 // multiply exactly, and a bf16 output is rounded once at the end.
@@ -498,7 +513,13 @@ bool tensor_core_fits(const View& q, std::initializer_list<const View*> inputs, 
   bool fits = q.dtype == DType::BF16 && q.shape[3] <= 128 && (out.dtype == DType::F32 || out.dtype == DType::BF16) &&
               unit_d(out);
   for (const View* v : inputs) fits = fits && v->dtype == DType::BF16 && unit_d(*v);
-  for (const View* g : gradients) fits = fits && (!g->data || g->dtype == DType::F32) && unit_d(*g);
+  std::optional<DType> grad_dtype;  // one for all three
+  for (const View* g : gradients) {
+    if (!g->data) continue;
+    fits = fits && (g->dtype == DType::F32 || g->dtype == DType::BF16) && grad_dtype.value_or(g->dtype) == g->dtype &&
+           unit_d(*g);
+    grad_dtype = g->dtype;
+  }
   return fits;
 }
 
@@ -555,6 +576,8 @@ void CudaBackend::attention_backward(const View& dq, const View& dk, const View&
   s.strides = {head_strides(q),    head_strides(k),  head_strides(v),  head_strides(out),
                head_strides(dout), head_strides(dq), head_strides(dk), head_strides(dv)};
   s.out_bf16 = out.dtype == DType::BF16;
+  for (const View* g : {&dq, &dk, &dv})
+    if (g->data) s.grads_bf16 = g->dtype == DType::BF16;
   OpScope op(ctx_, "attention_backward", attention_flops(s, 10));
   Scratch delta(ctx_, cuda::attention_backward_scratch_bytes(q.dtype, s), "attention_backward rowsum(dO * O)");
   ctx_.check_launch(cuda::launch_attention_backward(ctx_.launch(), q.dtype, s, dq.data, dk.data, dv.data, dout.data,
@@ -567,7 +590,7 @@ void CudaBackend::attention_backward(const View& dq, const View& dk, const View&
 
 void CudaBackend::dropout(const View& out, const View& in, double p, uint64_t seed, uint64_t offset) {
   OpScope op(ctx_, "dropout");
-  require_floating(in.dtype, "dropout");
+  require_floating_or_bf16(in.dtype, "dropout");
   ctx_.check_launch(cuda::launch_dropout(ctx_.launch(), in.dtype, in.numel(), out.data, in.data, p, seed, offset),
                     "dropout");
 }

@@ -2,7 +2,8 @@
 // over any strides (broadcast operands have stride 0). Each op is a small
 // functor applied at every element's offsets; one grid-stride kernel walks a
 // contiguous layout by a plain index and a strided one by unravelling it.
-// The arithmetic is the CPU backend's (cpu_elementwise.cpp), op for op.
+// The arithmetic is the CPU backend's (cpu_elementwise.cpp), op for op; bf16
+// is computed in f32 and rounded once, as the CPU does on f32 copies.
 #include "engine/cuda/common.cuh"
 
 #include <cstdint>
@@ -129,6 +130,17 @@ __device__ __forceinline__ bool truth(C c) {
   else return c != C(0);
 }
 
+// Elementwise math in the compute type of T (f32 for bf16 storage), rounded once.
+template <typename T>
+__device__ __forceinline__ T unary_at(UnaryOp op, T x, compute_t<T> s) {
+  return convert<T>(apply_unary(op, convert<compute_t<T>>(x), s));
+}
+template <typename T>
+__device__ __forceinline__ T binary_at(BinaryOp op, T a, T b) {
+  using C = compute_t<T>;
+  return convert<T>(apply_binary(op, convert<C>(a), convert<C>(b)));
+}
+
 template <typename T, typename Index>
 __global__ void binary4_kernel(StridedLayout<3> packs, BinaryOp op, T* out, const T* a, const T* b) {
   for (int64_t i = grid_index(); i < packs.numel; i += grid_stride()) {
@@ -138,7 +150,7 @@ __global__ void binary4_kernel(StridedLayout<3> packs, BinaryOp op, T* out, cons
     const Pack4<T> y = reinterpret_cast<const Pack4<T>*>(b)[o[2]];
     Pack4<T> z;
 #pragma unroll
-    for (int k = 0; k < 4; ++k) z.v[k] = apply_binary(op, x.v[k], y.v[k]);
+    for (int k = 0; k < 4; ++k) z.v[k] = binary_at(op, x.v[k], y.v[k]);
     reinterpret_cast<Pack4<T>*>(out)[o[0]] = z;  // out may be a or b: each pack is read before it is written
   }
 }
@@ -164,8 +176,8 @@ struct UnaryFn {
   UnaryOp op;
   T* out;
   const T* in;
-  T scalar;
-  __device__ void operator()(const int64_t (&o)[2]) const { out[o[0]] = apply_unary(op, in[o[1]], scalar); }
+  compute_t<T> scalar;
+  __device__ void operator()(const int64_t (&o)[2]) const { out[o[0]] = unary_at(op, in[o[1]], scalar); }
 };
 
 template <typename T>
@@ -173,7 +185,7 @@ struct BinaryFn {
   BinaryOp op;
   T* out;
   const T *a, *b;
-  __device__ void operator()(const int64_t (&o)[3]) const { out[o[0]] = apply_binary(op, a[o[1]], b[o[2]]); }
+  __device__ void operator()(const int64_t (&o)[3]) const { out[o[0]] = binary_at(op, a[o[1]], b[o[2]]); }
 };
 
 template <typename T, typename C>
@@ -222,9 +234,10 @@ cudaError_t launch_fill(const LaunchContext& ctx, size_t elem_size, const Stride
 cudaError_t launch_unary(const LaunchContext& ctx, UnaryOp op, DType dtype, const StridedLayout<2>& layout, void* out,
                          const void* in, double scalar) {
   cudaError_t status = cudaSuccess;
-  dispatch_floating(dtype, [&](auto zero) {
+  dispatch_floating_or_bf16(dtype, [&](auto zero) {
     using T = decltype(zero);
-    status = launch_map(ctx, layout, UnaryFn<T>{op, static_cast<T*>(out), static_cast<const T*>(in), T(scalar)});
+    status = launch_map(ctx, layout,
+                        UnaryFn<T>{op, static_cast<T*>(out), static_cast<const T*>(in), compute_t<T>(scalar)});
   });
   return status;
 }
@@ -232,7 +245,7 @@ cudaError_t launch_unary(const LaunchContext& ctx, UnaryOp op, DType dtype, cons
 cudaError_t launch_binary(const LaunchContext& ctx, BinaryOp op, DType dtype, const StridedLayout<3>& layout,
                           void* out, const void* a, const void* b) {
   cudaError_t status = cudaSuccess;
-  dispatch_floating(dtype, [&](auto zero) {
+  dispatch_floating_or_bf16(dtype, [&](auto zero) {
     using T = decltype(zero);
     T* o = static_cast<T*>(out);
     const T *x = static_cast<const T*>(a), *y = static_cast<const T*>(b);

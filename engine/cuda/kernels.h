@@ -116,8 +116,8 @@ cudaError_t launch_cross_entropy_backward(const LaunchContext& ctx, DType dtype,
 // ---- attention (attention.cu, attention_bf16.cu) ----
 // q [B, H, Tq, D], k and v [B, H, Tk, D], key_mask i32 [B, Tk] or null.
 // `dtype` is q's, k's, v's (and dO's): f32 or f64, contiguous, with outputs
-// of the same dtype; or bf16 (D <= 128) with f32 gradients and an f32 or
-// bf16 output, every operand read and written through its strides. Query i
+// of the same dtype; or bf16 (D <= 128) with an output and gradients each in
+// f32 or bf16, every operand read and written through its strides. Query i
 // sees key j when key_mask[b, j] != 0 and, if causal, j <= i + (Tk - Tq)
 // (bottom-right aligned, as PyTorch).
 
@@ -137,7 +137,7 @@ struct AttentionShape {
   double dropout_p = 0;  // engine/backend.h's AttentionArgs: probabilities dropped by Philox
   uint64_t dropout_seed = 0, dropout_offset = 0;
   AttentionStrides strides;
-  bool out_bf16 = false;  // bf16 inputs only
+  bool out_bf16 = false, grads_bf16 = false;  // bf16 inputs only
 };
 // out [B, H, Tq, D]; lse f32 [B, H, Tq] (-inf for a query that sees no key).
 cudaError_t launch_attention_forward(const LaunchContext& ctx, DType dtype, const AttentionShape& shape, void* out,

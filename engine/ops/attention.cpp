@@ -80,11 +80,13 @@ Call make_call(const Tensor& q, const Tensor& k, const Tensor& key_padding_mask,
   return call;
 }
 
-// Under autocast the kernels read bf16 (the inputs rounded by one cast),
-// write a bf16 output (it feeds the next GEMM, which would round it anyway)
-// and f32 gradients; otherwise everything is in the inputs' dtype.
-DType kernel_dtype(const Tensor& t) { return autocast_dtype().value_or(t.dtype()); }
-DType gradient_dtype(const Tensor& t) { return autocast_dtype() ? DType::F32 : t.dtype(); }
+// Under autocast the kernels read f32 or bf16 inputs as bf16 (rounded by one
+// cast) and write a bf16 output, as torch's autocast does; otherwise
+// everything is in the inputs' dtype. Gradients come back in each input's dtype.
+DType kernel_dtype(const Tensor& t) {
+  const bool castable = t.dtype() == DType::F32 || t.dtype() == DType::BF16;
+  return castable ? autocast_dtype().value_or(t.dtype()) : t.dtype();
+}
 
 // The dims of t, outermost in memory first: t.permute(order) is contiguous
 // when t is a permutation of a dense tensor, as GPT-2's q, k and v are (views
@@ -163,20 +165,19 @@ Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, const Tens
   // The backward keeps the inputs as given (in node.inputs) rather than their
   // bf16 copies: rounding again costs little time, keeping copies costs a
   // second q, k, v per layer of activation memory.
-  record(out, kOp, {q, k, v},
-         [call, lse, y = out.detach(), in, grad_dtype = gradient_dtype(q)](const Tensor& grad,
-                                                                          const Node& node) -> std::vector<Tensor> {
-           auto buffer = [&](size_t i) {
-             return node.needs_grad(i) ? empty_like_layout(node.inputs[i], grad_dtype) : Tensor();
-           };
-           std::vector<Tensor> grads{buffer(0), buffer(1), buffer(2)};
-           backward(grads[0], grads[1], grads[2], kernel_input(grad, in), kernel_input(node.inputs[0], in),
-                    kernel_input(node.inputs[1], in), kernel_input(node.inputs[2], in), y, lse, call);
-           // Each gradient in its input's dtype (they differ only under autocast with bf16 inputs).
-           for (size_t i = 0; i < grads.size(); ++i)
-             if (grads[i].defined()) grads[i] = grads[i].to(node.inputs[i].dtype());
-           return grads;
-         });
+  record(out, kOp, {q, k, v}, [call, lse, y = out.detach(), in](const Tensor& grad, const Node& node) {
+    // The kernels write one dtype for all three gradients: q's, converted after for k or v if theirs differs.
+    const DType grad_dtype = node.inputs[0].dtype();
+    auto buffer = [&](size_t i) {
+      return node.needs_grad(i) ? empty_like_layout(node.inputs[i], grad_dtype) : Tensor();
+    };
+    std::vector<Tensor> grads{buffer(0), buffer(1), buffer(2)};
+    backward(grads[0], grads[1], grads[2], kernel_input(grad, in), kernel_input(node.inputs[0], in),
+             kernel_input(node.inputs[1], in), kernel_input(node.inputs[2], in), y, lse, call);
+    for (size_t i = 0; i < grads.size(); ++i)
+      if (grads[i].defined()) grads[i] = grads[i].to(node.inputs[i].dtype());
+    return grads;
+  });
   return out;
 }
 
@@ -198,16 +199,15 @@ Tensor scaled_dot_product_attention_packed(const Tensor& qkv, const Tensor& key_
   auto [out, lse] = forward(qc, kc, vc, call, in);
 
   record(out, kOp, {edge_only(qkv)},
-         [call, lse, y = out.detach(), packed, parts, grad_dtype = gradient_dtype(qkv)](
-             const Tensor& grad, const Node& node) -> std::vector<Tensor> {
+         [call, lse, y = out.detach(), packed, parts](const Tensor& grad, const Node& node) -> std::vector<Tensor> {
            const Tensor& qkv = node.inputs[0];
            // The three gradients land in one buffer laid out as the input:
            // the input's whole gradient, as it is.
-           Tensor dqkv = empty_like_layout(qkv, grad_dtype);
+           Tensor dqkv = empty_like_layout(qkv, qkv.dtype());
            const auto [dq, dk, dv] = parts(dqkv);
            const auto [q, k, v] = parts(packed);
            backward(dq, dk, dv, kernel_input(grad, packed.dtype()), q, k, v, y, lse, call);
-           return {dqkv.to(qkv.dtype())};
+           return {dqkv};
          });
   return out;
 }

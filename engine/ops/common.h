@@ -20,6 +20,11 @@ Tensor make_view(const Tensor& t, const Shape& shape, const Shape& strides, int6
 
 inline Backend& backend_of(const Tensor& t) { return backend_for(t.device()); }
 
+// bf16 and f16 are storage types: ops that need f32's range or precision
+// throughout (layer norm, softmax, the loss) take them widened to f32, as
+// torch's autocast runs those ops in f32.
+inline bool stored_only(DType dtype) { return dtype == DType::BF16 || dtype == DType::F16; }
+
 // Indices (or targets) made contiguous, checked by `check(backend, view)` with the backend
 // of the device they are on, and brought to `device`. Indices on the host are checked there
 // and copied over, so that a GPU op never waits for a check on the device. `copied`: the

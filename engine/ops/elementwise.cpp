@@ -1,6 +1,9 @@
-// Elementwise ops with NumPy broadcasting. The backward of a broadcast input
-// sums the gradient back to the input's shape (sum_to).
+// Elementwise ops with NumPy broadcasting and torch's promotion of mixed
+// floating dtypes. The backward of a broadcast input sums the gradient back to
+// the input's shape (sum_to).
 #include "engine/ops/common.h"
+
+#include <optional>
 
 namespace engine {
 
@@ -64,11 +67,24 @@ Tensor grad_for(const Node& node, size_t i, const Tensor& grad) {
   return node.needs_grad(i) ? sum_to(grad, node.inputs[i].shape()) : Tensor();
 }
 
+// Floating operands of two dtypes meet in the wider one, as torch promotes
+// them (a bf16 product under autocast plus an f32 residual is f32); bf16 with
+// f16 meet in f32. The casts are recorded, so each gradient comes back in its
+// input's dtype. Nothing when the dtypes agree (or are not both floating:
+// check_compatible then names them).
+std::optional<DType> promotion(const Tensor& a, const Tensor& b) {
+  const DType x = a.dtype(), y = b.dtype();
+  if (x == y || !is_floating(x) || !is_floating(y)) return std::nullopt;
+  if (x == DType::F64 || y == DType::F64) return DType::F64;
+  return DType::F32;
+}
+
 }  // namespace
 
 // ---- binary ----
 
 Tensor add(const Tensor& a, const Tensor& b) {
+  if (const auto wide = promotion(a, b)) return add(a.to(*wide), b.to(*wide));
   Tensor out = binary_forward(BinaryOp::Add, a, b, "add");
   record(out, "add", {edge_only(a), edge_only(b)}, [](const Tensor& g, const Node& n) -> std::vector<Tensor> {
     return {grad_for(n, 0, g), grad_for(n, 1, g)};
@@ -77,6 +93,7 @@ Tensor add(const Tensor& a, const Tensor& b) {
 }
 
 Tensor sub(const Tensor& a, const Tensor& b) {
+  if (const auto wide = promotion(a, b)) return sub(a.to(*wide), b.to(*wide));
   Tensor out = binary_forward(BinaryOp::Sub, a, b, "sub");
   record(out, "sub", {edge_only(a), edge_only(b)}, [](const Tensor& g, const Node& n) -> std::vector<Tensor> {
     return {grad_for(n, 0, g), n.needs_grad(1) ? grad_for(n, 1, neg(g)) : Tensor()};
@@ -85,6 +102,7 @@ Tensor sub(const Tensor& a, const Tensor& b) {
 }
 
 Tensor mul(const Tensor& a, const Tensor& b) {
+  if (const auto wide = promotion(a, b)) return mul(a.to(*wide), b.to(*wide));
   Tensor out = binary_forward(BinaryOp::Mul, a, b, "mul");
   record(out, "mul", {a, b}, [](const Tensor& g, const Node& n) -> std::vector<Tensor> {
     const Tensor &a = n.inputs[0], &b = n.inputs[1];
@@ -94,6 +112,7 @@ Tensor mul(const Tensor& a, const Tensor& b) {
 }
 
 Tensor div(const Tensor& a, const Tensor& b) {
+  if (const auto wide = promotion(a, b)) return div(a.to(*wide), b.to(*wide));
   Tensor out = binary_forward(BinaryOp::Div, a, b, "div");
   record(out, "div", {a, b}, [y = out.detach()](const Tensor& g, const Node& n) -> std::vector<Tensor> {
     const Tensor& b = n.inputs[1];
@@ -104,6 +123,7 @@ Tensor div(const Tensor& a, const Tensor& b) {
 }
 
 Tensor maximum(const Tensor& a, const Tensor& b) {
+  if (const auto wide = promotion(a, b)) return maximum(a.to(*wide), b.to(*wide));
   Tensor out = binary_forward(BinaryOp::Maximum, a, b, "maximum");
   record(out, "maximum", {a, b}, [](const Tensor& g, const Node& n) -> std::vector<Tensor> {
     // Ties send the gradient to `a`, matching the forward's choice.
@@ -183,6 +203,7 @@ Tensor square(const Tensor& a) {
 // ---- selection ----
 
 Tensor where(const Tensor& condition, const Tensor& a, const Tensor& b) {
+  if (const auto wide = promotion(a, b)) return where(condition, a.to(*wide), b.to(*wide));
   detail::check_compatible(a, b, "where");
   detail::check_floating(a, "where");
   if (condition.device() != a.device())

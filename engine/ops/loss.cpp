@@ -1,7 +1,7 @@
 // Cross-entropy over class logits, fused with log-softmax: the forward keeps
 // each row's log-sum-exp, and the backward is softmax - onehot per row, scaled
 // by that row's upstream gradient. PyTorch's semantics for ignore_index and
-// the reductions.
+// the reductions; bf16 logits (autocast's) are widened to f32 first.
 #include "engine/ops/common.h"
 
 #include <algorithm>
@@ -12,6 +12,8 @@ namespace engine {
 using detail::backend_of;
 
 Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index, Reduction reduction) {
+  if (detail::stored_only(logits.dtype()))
+    return cross_entropy(logits.to(DType::F32), targets, ignore_index, reduction);
   detail::check_floating(logits, "cross_entropy");
   check(logits.dim() == 2, "cross_entropy: logits must be [N, K], got shape {}", shape_str(logits.shape()));
   check(targets.dtype() == DType::I32 || targets.dtype() == DType::I64,

@@ -2,8 +2,8 @@
 // x @ W.T costs no copy; a 2-D weight shared across a batch is folded into
 // one large GEMM; a Linear's bias (and linear_gelu's GELU) ride in the GEMM's
 // epilogue. The backward skips dW entirely when W is frozen. Under autocast
-// (engine/precision.h) the GEMMs multiply bf16 and return f32, except
-// linear_gelu's, which returns bf16 (see fused_linear).
+// (engine/precision.h) the GEMMs multiply and return bf16; each gradient
+// comes back in its input's dtype.
 #include "engine/ops/common.h"
 #include "engine/precision.h"
 
@@ -105,23 +105,19 @@ Tensor product(const Tensor& a, const Tensor& b, DType compute, DType out_dtype,
   return out;
 }
 
-// The precision of one matmul: the dtype the GEMM multiplies in and the
-// dtype of its result. Under autocast, f32 and bf16 operands meet in bf16 and
-// give f32 (engine/precision.h); otherwise both are the operands' one dtype.
-struct Precision {
-  DType compute, out;
-};
-
-Precision precision_of(const Tensor& a, const Tensor& b) {
+// The dtype one matmul multiplies in and returns. Under autocast, f32 and
+// bf16 operands meet in bf16 (engine/precision.h); otherwise both operands
+// must have it.
+DType product_dtype(const Tensor& a, const Tensor& b) {
   const std::optional<DType> autocast = autocast_dtype();
   auto castable = [](DType d) { return d == DType::F32 || d == DType::BF16; };
   if (autocast && castable(a.dtype()) && castable(b.dtype())) {
     if (a.device() != b.device())
       fail("matmul: operands on {} and {}", a.device().str(), b.device().str());
-    return {*autocast, DType::F32};
+    return *autocast;
   }
   detail::check_compatible(a, b, "matmul");
-  return {a.dtype(), a.dtype()};
+  return a.dtype();
 }
 
 void check_chain(const Tensor& a, const Tensor& b) {
@@ -168,23 +164,18 @@ Node::BackwardFn product_backward(DType compute) {
 
 Tensor matmul(const Tensor& a, const Tensor& b) {
   check_chain(a, b);
-  const Precision precision = precision_of(a, b);
-  Tensor out = product(a, b, precision.compute, precision.out);
-  record(out, "matmul", saved_operands(a, b), product_backward(precision.compute));
+  const DType dtype = product_dtype(a, b);
+  Tensor out = product(a, b, dtype, dtype);
+  record(out, "matmul", saved_operands(a, b), product_backward(dtype));
   return out;
 }
 
 namespace {
 
 // linear and linear_gelu as one GEMM with the bias (and GELU) in its
-// epilogue, where the bias has the product's dtype (f32 or f64) and the sum
-// is not empty; undefined where they must be composed of separate ops.
-//
-// Under autocast linear_gelu returns bf16, the dtype its GEMM multiplies in,
-// and keeps its pre-activation in bf16: an MLP's GELU output only ever feeds
-// the next GEMM, which would round it to bf16 anyway. That saves a cast of
-// the layer's widest activation each way, and half its memory; the backward
-// computes the GELU's derivative in f32 from bf16 operands.
+// epilogue, where the sum is not empty; undefined where they must be composed
+// of separate ops. The bias has the product's dtype, or under autocast is
+// rounded to it, as torch's autocast rounds it.
 Tensor fused_linear(const Tensor& x, const Tensor& weight, const Tensor& bias, WeightLayout layout, bool gelu) {
   const char* op = gelu ? "linear_gelu" : "linear";
   check(weight.dim() == 2, "{}: weight must be 2-D, got shape {}", op, shape_str(weight.shape()));
@@ -193,17 +184,14 @@ Tensor fused_linear(const Tensor& x, const Tensor& weight, const Tensor& bias, W
   if (!bias.defined()) return Tensor();
   check(bias.dim() == 1 && bias.size(0) == w.size(1), "{}: bias shape {} for {} outputs", op, shape_str(bias.shape()),
         w.size(1));
-  const Precision precision = precision_of(x, w);
-  const bool fusable = bias.dtype() == precision.out && (precision.out == DType::F32 || precision.out == DType::F64) &&
-                       bias.device() == x.device() && w.size(0) > 0;
-  if (!fusable) return Tensor();
-  const DType out_dtype = gelu ? precision.compute : precision.out;
+  const DType dtype = product_dtype(x, w);
+  const bool bias_fits = bias.dtype() == dtype || (autocast_dtype() == dtype && bias.dtype() == DType::F32);
+  if (!bias_fits || bias.device() != x.device() || w.size(0) == 0) return Tensor();
   Shape out_shape = x.shape();
   out_shape.back() = w.size(1);
-  Epilogue epilogue{bias.detach().to(out_dtype).contiguous(),
-                    gelu ? Tensor::empty(out_shape, out_dtype, x.device()) : Tensor()};
-  Tensor out = product(x, w, precision.compute, out_dtype, epilogue);
-  Node::BackwardFn backward = product_backward(precision.compute);
+  Epilogue epilogue{bias.detach().to(dtype).contiguous(), gelu ? Tensor::empty(out_shape, dtype, x.device()) : Tensor()};
+  Tensor out = product(x, w, dtype, dtype, epilogue);
+  Node::BackwardFn backward = product_backward(dtype);
   if (gelu) {  // through the GELU first, from the saved pre-activation
     backward = [backward, pre = epilogue.pre_gelu](const Tensor& g, const Node& n) {
       Tensor dpre = Tensor::empty(pre.shape(), pre.dtype(), pre.device()), gc = g.to(pre.dtype()).contiguous();
@@ -222,14 +210,13 @@ Tensor fused_linear(const Tensor& x, const Tensor& weight, const Tensor& bias, W
 Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias, WeightLayout layout) {
   if (Tensor out = fused_linear(x, weight, bias, layout, /*gelu=*/false); out.defined()) return out;
   const Tensor y = matmul(x, layout == WeightLayout::InOut ? weight : weight.transpose(0, 1));
-  return bias.defined() ? add(y, bias) : y;
+  if (!bias.defined()) return y;
+  return add(y, autocast_dtype() == y.dtype() ? bias.to(y.dtype()) : bias);  // rounded as the fused bias is
 }
 
 Tensor linear_gelu(const Tensor& x, const Tensor& weight, const Tensor& bias, WeightLayout layout) {
   if (Tensor out = fused_linear(x, weight, bias, layout, /*gelu=*/true); out.defined()) return out;
-  // Composed: in the same dtype as the fused op gives (bf16 under autocast).
-  const Tensor w = layout == WeightLayout::InOut ? weight : weight.transpose(0, 1);
-  return gelu_new(linear(x, weight, bias, layout)).to(precision_of(x, w).compute);
+  return gelu_new(linear(x, weight, bias, layout));
 }
 
 }  // namespace engine
