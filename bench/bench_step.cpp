@@ -159,16 +159,17 @@ std::string size_label(const std::string& model) {
   return name.empty() ? path.parent_path().filename().string() : name;
 }
 
-// Kernel calls, GFLOP and seconds of one step, on stderr. On a GPU the seconds
-// are host launch times (kernels run asynchronously); calls and FLOPs still hold.
-void print_profile(const std::function<void()>& step, Device device) {
+// Kernel calls, GFLOP and seconds of one training step or eval forward (the
+// pass), on stderr. On a GPU the seconds are host launch times (kernels run
+// asynchronously) unless CURLORA_CUDA_SYNC=1; calls and FLOPs hold either way.
+void print_profile(const char* pass, const std::function<void()>& step, Device device) {
   engine::Profiler profiler;
   step();
   synchronize(device);
   json kernels = json::object();
   for (const auto& [name, e] : profiler.entries())
     kernels[name] = {{"calls", e.calls}, {"gflop", e.flops * 1e-9}, {"seconds", e.seconds}};
-  std::fprintf(stderr, "%s\n", json{{"profile", kernels}}.dump().c_str());
+  std::fprintf(stderr, "%s\n", json{{"profile", kernels}, {"pass", pass}}.dump().c_str());
 }
 
 json run(const Options& o) {
@@ -249,7 +250,7 @@ json run(const Options& o) {
   if (device.is_cpu()) record["threads"] = engine::num_threads();
   if (device.is_cuda()) record["peak_bytes"] = peak_bytes(device);
 
-  if (o.profile) print_profile(step, device);
+  if (o.profile) print_profile("train", step, device);
 
   if (o.eval) {
     // As the peer's time_eval: no graph, no attention mask, logits at every
@@ -259,7 +260,9 @@ json run(const Options& o) {
     optimizer.zero_grad();  // the training gradients need not share memory with the forward
     synchronize(device);
     reset_peak(device);
-    const Timing eval = time_calls([&] { model->forward(eval_ids); }, o.eval_warmup, o.steps, device);
+    auto forward = [&] { model->forward(eval_ids); };
+    const Timing eval = time_calls(forward, o.eval_warmup, o.steps, device);
+    if (o.profile) print_profile("eval", forward, device);
     const double eval_tokens = double(o.eval_batch * o.eval_seq);
     record[fmt::format("eval_b{}_t{}_s", o.eval_batch, o.eval_seq)] = eval.mean;
     record["eval_tok_s"] = eval_tokens / eval.mean;
@@ -290,7 +293,8 @@ int main(int argc, char** argv) {
   app.add_option("--eval-batch", o.eval_batch, "eval batch")->capture_default_str();
   app.add_option("--eval-seq", o.eval_seq, "eval sequence length")->capture_default_str();
   app.add_option("--eval-warmup", o.eval_warmup, "untimed eval forwards")->capture_default_str();
-  app.add_flag("--profile", o.profile, "print one step's per-kernel calls, GFLOP and seconds on stderr");
+  app.add_flag("--profile", o.profile,
+               "print one step's (and with --eval one forward's) per-kernel calls, GFLOP and seconds on stderr");
   try {
     app.parse(argc, argv);
     std::printf("%s\n", run(o).dump().c_str());
