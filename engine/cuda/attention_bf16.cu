@@ -265,6 +265,63 @@ __device__ __forceinline__ int count_key_flags(bool* key_ok, const Problem& p, c
   return __syncthreads_count(kept);
 }
 
+// ---- dropout: one Philox block for four scores ----
+// A Philox block is four words: the uniforms of four consecutive keys of one
+// query, when every query's keys start a block (Tk % 4 == 0). The mma layout
+// spreads those four keys over two lanes (rows are queries: the forward and
+// dQ) or four lanes (rows are keys: dK/dV). So each lane draws one block and
+// the lanes swap words by shuffles: half the draws of drawing per pair of
+// scores, a quarter of drawing per score. Every lane of the warp must call.
+
+__device__ __forceinline__ uint32_t word_of(const Philox4& block, int w) {
+  return w == 0 ? block.v[0] : w == 1 ? block.v[1] : w == 2 ? block.v[2] : block.v[3];
+}
+
+// The factors of a lane's scores [n][0..3] where rows are queries: query i
+// (0, 1) and i + 8 (2, 3), keys j and j + 1 (j even, the lane's first column).
+__device__ __forceinline__ float4 query_row_factors(const Problem& p, int64_t bh, int64_t i, int64_t j, int lane) {
+  if (p.Tk % 4 != 0) {
+    const float2 a = p.dropout_factor_pair(bh, i, j), b = p.dropout_factor_pair(bh, i + 8, j);
+    return {a.x, a.y, b.x, b.y};
+  }
+  // Lanes 2m and 2m + 1 hold keys 4m' .. 4m' + 3 (words 0, 1 and 2, 3): the
+  // even lane draws query i's block, the odd lane query i + 8's.
+  const bool odd = lane & 1;
+  const uint64_t element = uint64_t(bh * p.Tq + i + (odd ? 8 : 0)) * uint64_t(p.Tk) + uint64_t(j & ~int64_t(3));
+  const Philox4 block = philox4x32_10(p.dropout_seed, p.dropout_offset + element / 4);
+  const int mine = odd ? 2 : 0, theirs = 2 - mine;
+  const uint32_t got0 = __shfl_xor_sync(0xffffffffu, word_of(block, theirs), 1);
+  const uint32_t got1 = __shfl_xor_sync(0xffffffffu, word_of(block, theirs + 1), 1);
+  auto f = [&](uint32_t w) { return p.keep_factor<float>(philox_word_to_uniform(w)); };
+  const float2 own{f(word_of(block, mine)), f(word_of(block, mine + 1))}, other{f(got0), f(got1)};
+  return odd ? float4{other.x, other.y, own.x, own.y} : float4{own.x, own.y, other.x, other.y};
+}
+
+// The factors of a lane's scores [n][0..3] where rows are keys: key j (0, 1)
+// and j + 8 (2, 3), queries i and i + 1 (i even). Lanes 4 apart hold keys
+// 4m .. 4m + 3: the lane k-th of its four (k = its key % 4) draws block k of
+// the four they need, (query i + (k & 1), keys from j + 8 (k >> 1)).
+__device__ __forceinline__ float4 key_row_factors(const Problem& p, int64_t bh, int64_t j, int64_t i, int lane) {
+  if (p.Tk % 4 != 0)
+    return {p.dropout_factor<float>(bh, i, j), p.dropout_factor<float>(bh, i + 1, j),
+            p.dropout_factor<float>(bh, i, j + 8), p.dropout_factor<float>(bh, i + 1, j + 8)};
+  const int k = (lane / 4) % 4;
+  const uint64_t element =
+      uint64_t(bh * p.Tq + i + (k & 1)) * uint64_t(p.Tk) + uint64_t((j & ~int64_t(3)) + 8 * (k >> 1));
+  const Philox4 block = philox4x32_10(p.dropout_seed, p.dropout_offset + element / 4);
+  float f[4];
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    // Round s: read block k ^ s from the lane that drew it, which sends word k.
+    const uint32_t word = s == 0 ? word_of(block, k) : __shfl_xor_sync(0xffffffffu, word_of(block, k ^ s), 4 * s);
+    const float factor = p.keep_factor<float>(philox_word_to_uniform(word));
+#pragma unroll
+    for (int b = 0; b < 4; ++b)
+      if (b == (k ^ s)) f[b] = factor;
+  }
+  return {f[0], f[1], f[2], f[3]};
+}
+
 // One block per (batch * head, query tile); the online softmax of attention.cu,
 // per warp, with each lane keeping the running max and sum of its two rows.
 template <int DMAX, typename Out>
@@ -332,12 +389,10 @@ __global__ void __launch_bounds__(kBlockThreads)
       }
     if (p.dropout_p > 0) {
 #pragma unroll
-      for (int n = 0; n < kTile / 8; ++n)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float2 f = p.dropout_factor_pair(bh, i0 + score_row(lane, 2 * h), j0 + score_col(lane, n, 0));
-          s[n][2 * h] *= f.x, s[n][2 * h + 1] *= f.y;
-        }
+      for (int n = 0; n < kTile / 8; ++n) {
+        const float4 f = query_row_factors(p, bh, i0 + score_row(lane, 0), j0 + score_col(lane, n, 0), lane);
+        s[n][0] *= f.x, s[n][1] *= f.y, s[n][2] *= f.z, s[n][3] *= f.w;
+      }
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -415,17 +470,18 @@ __global__ void __launch_bounds__(kBlockThreads)
     warp_scores<DMAX>(dp, do_rows, v_tile, lane);
     const bool unmasked = tile_unmasked(p, kept == kTile, i0, j0);
 #pragma unroll
-    for (int n = 0; n < kTile / 8; ++n)
+    for (int n = 0; n < kTile / 8; ++n) {
+      const int c = score_col(lane, n, 0);
+      const float4 f4 = p.dropout_p > 0 ? query_row_factors(p, bh, i0 + score_row(lane, 0), j0 + c, lane)
+                                        : float4{1.f, 1.f, 1.f, 1.f};
+      const float f[4] = {f4.x, f4.y, f4.z, f4.w};
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = score_row(lane, 2 * h), c = score_col(lane, n, 0);
-        const float2 f = p.dropout_p > 0 ? p.dropout_factor_pair(bh, i0 + r, j0 + c) : float2{1.f, 1.f};
-#pragma unroll
-        for (int x = 0; x < 2; ++x) {
-          const bool visible = unmasked || (key_ok[c + x] && p.in_causal_window(i0 + r, j0 + c + x));
-          softmax_grad(s[n][2 * h + x], dp[n][2 * h + x], visible, scale, row_lse[h], row_delta[h], x ? f.y : f.x);
-        }
+      for (int e = 0; e < 4; ++e) {
+        const int h = e / 2, r = score_row(lane, e), x = e % 2;
+        const bool visible = unmasked || (key_ok[c + x] && p.in_causal_window(i0 + r, j0 + c + x));
+        softmax_grad(s[n][e], dp[n][e], visible, scale, row_lse[h], row_delta[h], f[e]);
       }
+    }
     warp_accumulate<DMAX>(acc, dp, k_tile, lane);  // dQ += dS K
   }
   cp_async_wait<0>();  // no copy outlives the loop, even when it never ran
@@ -480,15 +536,19 @@ __global__ void __launch_bounds__(kBlockThreads)
       // Tq need no mask: their lse is -inf, so their P is 0.
       const bool unmasked = kept == kTile && (!p.causal || j0 + kRows - 1 <= q0 + p.causal_shift);
 #pragma unroll
-      for (int n = 0; n < kTile / 8; ++n)
+      for (int n = 0; n < kTile / 8; ++n) {
+        const float4 f4 = p.dropout_p > 0
+                              ? key_row_factors(p, bh, j0 + score_row(lane, 0), q0 + score_col(lane, n, 0), lane)
+                              : float4{1.f, 1.f, 1.f, 1.f};
+        const float f[4] = {f4.x, f4.y, f4.z, f4.w};
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = score_row(lane, e), c = score_col(lane, n, e);
           const int64_t i = q0 + c, j = j0 + r;
           const bool visible = unmasked || (warp_keys_ok[r] && p.in_causal_window(i, j));
-          const float factor = p.dropout_p > 0 ? p.dropout_factor<float>(bh, i, j) : 1.f;
-          softmax_grad(s[n][e], dp[n][e], visible, scale, tile_lse[c], tile_delta[c], factor);
+          softmax_grad(s[n][e], dp[n][e], visible, scale, tile_lse[c], tile_delta[c], f[e]);
         }
+      }
       warp_accumulate<DMAX>(dv_acc, s, do_tile, lane);              // dV += (P F)^T dO
       if (need_ds) warp_accumulate<DMAX>(dk_acc, dp, q_tile, lane);  // dK += dS^T Q
     }
