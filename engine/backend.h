@@ -105,6 +105,7 @@ class Backend {
   virtual void fill_normal(const View& dst, uint64_t seed, uint64_t offset, double mean, double std) = 0;
 
   // ---- elementwise (any strides; inputs already broadcast to out's shape) ----
+  // binary's operands may be narrower floats than out (promotion: bf16 + f32 into f32).
   virtual void unary(UnaryOp op, const View& out, const View& in, double scalar) = 0;
   virtual void binary(BinaryOp op, const View& out, const View& a, const View& b) = 0;
   virtual void where(const View& out, const View& condition, const View& a, const View& b) = 0;  // cond != 0 ? a : b

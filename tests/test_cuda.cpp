@@ -237,6 +237,18 @@ TEST_CASE("cuda: binary ops four at a time: same shape, broadcast rows, in place
       }
     }
   }
+  // Mixed precision's residual add: f32 with bf16 into f32, the bf16 side read as it is, widened exactly.
+  const Tensor wide = random({6, 68}, 4), narrow = random({6, 64}, 5, DType::BF16), row = random({64}, 6, DType::BF16);
+  const Tensor wide_gpu = wide.to(kGpu), narrow_gpu = narrow.to(kGpu), row_gpu = row.to(kGpu);
+  for (int64_t first : {0, 1}) {
+    INFO("mixed, columns from " << first);
+    const Tensor x = wide.slice(1, first, first + 64), x_gpu = wide_gpu.slice(1, first, first + 64);
+    const Tensor sum_gpu = engine::add(x_gpu, narrow_gpu);
+    REQUIRE(sum_gpu.dtype() == DType::F32);
+    require_equal(sum_gpu, engine::add(x, narrow), "f32 + bf16");
+    require_equal(engine::mul(narrow_gpu, x_gpu), engine::mul(narrow, x), "bf16 * f32");
+    require_equal(engine::sub(x_gpu, row_gpu), engine::sub(x, row), "bf16 broadcast over rows");
+  }
 }
 
 // ---------------------------------------------------------------- reductions

@@ -95,6 +95,10 @@ void CpuBackend::binary(BinaryOp op, const View& out, const View& a, const View&
     binary(op, f32.out(out, DType::F32), f32.in(a, DType::F32), f32.in(b, DType::F32));
     return f32.finish();
   }
+  if (a.dtype != out.dtype || b.dtype != out.dtype) {  // narrower operands widen (exactly) to the result's dtype
+    KernelOperands wide(*this);
+    return binary(op, out, wide.in(a, out.dtype), wide.in(b, out.dtype));
+  }
   cpu::dispatch_floating(out.dtype, "binary", [&](auto zero) {
     using T = decltype(zero);
     T* y = out.ptr<T>();

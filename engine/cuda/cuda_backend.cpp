@@ -255,10 +255,20 @@ void CudaBackend::unary(UnaryOp op, const View& out, const View& in, double scal
 }
 
 void CudaBackend::binary(BinaryOp op, const View& out, const View& a, const View& b) {
+  // The kernels read bf16 operands of an f32 result as they are; other mixes are widened first.
+  auto direct = [&](const View& v) {
+    return v.dtype == out.dtype || (out.dtype == DType::F32 && v.dtype == DType::BF16);
+  };
+  if (!direct(a) || !direct(b)) {
+    KernelOperands wide(*this);
+    return binary(op, out, direct(a) ? a : wide.in(a, out.dtype), direct(b) ? b : wide.in(b, out.dtype));
+  }
   OpScope scope(ctx_, op_name(op));
   require_floating_or_bf16(out.dtype, "binary");
   const auto layout = layout_of<3>(out.shape, {&out.strides, &a.strides, &b.strides}, "binary");
-  ctx_.check_launch(cuda::launch_binary(ctx_.launch(), op, out.dtype, layout, out.data, a.data, b.data), "binary");
+  ctx_.check_launch(
+      cuda::launch_binary(ctx_.launch(), op, out.dtype, a.dtype, b.dtype, layout, out.data, a.data, b.data),
+      "binary");
 }
 
 void CudaBackend::where(const View& out, const View& condition, const View& a, const View& b) {

@@ -135,22 +135,23 @@ template <typename T>
 __device__ __forceinline__ T unary_at(UnaryOp op, T x, compute_t<T> s) {
   return convert<T>(apply_unary(op, convert<compute_t<T>>(x), s));
 }
-template <typename T>
-__device__ __forceinline__ T binary_at(BinaryOp op, T a, T b) {
+// The operands may be narrower than the result (bf16 into f32): they widen exactly.
+template <typename T, typename A, typename B>
+__device__ __forceinline__ T binary_at(BinaryOp op, A a, B b) {
   using C = compute_t<T>;
   return convert<T>(apply_binary(op, convert<C>(a), convert<C>(b)));
 }
 
-template <typename T, typename Index>
-__global__ void binary4_kernel(StridedLayout<3> packs, BinaryOp op, T* out, const T* a, const T* b) {
+template <typename T, typename A, typename B, typename Index>
+__global__ void binary4_kernel(StridedLayout<3> packs, BinaryOp op, T* out, const A* a, const B* b) {
   for (int64_t i = grid_index(); i < packs.numel; i += grid_stride()) {
     int64_t o[3];
     strided_offsets(packs, Index(i), o);
-    const Pack4<T> x = reinterpret_cast<const Pack4<T>*>(a)[o[1]];
-    const Pack4<T> y = reinterpret_cast<const Pack4<T>*>(b)[o[2]];
+    const Pack4<A> x = reinterpret_cast<const Pack4<A>*>(a)[o[1]];
+    const Pack4<B> y = reinterpret_cast<const Pack4<B>*>(b)[o[2]];
     Pack4<T> z;
 #pragma unroll
-    for (int k = 0; k < 4; ++k) z.v[k] = binary_at(op, x.v[k], y.v[k]);
+    for (int k = 0; k < 4; ++k) z.v[k] = binary_at<T>(op, x.v[k], y.v[k]);
     reinterpret_cast<Pack4<T>*>(out)[o[0]] = z;  // out may be a or b: each pack is read before it is written
   }
 }
@@ -180,12 +181,13 @@ struct UnaryFn {
   __device__ void operator()(const int64_t (&o)[2]) const { out[o[0]] = unary_at(op, in[o[1]], scalar); }
 };
 
-template <typename T>
+template <typename T, typename A, typename B>
 struct BinaryFn {
   BinaryOp op;
   T* out;
-  const T *a, *b;
-  __device__ void operator()(const int64_t (&o)[3]) const { out[o[0]] = binary_at(op, a[o[1]], b[o[2]]); }
+  const A* a;
+  const B* b;
+  __device__ void operator()(const int64_t (&o)[3]) const { out[o[0]] = binary_at<T>(op, a[o[1]], b[o[2]]); }
 };
 
 template <typename T, typename C>
@@ -242,19 +244,45 @@ cudaError_t launch_unary(const LaunchContext& ctx, UnaryOp op, DType dtype, cons
   return status;
 }
 
-cudaError_t launch_binary(const LaunchContext& ctx, BinaryOp op, DType dtype, const StridedLayout<3>& layout,
-                          void* out, const void* a, const void* b) {
+namespace {
+
+template <typename T, typename A, typename B>
+cudaError_t launch_binary_typed(const LaunchContext& ctx, BinaryOp op, const StridedLayout<3>& layout, T* out,
+                                const A* a, const B* b) {
+  if (const auto packs = in_packs(layout, pack_aligned(out) && pack_aligned(a) && pack_aligned(b))) {
+    binary4_kernel<T, A, B, uint32_t><<<grid_for(ctx, packs->numel), kThreads, 0, ctx.stream>>>(*packs, op, out, a, b);
+    return cudaGetLastError();
+  }
+  return launch_map(ctx, layout, BinaryFn<T, A, B>{op, out, a, b});
+}
+
+// f32 or bf16, for an f32 result's operands.
+template <typename Fn>
+void dispatch_f32_or_bf16(DType dtype, Fn&& fn) {
+  if (dtype == DType::BF16) fn(__nv_bfloat16{});
+  else fn(float{});
+}
+
+}  // namespace
+
+cudaError_t launch_binary(const LaunchContext& ctx, BinaryOp op, DType out_dtype, DType a_dtype, DType b_dtype,
+                          const StridedLayout<3>& layout, void* out, const void* a, const void* b) {
   cudaError_t status = cudaSuccess;
-  dispatch_floating_or_bf16(dtype, [&](auto zero) {
-    using T = decltype(zero);
-    T* o = static_cast<T*>(out);
-    const T *x = static_cast<const T*>(a), *y = static_cast<const T*>(b);
-    if (const auto packs = in_packs(layout, pack_aligned(o) && pack_aligned(x) && pack_aligned(y))) {
-      binary4_kernel<T, uint32_t><<<grid_for(ctx, packs->numel), kThreads, 0, ctx.stream>>>(*packs, op, o, x, y);
-      status = cudaGetLastError();
-    } else {
-      status = launch_map(ctx, layout, BinaryFn<T>{op, o, x, y});
-    }
+  if (a_dtype == out_dtype && b_dtype == out_dtype) {
+    dispatch_floating_or_bf16(out_dtype, [&](auto zero) {
+      using T = decltype(zero);
+      status = launch_binary_typed(ctx, op, layout, static_cast<T*>(out), static_cast<const T*>(a),
+                                   static_cast<const T*>(b));
+    });
+    return status;
+  }
+  dispatch_f32_or_bf16(a_dtype, [&](auto x) {
+    dispatch_f32_or_bf16(b_dtype, [&](auto y) {
+      using A = decltype(x);
+      using B = decltype(y);
+      status = launch_binary_typed(ctx, op, layout, static_cast<float*>(out), static_cast<const A*>(a),
+                                   static_cast<const B*>(b));
+    });
   });
   return status;
 }

@@ -42,8 +42,9 @@ cudaError_t launch_fill(const LaunchContext& ctx, size_t elem_size, const Stride
                         uint64_t bits);
 cudaError_t launch_unary(const LaunchContext& ctx, UnaryOp op, DType dtype, const StridedLayout<2>& layout, void* out,
                          const void* in, double scalar);
-cudaError_t launch_binary(const LaunchContext& ctx, BinaryOp op, DType dtype, const StridedLayout<3>& layout,
-                          void* out, const void* a, const void* b);
+// a and b have out's dtype, or out is f32 and either may be bf16 (mixed precision's residual adds).
+cudaError_t launch_binary(const LaunchContext& ctx, BinaryOp op, DType out_dtype, DType a_dtype, DType b_dtype,
+                          const StridedLayout<3>& layout, void* out, const void* a, const void* b);
 // out = condition != 0 ? a : b; the condition may have any dtype.
 cudaError_t launch_where(const LaunchContext& ctx, DType dtype, DType condition_dtype, const StridedLayout<4>& layout,
                          void* out, const void* condition, const void* a, const void* b);

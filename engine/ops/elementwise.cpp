@@ -47,11 +47,26 @@ using detail::broadcast_view;
 
 namespace {
 
+// Floating operands of two dtypes meet in the wider one, as torch promotes
+// them (a bf16 product under autocast plus an f32 residual is f32); bf16 with
+// f16 meet in f32. The backends read the narrower operand as it is, and each
+// gradient goes back in its input's dtype (grad_for). Nothing when the dtypes
+// agree (or are not both floating: check_compatible then names them).
+std::optional<DType> promotion(const Tensor& a, const Tensor& b) {
+  const DType x = a.dtype(), y = b.dtype();
+  if (x == y || !is_floating(x) || !is_floating(y)) return std::nullopt;
+  if (x == DType::F64 || y == DType::F64) return DType::F64;
+  return DType::F32;
+}
+
 Tensor binary_forward(BinaryOp op, const Tensor& a, const Tensor& b, const char* name) {
-  detail::check_compatible(a, b, name);
+  const std::optional<DType> wide = promotion(a, b);
+  if (!wide) detail::check_compatible(a, b, name);
+  else if (a.device() != b.device())
+    fail("{}: operands on different devices ({} and {})", name, a.device().str(), b.device().str());
   detail::check_floating(a, name);
   Shape shape = broadcast_shapes(a.shape(), b.shape());
-  Tensor out = Tensor::empty(shape, a.dtype(), a.device());
+  Tensor out = Tensor::empty(shape, wide.value_or(a.dtype()), a.device());
   backend_of(a).binary(op, view_of(out), broadcast_view(a, shape), broadcast_view(b, shape));
   return out;
 }
@@ -63,20 +78,9 @@ Tensor unary_forward(UnaryOp op, const Tensor& a, double scalar, const char* nam
   return out;
 }
 
+// The gradient of input i: summed back over its broadcast dims, in its dtype.
 Tensor grad_for(const Node& node, size_t i, const Tensor& grad) {
-  return node.needs_grad(i) ? sum_to(grad, node.inputs[i].shape()) : Tensor();
-}
-
-// Floating operands of two dtypes meet in the wider one, as torch promotes
-// them (a bf16 product under autocast plus an f32 residual is f32); bf16 with
-// f16 meet in f32. The casts are recorded, so each gradient comes back in its
-// input's dtype. Nothing when the dtypes agree (or are not both floating:
-// check_compatible then names them).
-std::optional<DType> promotion(const Tensor& a, const Tensor& b) {
-  const DType x = a.dtype(), y = b.dtype();
-  if (x == y || !is_floating(x) || !is_floating(y)) return std::nullopt;
-  if (x == DType::F64 || y == DType::F64) return DType::F64;
-  return DType::F32;
+  return node.needs_grad(i) ? sum_to(grad, node.inputs[i].shape()).to(node.inputs[i].dtype()) : Tensor();
 }
 
 }  // namespace
@@ -84,7 +88,6 @@ std::optional<DType> promotion(const Tensor& a, const Tensor& b) {
 // ---- binary ----
 
 Tensor add(const Tensor& a, const Tensor& b) {
-  if (const auto wide = promotion(a, b)) return add(a.to(*wide), b.to(*wide));
   Tensor out = binary_forward(BinaryOp::Add, a, b, "add");
   record(out, "add", {edge_only(a), edge_only(b)}, [](const Tensor& g, const Node& n) -> std::vector<Tensor> {
     return {grad_for(n, 0, g), grad_for(n, 1, g)};
@@ -93,7 +96,6 @@ Tensor add(const Tensor& a, const Tensor& b) {
 }
 
 Tensor sub(const Tensor& a, const Tensor& b) {
-  if (const auto wide = promotion(a, b)) return sub(a.to(*wide), b.to(*wide));
   Tensor out = binary_forward(BinaryOp::Sub, a, b, "sub");
   record(out, "sub", {edge_only(a), edge_only(b)}, [](const Tensor& g, const Node& n) -> std::vector<Tensor> {
     return {grad_for(n, 0, g), n.needs_grad(1) ? grad_for(n, 1, neg(g)) : Tensor()};
@@ -102,17 +104,16 @@ Tensor sub(const Tensor& a, const Tensor& b) {
 }
 
 Tensor mul(const Tensor& a, const Tensor& b) {
-  if (const auto wide = promotion(a, b)) return mul(a.to(*wide), b.to(*wide));
   Tensor out = binary_forward(BinaryOp::Mul, a, b, "mul");
   record(out, "mul", {a, b}, [](const Tensor& g, const Node& n) -> std::vector<Tensor> {
     const Tensor &a = n.inputs[0], &b = n.inputs[1];
-    return {n.needs_grad(0) ? grad_for(n, 0, mul(g, b)) : Tensor(), n.needs_grad(1) ? grad_for(n, 1, mul(g, a)) : Tensor()};
+    return {n.needs_grad(0) ? grad_for(n, 0, mul(g, b)) : Tensor(),
+            n.needs_grad(1) ? grad_for(n, 1, mul(g, a)) : Tensor()};
   });
   return out;
 }
 
 Tensor div(const Tensor& a, const Tensor& b) {
-  if (const auto wide = promotion(a, b)) return div(a.to(*wide), b.to(*wide));
   Tensor out = binary_forward(BinaryOp::Div, a, b, "div");
   record(out, "div", {a, b}, [y = out.detach()](const Tensor& g, const Node& n) -> std::vector<Tensor> {
     const Tensor& b = n.inputs[1];
@@ -123,7 +124,6 @@ Tensor div(const Tensor& a, const Tensor& b) {
 }
 
 Tensor maximum(const Tensor& a, const Tensor& b) {
-  if (const auto wide = promotion(a, b)) return maximum(a.to(*wide), b.to(*wide));
   Tensor out = binary_forward(BinaryOp::Maximum, a, b, "maximum");
   record(out, "maximum", {a, b}, [](const Tensor& g, const Node& n) -> std::vector<Tensor> {
     // Ties send the gradient to `a`, matching the forward's choice.
