@@ -46,6 +46,23 @@ struct Problem {
   }
 };
 
+// One [B, H, T, D] operand through its strides over B, H and T (D is
+// contiguous): GPT-2's q, k and v are views of one [B, T, 3, H, D] tensor,
+// and the output is laid out [B, T, H, D]. Row r of (batch, head) bh starts
+// at rows(bh) + r * ld.
+template <typename T>
+struct Heads {
+  T* data = nullptr;
+  int64_t batch = 0, head = 0, ld = 0, H = 1;
+  T* rows(int64_t bh) const { return data ? data + (bh / H) * batch + (bh % H) * head : nullptr; }
+};
+
+template <typename T>
+Heads<T> heads_of(const View& v) {
+  if (!v.data) return {};
+  return {v.ptr<T>(), v.strides[0], v.strides[1], v.strides[2], v.shape[1]};
+}
+
 // Dropout's factors for keys key0 .. key0+n-1 of one query row: 1 / (1 - p)
 // where the probability is kept, else 0. Element e = (bh * Tq + query) * Tk + key
 // is word e % 4 of Philox block offset + e / 4, so one block serves four keys.
@@ -76,12 +93,12 @@ KeyRange key_range(const int32_t* mask_row, int64_t T) {
   return {lo, hi};
 }
 
-// dst [D, n] = src [n, D] transposed, so that products with K^T and V^T read
-// a row-major operand.
+// dst [D, n] = src [n, D] (row stride ld) transposed, so that products with
+// K^T and V^T read a row-major operand.
 template <typename T>
-void transpose_rows(T* dst, const T* src, int64_t n, int64_t D) {
+void transpose_rows(T* dst, const T* src, int64_t n, int64_t D, int64_t ld) {
   for (int64_t j = 0; j < n; ++j)
-    for (int64_t d = 0; d < D; ++d) dst[d * n + j] = src[j * D + d];
+    for (int64_t d = 0; d < D; ++d) dst[d * n + j] = src[j * ld + d];
 }
 
 // C [m, n] (+)= A [m, k] B [k, n], the small GEMM behind every product of the
@@ -183,14 +200,12 @@ void exp_shifted(T* x, int64_t n, T shift) {
 // accumulated under the same max; a new tile with a larger max rescales them.
 // Accumulates in T (float for f32, as PyTorch's CPU flash attention does).
 template <typename T>
-void attention_forward_tile(const Problem& p, T scale, int64_t bh, int64_t i0, T* out, float* lse, const T* q,
-                            const T* k, const T* v) {
+void attention_forward_tile(const Problem& p, T scale, int64_t bh, int64_t i0, const Heads<T>& out, float* lse,
+                            const Heads<const T>& q, const Heads<const T>& k, const Heads<const T>& v) {
   const int64_t D = p.D;
   const int64_t nq = std::min(kQueryTile, p.Tq - i0);
   const int32_t* mask = p.mask_row(bh);
-  const T* qb = q + bh * p.Tq * D;
-  const T* kb = k + bh * p.Tk * D;
-  const T* vb = v + bh * p.Tk * D;
+  const T *qb = q.rows(bh), *kb = k.rows(bh), *vb = v.rows(bh);
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 
   std::vector<T> s(size_t(kQueryTile * kKeyTile)), kt(size_t(D * kKeyTile)), factor(kKeyTile);
@@ -203,8 +218,8 @@ void attention_forward_tile(const Problem& p, T scale, int64_t bh, int64_t i0, T
   const int64_t key_end = p.causal ? std::min(keys.hi, i0 + nq + p.causal_shift()) : keys.hi;
   for (int64_t j0 = keys.lo; j0 < key_end; j0 += kKeyTile) {
     const int64_t nk = std::min(kKeyTile, key_end - j0);
-    transpose_rows(kt.data(), kb + j0 * D, nk, D);
-    gemm_tile(false, s.data(), kKeyTile, qb + i0 * D, D, int64_t(1), kt.data(), nk, nq, nk, D);  // S = Q K^T
+    transpose_rows(kt.data(), kb + j0 * k.ld, nk, D, k.ld);
+    gemm_tile(false, s.data(), kKeyTile, qb + i0 * q.ld, q.ld, int64_t(1), kt.data(), nk, nq, nk, D);  // S = Q K^T
     for (int64_t i = 0; i < nq; ++i) {
       T* row = s.data() + i * kKeyTile;
       bool any_key = false;
@@ -236,13 +251,13 @@ void attention_forward_tile(const Problem& p, T scale, int64_t bh, int64_t i0, T
         for (int64_t j = 0; j < nk; ++j) row[j] *= factor[size_t(j)];
       }
     }
-    gemm_tile(true, acc.data(), D, s.data(), kKeyTile, int64_t(1), vb + j0 * D, D, nq, D, nk);  // acc += P V
+    gemm_tile(true, acc.data(), D, s.data(), kKeyTile, int64_t(1), vb + j0 * v.ld, v.ld, nq, D, nk);  // acc += P V
   }
 
   // A row that saw no key outputs zeros and lse = -inf; the backward then
   // finds every key of that row masked and gives it zero gradient.
   for (int64_t i = 0; i < nq; ++i) {
-    T* out_i = out + (bh * p.Tq + i0 + i) * D;
+    T* out_i = out.rows(bh) + (i0 + i) * out.ld;
     const T* acc_i = acc.data() + i * D;
     const bool seen = saw_key[size_t(i)];
     const T inv = seen ? T(1) / l[size_t(i)] : T(0);
@@ -263,19 +278,20 @@ void attention_forward_tile(const Problem& p, T scale, int64_t bh, int64_t i0, T
 // key tiles in the outer loop (their dK/dV rows stay hot) and query tiles in
 // the inner one, and nothing is shared between threads.
 template <typename T>
-void attention_backward_head(const Problem& p, T scale, int64_t bh, T* dq, T* dk, T* dv, const T* dout,
-                             const T* q, const T* k, const T* v, const T* out, const float* lse) {
-  const int64_t D = p.D, q_offset = bh * p.Tq * D, k_offset = bh * p.Tk * D;
+void attention_backward_head(const Problem& p, T scale, int64_t bh, const Heads<T>& dq, const Heads<T>& dk,
+                             const Heads<T>& dv, const Heads<const T>& dout, const Heads<const T>& q,
+                             const Heads<const T>& k, const Heads<const T>& v, const Heads<const T>& out,
+                             const float* lse) {
+  const int64_t D = p.D;
   const int32_t* mask = p.mask_row(bh);
-  const T *qb = q + q_offset, *dob = dout + q_offset, *ob = out + q_offset;
-  const T *kb = k + k_offset, *vb = v + k_offset;
+  const T *qb = q.rows(bh), *dob = dout.rows(bh), *ob = out.rows(bh), *kb = k.rows(bh), *vb = v.rows(bh);
   const float* lse_b = lse + bh * p.Tq;
-  T* dqb = dq ? dq + q_offset : nullptr;
-  T* dkb = dk ? dk + k_offset : nullptr;
-  T* dvb = dv ? dv + k_offset : nullptr;
-  if (dqb) std::fill(dqb, dqb + p.Tq * D, T(0));
-  for (T* g : {dkb, dvb})
-    if (g) std::fill(g, g + p.Tk * D, T(0));
+  T *dqb = dq.rows(bh), *dkb = dk.rows(bh), *dvb = dv.rows(bh);
+  for (int64_t i = 0; dqb && i < p.Tq; ++i) std::fill(dqb + i * dq.ld, dqb + i * dq.ld + D, T(0));
+  for (int64_t j = 0; j < p.Tk; ++j) {
+    if (dkb) std::fill(dkb + j * dk.ld, dkb + j * dk.ld + D, T(0));
+    if (dvb) std::fill(dvb + j * dv.ld, dvb + j * dv.ld + D, T(0));
+  }
   const bool need_ds = dqb || dkb;  // dv alone needs only P
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 
@@ -284,7 +300,7 @@ void attention_backward_head(const Problem& p, T scale, int64_t bh, T* dq, T* dk
   if (need_ds)
     for (int64_t i = 0; i < p.Tq; ++i) {
       T sum = 0;
-      for (int64_t d = 0; d < D; ++d) sum += dob[i * D + d] * ob[i * D + d];
+      for (int64_t d = 0; d < D; ++d) sum += dob[i * dout.ld + d] * ob[i * out.ld + d];
       delta[size_t(i)] = sum;
     }
 
@@ -295,14 +311,14 @@ void attention_backward_head(const Problem& p, T scale, int64_t bh, T* dq, T* dk
   const KeyRange keys = key_range(mask, p.Tk);
   for (int64_t j0 = keys.lo; j0 < keys.hi; j0 += kKeyTile) {
     const int64_t nk = std::min(kKeyTile, keys.hi - j0);
-    const T *k_tile = kb + j0 * D, *v_tile = vb + j0 * D;
-    transpose_rows(kt.data(), k_tile, nk, D);
-    if (need_ds) transpose_rows(vt.data(), v_tile, nk, D);
+    const T *k_tile = kb + j0 * k.ld, *v_tile = vb + j0 * v.ld;
+    transpose_rows(kt.data(), k_tile, nk, D, k.ld);
+    if (need_ds) transpose_rows(vt.data(), v_tile, nk, D, v.ld);
     // Under causal masking, queries before j0 - shift see none of these keys.
     for (int64_t i0 = p.causal ? std::max<int64_t>(0, j0 - p.causal_shift()) : 0; i0 < p.Tq; i0 += kQueryTile) {
       const int64_t nq = std::min(kQueryTile, p.Tq - i0);
-      const T *q_tile = qb + i0 * D, *do_tile = dob + i0 * D;
-      gemm_tile(false, prob.data(), kKeyTile, q_tile, D, int64_t(1), kt.data(), nk, nq, nk, D);  // S = Q K^T
+      const T *q_tile = qb + i0 * q.ld, *do_tile = dob + i0 * dout.ld;
+      gemm_tile(false, prob.data(), kKeyTile, q_tile, q.ld, int64_t(1), kt.data(), nk, nq, nk, D);  // S = Q K^T
       for (int64_t i = 0; i < nq; ++i) {
         T* row = prob.data() + i * kKeyTile;
         const T row_lse = T(lse_b[i0 + i]);
@@ -324,9 +340,9 @@ void attention_backward_head(const Problem& p, T scale, int64_t bh, T* dq, T* dk
         used = dropped.data();
       }
       if (dvb)  // dV += (P * F)^T dO
-        gemm_tile(true, dvb + j0 * D, D, used, int64_t(1), kKeyTile, do_tile, D, nk, D, nq);
+        gemm_tile(true, dvb + j0 * dv.ld, dv.ld, used, int64_t(1), kKeyTile, do_tile, dout.ld, nk, D, nq);
       if (!need_ds) continue;
-      gemm_tile(false, ds.data(), kKeyTile, do_tile, D, int64_t(1), vt.data(), nk, nq, nk, D);  // dO V^T
+      gemm_tile(false, ds.data(), kKeyTile, do_tile, dout.ld, int64_t(1), vt.data(), nk, nq, nk, D);  // dO V^T
       for (int64_t i = 0; i < nq; ++i) {
         T* ds_i = ds.data() + i * kKeyTile;  // dS overwrites dO V^T, pre-multiplied by scale
         const T* p_i = prob.data() + i * kKeyTile;
@@ -339,16 +355,11 @@ void attention_backward_head(const Problem& p, T scale, int64_t bh, T* dq, T* dk
         }
       }
       if (dqb)  // dQ += dS K
-        gemm_tile(true, dqb + i0 * D, D, ds.data(), kKeyTile, int64_t(1), k_tile, D, nq, D, nk);
+        gemm_tile(true, dqb + i0 * dq.ld, dq.ld, ds.data(), kKeyTile, int64_t(1), k_tile, k.ld, nq, D, nk);
       if (dkb)  // dK += dS^T Q
-        gemm_tile(true, dkb + j0 * D, D, ds.data(), int64_t(1), kKeyTile, q_tile, D, nk, D, nq);
+        gemm_tile(true, dkb + j0 * dk.ld, dk.ld, ds.data(), int64_t(1), kKeyTile, q_tile, q.ld, nk, D, nq);
     }
   }
-}
-
-template <typename T>
-T* optional_ptr(const View& view) {
-  return view.data ? view.ptr<T>() : nullptr;
 }
 
 Problem problem_of(const View& q, const View& k, const View& key_mask, const AttentionArgs& args) {
@@ -365,11 +376,15 @@ double product_flops(const Problem& p) {
   return 2.0 * double(p.B * p.H) * double(p.Tq) * double(p.Tk) * double(p.D) * (p.causal ? 0.5 : 1.0);
 }
 
-// The kernels compute in f32 (f64 for f64 inputs) on contiguous operands.
-// Anything else is converted around them (KernelOperands): bf16 inputs widen
-// to f32 exactly, so the f32 kernels then multiply exactly those values, and
-// a bf16 output is rounded once at the end.
+// The kernels compute in f32 (f64 for f64 inputs), reading every operand
+// through its strides with D contiguous. Anything else is converted around
+// them (KernelOperands): bf16 inputs widen to f32 exactly, so the f32 kernels
+// then multiply exactly those values, and a bf16 output is rounded once.
 DType compute_dtype(const View& q) { return q.dtype == DType::F64 ? DType::F64 : DType::F32; }
+
+bool fits(const View& v, DType dtype) {
+  return !v.data || (v.dtype == dtype && (v.shape[3] == 1 || v.strides[3] == 1));
+}
 
 }  // namespace
 
@@ -377,7 +392,7 @@ void CpuBackend::attention_forward(const View& out, const View& lse, const View&
                                    const View& key_mask, const AttentionArgs& args) {
   const DType t = compute_dtype(q);
   bool fit = true;
-  for (const View* view : {&out, &q, &k, &v}) fit = fit && KernelOperands::fits(*view, t);
+  for (const View* view : {&out, &q, &k, &v}) fit = fit && fits(*view, t);
   if (!fit) {
     KernelOperands ops(*this);
     attention_forward(ops.out(out, t), lse, ops.in(q, t), ops.in(k, t), ops.in(v, t), key_mask, args);
@@ -389,8 +404,9 @@ void CpuBackend::attention_forward(const View& out, const View& lse, const View&
   cpu::dispatch_floating(q.dtype, "attention_forward", [&](auto zero) {
     using T = decltype(zero);
     cpu::parallel_for(p.B * p.H * query_tiles, kQueryTile * p.Tk * p.D, [&](int64_t task) {
-      attention_forward_tile<T>(p, T(args.scale), task / query_tiles, (task % query_tiles) * kQueryTile, out.ptr<T>(),
-                                lse.ptr<float>(), q.ptr<const T>(), k.ptr<const T>(), v.ptr<const T>());
+      attention_forward_tile<T>(p, T(args.scale), task / query_tiles, (task % query_tiles) * kQueryTile,
+                                heads_of<T>(out), lse.ptr<float>(), heads_of<const T>(q), heads_of<const T>(k),
+                                heads_of<const T>(v));
     });
   });
 }
@@ -400,7 +416,7 @@ void CpuBackend::attention_backward(const View& dq, const View& dk, const View& 
                                     const View& key_mask, const AttentionArgs& args) {
   const DType t = compute_dtype(q);
   bool fit = true;
-  for (const View* view : {&dq, &dk, &dv, &dout, &q, &k, &v, &out}) fit = fit && KernelOperands::fits(*view, t);
+  for (const View* view : {&dq, &dk, &dv, &dout, &q, &k, &v, &out}) fit = fit && fits(*view, t);
   if (!fit) {
     KernelOperands ops(*this);
     attention_backward(ops.out(dq, t), ops.out(dk, t), ops.out(dv, t), ops.in(dout, t), ops.in(q, t), ops.in(k, t),
@@ -412,9 +428,9 @@ void CpuBackend::attention_backward(const View& dq, const View& dk, const View& 
   cpu::dispatch_floating(q.dtype, "attention_backward", [&](auto zero) {
     using T = decltype(zero);
     cpu::parallel_for(p.B * p.H, p.Tq * p.Tk * p.D, [&](int64_t bh) {
-      attention_backward_head<T>(p, T(args.scale), bh, optional_ptr<T>(dq), optional_ptr<T>(dk), optional_ptr<T>(dv),
-                                 dout.ptr<const T>(), q.ptr<const T>(), k.ptr<const T>(), v.ptr<const T>(),
-                                 out.ptr<const T>(), lse.ptr<const float>());
+      attention_backward_head<T>(p, T(args.scale), bh, heads_of<T>(dq), heads_of<T>(dk), heads_of<T>(dv),
+                                 heads_of<const T>(dout), heads_of<const T>(q), heads_of<const T>(k),
+                                 heads_of<const T>(v), heads_of<const T>(out), lse.ptr<const float>());
     });
   });
 }
