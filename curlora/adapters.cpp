@@ -4,6 +4,7 @@
 
 #include "engine/error.h"
 #include "engine/ops.h"
+#include "engine/precision.h"
 
 #include <algorithm>
 #include <cmath>
@@ -56,8 +57,11 @@ Linear& AdapterLinear::base_layer() const { return static_cast<Linear&>(child("b
 
 Tensor AdapterLinear::forward(const Tensor& x) {
   if (capture_) captured_ = x.detach();
-  Tensor y = child("base_layer")(x);
-  return merged_ ? y : y + update(x);
+  // Under autocast both products read x in bf16: it is rounded once for the two.
+  const std::optional<DType> autocast = engine::autocast_dtype();
+  const Tensor input = autocast && x.dtype() == DType::F32 && !merged_ ? x.to(*autocast) : x;
+  Tensor y = child("base_layer")(input);
+  return merged_ ? y : y + update(input);
 }
 
 void AdapterLinear::merge() {

@@ -4,6 +4,7 @@
 // GEMM, injection and parameter counts, merging, and diagnostics.
 // Files and the PyTorch/PEFT goldens are in test_curlora_io.cpp.
 #include "curlora/inject.h"
+#include "engine/precision.h"
 #include "engine/profiler.h"
 #include "tests/curlora_test_util.h"
 #include "tests/gradcheck.h"
@@ -286,6 +287,30 @@ TEST_CASE("LoRALinear: kaiming-uniform A with fan_in = r, zero B, y = x W + b + 
   const std::vector<double> bv = base->bias.to_vector<double>();
   for (size_t i = 0; i < expected.size(); ++i) expected[i] += bv[i % size_t(out)] + 0.5 * shift[i];
   testing::require_close(lora->forward(x), expected, 1e-12);
+}
+
+TEST_CASE("under autocast an adapter's two products read its input rounded to bf16, and give bf16",
+          "[curlora][layer]") {
+  const int64_t in = 48, out = 16;
+  const Tensor w = testing::random_f64({in, out}, 11, false).to(engine::DType::F32);
+  const Tensor b = testing::random_f64({out}, 12, false).to(engine::DType::F32);
+  engine::Generator gen(13);
+  auto lora = std::make_shared<LoRALinear>(std::make_shared<Linear>(w, b, WeightLayout::InOut), 4, 0.5, gen);
+  fill_normal(lora->B, 14, 1.0);
+  Tensor x = testing::random_f64({5, in}, 15, false).to(engine::DType::F32);
+  x.set_requires_grad(true);
+  Tensor y, want;
+  {
+    const Tensor xr = x.detach().to(engine::DType::BF16);
+    const engine::AutocastGuard autocast(engine::DType::BF16);
+    y = lora->forward(x);
+    want = engine::linear(xr, w, b, WeightLayout::InOut) + engine::matmul(engine::matmul(xr, lora->A) * 0.5, lora->B);
+  }
+  REQUIRE(y.dtype() == engine::DType::BF16);
+  testing::require_close(y.to(engine::DType::F32), want.to(engine::DType::F32).to_vector<double>(), 0);
+  engine::sum(y.to(engine::DType::F32)).backward();
+  REQUIRE(x.grad().dtype() == engine::DType::F32);  // the two products' bf16 gradients, summed and widened
+  REQUIRE(lora->A.grad().dtype() == engine::DType::F32);
 }
 
 TEST_CASE("adapter gradients match finite differences (f64)", "[curlora][layer][gradcheck]") {
