@@ -191,7 +191,7 @@ void bench_attention(int64_t B, int64_t H, int64_t T, int64_t D, bool padded, do
   const engine::AutocastGuard autocast(bf16 ? DType::BF16 : DType::F32);
   const DType in = bf16 ? DType::BF16 : DType::F32;
   Tensor q = randn({B, H, T, D}, 9).to(in), k = randn({B, H, T, D}, 10).to(in), v = randn({B, H, T, D}, 11).to(in);
-  Tensor dout = randn({B, H, T, D}, 12);
+  Tensor dout = randn({B, H, T, D}, 12).to(in);
   Tensor mask;
   if (padded) {  // right padding: row b keeps its first T - 4b tokens
     std::vector<int32_t> m(size_t(B * T), 1);
@@ -213,8 +213,7 @@ void bench_attention(int64_t B, int64_t H, int64_t T, int64_t D, bool padded, do
       [&] {
         Tensor out = engine::scaled_dot_product_attention(q, k, v, mask, true, {}, dropout, &gen);
         out.backward(dout);
-        // bf16 leaves: the engine adds no bf16 tensors, so their gradients are not accumulated.
-        if (bf16) q.zero_grad(), k.zero_grad(), v.zero_grad();
+        q.zero_grad(), k.zero_grad(), v.zero_grad();  // times the backward, not a gradient sum
       },
       engine_sync);
   const double causal_flops = 4.0 * double(B * H) * double(T) * double(T) * double(D) * 0.5;

@@ -527,7 +527,7 @@ cudaError_t launch_attention_backward(const LaunchContext& ctx, DType dtype, con
     const T *tq = static_cast<const T*>(q), *tk = static_cast<const T*>(k), *tv = static_cast<const T*>(v);
     const T* tdout = static_cast<const T*>(dout);
     if (dq || dk)  // dV alone needs no delta
-      status = attention::launch_delta(ctx, p, bh * shape.Tq, delta, tdout, static_cast<const T*>(out));
+      status = attention::launch_delta(ctx, p, bh, delta, tdout, static_cast<const T*>(out));
     if (status != cudaSuccess) return;
     if constexpr (std::is_same_v<T, float>) {
       if (tiled) {

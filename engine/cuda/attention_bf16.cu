@@ -611,11 +611,9 @@ cudaError_t launch_backward_bf16(const LaunchContext& ctx, const AttentionShape&
   if (bh == 0 || (!dq && !dk && !dv)) return cudaSuccess;
   if (!grid_fits(bh, q_tiles) || !grid_fits(bh, k_tiles)) return cudaErrorInvalidConfiguration;
   cudaError_t status = cudaSuccess;
-  if (dq || dk) {  // dV alone needs no delta
-    const int64_t rows = bh * shape.Tq;
-    status = shape.out_bf16 ? launch_delta(ctx, p, rows, delta, dout, static_cast<const bf16*>(out))
-                            : launch_delta(ctx, p, rows, delta, dout, static_cast<const float*>(out));
-  }
+  if (dq || dk)  // dV alone needs no delta
+    status = shape.out_bf16 ? launch_delta(ctx, p, bh, delta, dout, static_cast<const bf16*>(out))
+                            : launch_delta(ctx, p, bh, delta, dout, static_cast<const float*>(out));
   const float scale = float(shape.scale);
   // The gradients in f32, or in bf16 for bf16 inputs.
   auto launch = [&](auto dmax, auto* grad_type) {

@@ -24,8 +24,12 @@ struct Problem {
   AttentionStrides strides{};
   bool vector_loads = false;  // bf16 inputs: every row 16-byte aligned (set by their launchers)
 
-  // Where an operand's (batch * head) index bh starts.
-  __device__ int64_t offset(const HeadStrides& s, int64_t bh) const { return (bh / H) * s.batch + (bh % H) * s.head; }
+  // Where an operand's (batch * head) index bh starts. bh < 2^31 (grid_fits):
+  // a 32-bit division is several times cheaper than a 64-bit one.
+  __device__ int64_t offset(const HeadStrides& s, int64_t bh) const {
+    const uint32_t b = uint32_t(bh) / uint32_t(H), h = uint32_t(bh) - b * uint32_t(H);
+    return int64_t(b) * s.batch + int64_t(h) * s.head;
+  }
 
   __device__ const int32_t* mask_row(int64_t bh) const { return key_mask ? key_mask + (bh / H) * Tk : nullptr; }
   __device__ bool key_kept(const int32_t* mask, int64_t j) const { return !mask || mask[j] != 0; }
@@ -99,27 +103,30 @@ __device__ __forceinline__ float probability(bool visible, float s, float scale,
 }
 
 // delta_i = <dO_i, O_i>, the softmax backward's correction term, for every
-// query row of every head; one warp per row. dO has the kernels' input type,
-// O their output type, and T is the sum's.
+// query row i of every head bh (blockIdx.x); one warp per row. dO has the
+// kernels' input type, O their output type, and T is the sum's.
 template <typename T, typename In, typename Out>
-__global__ void delta_kernel(Problem p, int64_t rows, T* delta, const In* dout, const Out* out) {
-  const int64_t row = int64_t(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
-  if (row >= rows) return;
-  const int64_t bh = row / p.Tq, i = row % p.Tq;
+__global__ void delta_kernel(Problem p, T* delta, const In* dout, const Out* out) {
+  const int64_t bh = blockIdx.x, i = int64_t(blockIdx.y) * (kThreads / 32) + threadIdx.x / 32;
+  if (i >= p.Tq) return;
   const In* g = dout + p.offset(p.strides.dout, bh) + i * p.strides.dout.row;
   const Out* o = out + p.offset(p.strides.out, bh) + i * p.strides.out.row;
   T sum = 0;
   for (int64_t d = threadIdx.x % 32; d < p.D; d += 32) sum += convert<T>(g[d]) * convert<T>(o[d]);
   sum = warp_reduce(sum, SumOp{});
-  if (threadIdx.x % 32 == 0) delta[row] = sum;
+  if (threadIdx.x % 32 == 0) delta[bh * p.Tq + i] = sum;
 }
 
+inline bool grid_fits(int64_t bh, int64_t tiles) { return bh <= int64_t(INT32_MAX) && tiles <= 65535; }
+
+// For bh (batch * head) rows of Tq queries.
 template <typename T, typename In, typename Out>
-cudaError_t launch_delta(const LaunchContext& ctx, const Problem& p, int64_t rows, T* delta, const In* dout,
+cudaError_t launch_delta(const LaunchContext& ctx, const Problem& p, int64_t bh, T* delta, const In* dout,
                          const Out* out) {
-  if (rows == 0) return cudaSuccess;
-  const unsigned blocks = unsigned((rows + kThreads / 32 - 1) / (kThreads / 32));
-  delta_kernel<<<blocks, kThreads, 0, ctx.stream>>>(p, rows, delta, dout, out);
+  const int64_t query_blocks = (p.Tq + kThreads / 32 - 1) / (kThreads / 32);
+  if (bh == 0 || query_blocks == 0) return cudaSuccess;
+  if (!grid_fits(bh, query_blocks)) return cudaErrorInvalidConfiguration;
+  delta_kernel<<<dim3{unsigned(bh), unsigned(query_blocks)}, kThreads, 0, ctx.stream>>>(p, delta, dout, out);
   return cudaGetLastError();
 }
 
@@ -131,8 +138,6 @@ cudaError_t launch_with_smem(Kernel kernel, dim3 grid, int threads, size_t smem,
   kernel<<<grid, threads, smem, stream>>>(args...);
   return cudaGetLastError();
 }
-
-inline bool grid_fits(int64_t bh, int64_t tiles) { return bh <= int64_t(INT32_MAX) && tiles <= 65535; }
 
 // ---- the bf16 tensor-core family (attention_bf16.cu), head dim D <= 128 ----
 // q, k, v (and dO) bf16 [B, H, T, D]; out f32 or bf16 (shape.out_bf16); dq,
