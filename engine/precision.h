@@ -1,13 +1,13 @@
-// Mixed precision as one switch, in the manner of torch.autocast. Inside an
-// AutocastGuard(DType::BF16), matmul (so every Linear and adapter) and
-// attention round their f32 inputs to bf16 and multiply on tensor cores with
-// f32 accumulation. matmul's outputs and the gradients of f32 inputs stay
-// f32, as does everything else: layer_norm, softmax, the loss, and the
-// trainable parameters and AdamW state (the f32 master copies). linear_gelu
-// and attention return bf16, as torch's do: in a transformer their outputs
-// only feed the next GEMM, which would round them anyway, so the cast moves
-// into the op that writes them. store_frozen_weights (engine/nn/module.h)
-// adds the other half: frozen Linear weights kept in bf16, half the memory.
+// Mixed precision as one switch, with torch.autocast(bfloat16)'s policy.
+// Inside an AutocastGuard(DType::BF16), matmul (so every Linear and adapter),
+// linear_gelu and attention round their f32 inputs to bf16, multiply on
+// tensor cores with f32 accumulation, and return bf16; each input's gradient
+// comes back in its own dtype. Layer norm, softmax and the loss widen bf16
+// to f32 and return f32, and an elementwise op on bf16 and f32 operands
+// returns f32, so the residual stream, the loss and the trainable parameters
+// and AdamW state (the f32 master copies) stay f32.
+// store_frozen_linear_weights (engine/nn/layers.h) adds the other half:
+// frozen Linear weights kept in bf16, half the memory.
 #pragma once
 
 #include "engine/dtype.h"

@@ -76,9 +76,9 @@ class Dropout : public Module {
 // The memory half of mixed precision (engine/precision.h): converts, in place,
 // the weight of every Linear under `root` that is frozen (requires_grad off)
 // to `dtype`, halving its memory and the bandwidth of every GEMM that reads it.
-// Biases stay f32 (they are added in f32), and so does a weight that an
-// Embedding shares (GPT-2's tied wte, whose lookups feed f32 activations).
-// Returns how many weights it converted.
+// Biases stay f32 (autocast rounds them as it adds them, as torch's does),
+// and so does a weight that an Embedding shares (GPT-2's tied wte, whose
+// lookups feed the f32 residual stream). Returns how many weights it converted.
 int64_t store_frozen_linear_weights(Module& root, DType dtype);
 
 }  // namespace engine::nn
