@@ -72,7 +72,8 @@ struct ModelOptions {
         ->required();
     app.add_option("--device", device, "cpu, cuda or cuda:N")->capture_default_str();
     app.add_option("--dtype", dtype,
-                   "fp32, or bf16: mixed precision (bf16 matmuls and attention, bf16 Linear weights, f32 the rest)")
+                   "fp32, or bf16: mixed precision as torch.autocast (bf16 matmuls and attention, bf16 Linear "
+                   "weights; layer norm, softmax and the loss in f32)")
         ->capture_default_str();
     app.add_option("--init-seed", init_seed, "seed of the random weights of a built-in size")->capture_default_str();
     if (with_tokenizer) app.add_option("--tokenizer", tokenizer, "folder with vocab.json + merges.txt");
