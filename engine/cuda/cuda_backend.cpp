@@ -10,6 +10,7 @@
 #include "engine/cuda/cuda_backend.h"
 
 #include "engine/cpu/strided.h"
+#include "engine/cuda/attention_plan.h"
 #include "engine/cuda/cuda_context.h"
 #include "engine/cuda/staging.h"
 #include "engine/error.h"
@@ -485,69 +486,22 @@ void CudaBackend::cross_entropy_backward(const View& dlogits, const View& dloss,
 }
 
 // ---- attention ----
+// The tensor-core kernels take the operands as they are (attention_plan.h).
+// Every other call runs on contiguous operands in the compute dtype (f32, or
+// f64): bf16 inputs of larger heads are widened, which the f32 kernels then
+// multiply exactly, and a bf16 output is rounded once at the end.
 
 namespace {
 
-cuda::AttentionShape attention_shape(const View& q, const View& k, const View& key_mask, const AttentionArgs& args) {
-  cuda::AttentionShape s;
-  s.B = q.shape[0], s.H = q.shape[1], s.Tq = q.shape[2], s.Tk = k.shape[2], s.D = q.shape[3];
-  s.key_mask = key_mask.data ? key_mask.ptr<const int32_t>() : nullptr;
-  s.causal = args.causal;
-  s.scale = args.scale;
-  s.dropout_p = args.dropout_p;
-  s.dropout_seed = args.dropout_seed;
-  s.dropout_offset = args.dropout_offset;
-  return s;
-}
-
-// A [B, H, T, D] view's strides over B, H and T (0 over a dim of size 1, where any stride is as good;
-// none for a gradient not wanted).
-cuda::HeadStrides head_strides(const View& v) {
-  if (!v.data) return {};
-  auto stride = [&](size_t d) { return v.shape[d] == 1 ? 0 : v.strides[d]; };
-  return {stride(0), stride(1), stride(2)};
-}
-
-double attention_flops(const cuda::AttentionShape& s, double per_product) {
-  return per_product * double(s.B * s.H) * double(s.Tq) * double(s.Tk) * double(s.D) * (s.causal ? 0.5 : 1.0);
-}
-
-// The tensor-core kernels take bf16 inputs with D <= 128, an output and
-// gradients in f32 or bf16, through any strides whose D is contiguous. Every
-// other call runs on contiguous operands in the compute dtype (f32, or f64):
-// bf16 inputs of larger heads are widened, which the f32 kernels then
-// multiply exactly, and a bf16 output is rounded once at the end.
-bool tensor_core_fits(const View& q, std::initializer_list<const View*> inputs, const View& out,
-                      std::initializer_list<const View*> gradients) {
-  auto unit_d = [](const View& v) { return !v.data || v.shape[3] == 1 || v.strides[3] == 1; };
-  bool fits = q.dtype == DType::BF16 && q.shape[3] <= 128 && (out.dtype == DType::F32 || out.dtype == DType::BF16) &&
-              unit_d(out);
-  for (const View* v : inputs) fits = fits && v->dtype == DType::BF16 && unit_d(*v);
-  std::optional<DType> grad_dtype;  // one for all three
-  for (const View* g : gradients) {
-    if (!g->data) continue;
-    fits = fits && (g->dtype == DType::F32 || g->dtype == DType::BF16) && grad_dtype.value_or(g->dtype) == g->dtype &&
-           unit_d(*g);
-    grad_dtype = g->dtype;
-  }
-  return fits;
-}
-
 DType compute_dtype(const View& q) { return q.dtype == DType::F64 ? DType::F64 : DType::F32; }
-
-void check_attention_dtypes(const View& q, const View& out, const char* op) {
-  const bool mixed = q.dtype == DType::BF16 && (out.dtype == DType::F32 || out.dtype == DType::BF16);
-  check(mixed || ((q.dtype == DType::F32 || q.dtype == DType::F64) && out.dtype == q.dtype),
-        "{} on CUDA: needs f32 or f64 inputs and outputs, or bf16 inputs with f32 or bf16 outputs; got {} and {}", op,
-        dtype_name(q.dtype), dtype_name(out.dtype));
-}
 
 }  // namespace
 
 void CudaBackend::attention_forward(const View& out, const View& lse, const View& q, const View& k, const View& v,
                                     const View& key_mask, const AttentionArgs& args) {
-  check_attention_dtypes(q, out, "attention");
-  if (!tensor_core_fits(q, {&k, &v}, out, {})) {
+  cuda::check_attention_dtypes(q, out, "attention");
+  const cuda::AttentionViews views{q, k, v, out};
+  if (!cuda::tensor_core_fits(views)) {
     const DType t = compute_dtype(q);
     bool fit = true;
     for (const View* view : {&out, &q, &k, &v}) fit = fit && KernelOperands::fits(*view, t);
@@ -557,11 +511,8 @@ void CudaBackend::attention_forward(const View& out, const View& lse, const View
       return ops.finish();
     }
   }
-  cuda::AttentionShape s = attention_shape(q, k, key_mask, args);
-  s.strides.q = head_strides(q), s.strides.k = head_strides(k), s.strides.v = head_strides(v);
-  s.strides.out = head_strides(out);
-  s.out_bf16 = out.dtype == DType::BF16;
-  OpScope op(ctx_, "attention_forward", attention_flops(s, 4));
+  const cuda::AttentionShape s = cuda::attention_shape(views, key_mask, args);
+  OpScope op(ctx_, "attention_forward", cuda::attention_flops(s, 4));
   ctx_.check_launch(cuda::launch_attention_forward(ctx_.launch(), q.dtype, s, out.data, lse.ptr<float>(), q.data,
                                                    k.data, v.data),
                     "attention_forward");
@@ -570,8 +521,9 @@ void CudaBackend::attention_forward(const View& out, const View& lse, const View
 void CudaBackend::attention_backward(const View& dq, const View& dk, const View& dv, const View& dout, const View& q,
                                      const View& k, const View& v, const View& out, const View& lse,
                                      const View& key_mask, const AttentionArgs& args) {
-  check_attention_dtypes(q, out, "attention_backward");
-  if (!tensor_core_fits(q, {&k, &v, &dout}, out, {&dq, &dk, &dv})) {
+  cuda::check_attention_dtypes(q, out, "attention_backward");
+  const cuda::AttentionViews views{q, k, v, out, dout, dq, dk, dv};
+  if (!cuda::tensor_core_fits(views)) {
     const DType t = compute_dtype(q);
     bool fit = true;
     for (const View* view : {&dq, &dk, &dv, &dout, &q, &k, &v, &out}) fit = fit && KernelOperands::fits(*view, t);
@@ -582,13 +534,8 @@ void CudaBackend::attention_backward(const View& dq, const View& dk, const View&
       return ops.finish();
     }
   }
-  cuda::AttentionShape s = attention_shape(q, k, key_mask, args);
-  s.strides = {head_strides(q),    head_strides(k),  head_strides(v),  head_strides(out),
-               head_strides(dout), head_strides(dq), head_strides(dk), head_strides(dv)};
-  s.out_bf16 = out.dtype == DType::BF16;
-  for (const View* g : {&dq, &dk, &dv})
-    if (g->data) s.grads_bf16 = g->dtype == DType::BF16;
-  OpScope op(ctx_, "attention_backward", attention_flops(s, 10));
+  const cuda::AttentionShape s = cuda::attention_shape(views, key_mask, args);
+  OpScope op(ctx_, "attention_backward", cuda::attention_flops(s, 10));
   Scratch delta(ctx_, cuda::attention_backward_scratch_bytes(q.dtype, s), "attention_backward rowsum(dO * O)");
   ctx_.check_launch(cuda::launch_attention_backward(ctx_.launch(), q.dtype, s, dq.data, dk.data, dv.data, dout.data,
                                                     q.data, k.data, v.data, out.data, lse.ptr<const float>(),
