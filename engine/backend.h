@@ -8,8 +8,10 @@
 #include "engine/dtype.h"
 #include "engine/shape.h"
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <span>
 
 namespace engine {
@@ -184,6 +186,9 @@ class KernelOperands {
   KernelOperands& operator=(const KernelOperands&) = delete;
 
   static bool fits(const View& v, DType dtype) { return !v.data || (v.dtype == dtype && v.is_contiguous()); }
+  static bool fit(std::initializer_list<const View*> views, DType dtype) {
+    return std::all_of(views.begin(), views.end(), [&](const View* v) { return fits(*v, dtype); });
+  }
   View in(const View& v, DType dtype);
   View out(const View& v, DType dtype);
   void finish();

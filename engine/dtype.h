@@ -15,6 +15,8 @@ enum class DType : uint8_t { F32, F64, BF16, F16, I32, I64 };
 size_t dtype_size(DType dtype);
 std::string_view dtype_name(DType dtype);  // "f32", "bf16", ...
 bool is_floating(DType dtype);
+// bf16 and f16: kernels read and write them but compute in f32.
+inline bool is_storage_only(DType dtype) { return dtype == DType::BF16 || dtype == DType::F16; }
 
 // Raw 16-bit storage types. They are plain data: arithmetic goes through f32.
 struct bf16 { uint16_t bits; };

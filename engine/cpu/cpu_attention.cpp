@@ -382,8 +382,10 @@ double product_flops(const Problem& p) {
 // then multiply exactly those values, and a bf16 output is rounded once.
 DType compute_dtype(const View& q) { return q.dtype == DType::F64 ? DType::F64 : DType::F32; }
 
-bool fits(const View& v, DType dtype) {
-  return !v.data || (v.dtype == dtype && (v.shape[3] == 1 || v.strides[3] == 1));
+bool fit(std::initializer_list<const View*> views, DType dtype) {
+  return std::all_of(views.begin(), views.end(), [&](const View* v) {
+    return !v->data || (v->dtype == dtype && (v->shape[3] == 1 || v->strides[3] == 1));
+  });
 }
 
 }  // namespace
@@ -391,9 +393,7 @@ bool fits(const View& v, DType dtype) {
 void CpuBackend::attention_forward(const View& out, const View& lse, const View& q, const View& k, const View& v,
                                    const View& key_mask, const AttentionArgs& args) {
   const DType t = compute_dtype(q);
-  bool fit = true;
-  for (const View* view : {&out, &q, &k, &v}) fit = fit && fits(*view, t);
-  if (!fit) {
+  if (!fit({&out, &q, &k, &v}, t)) {
     KernelOperands ops(*this);
     attention_forward(ops.out(out, t), lse, ops.in(q, t), ops.in(k, t), ops.in(v, t), key_mask, args);
     return ops.finish();
@@ -415,9 +415,7 @@ void CpuBackend::attention_backward(const View& dq, const View& dk, const View& 
                                     const View& k, const View& v, const View& out, const View& lse,
                                     const View& key_mask, const AttentionArgs& args) {
   const DType t = compute_dtype(q);
-  bool fit = true;
-  for (const View* view : {&dq, &dk, &dv, &dout, &q, &k, &v, &out}) fit = fit && fits(*view, t);
-  if (!fit) {
+  if (!fit({&dq, &dk, &dv, &dout, &q, &k, &v, &out}, t)) {
     KernelOperands ops(*this);
     attention_backward(ops.out(dq, t), ops.out(dk, t), ops.out(dv, t), ops.in(dout, t), ops.in(q, t), ops.in(k, t),
                        ops.in(v, t), ops.in(out, t), lse, key_mask, args);

@@ -59,15 +59,14 @@ bool truth(const View& v, int64_t i) {
   return false;
 }
 
-// bf16 (and f16) are stored, not computed in: an op on them runs on f32
-// copies of its operands (KernelOperands) and rounds its result once, as the
-// GPU's kernels compute in f32 on bf16 storage.
-bool stored_only(DType dtype) { return dtype == DType::BF16 || dtype == DType::F16; }
-
 }  // namespace
 
+// bf16 and f16 (is_storage_only) are stored, not computed in: an op on them
+// runs on f32 copies of its operands (KernelOperands) and rounds its result
+// once, as the GPU's kernels compute in f32 on bf16 storage.
+
 void CpuBackend::unary(UnaryOp op, const View& out, const View& in, double scalar) {
-  if (stored_only(out.dtype)) {
+  if (is_storage_only(out.dtype)) {
     KernelOperands f32(*this);
     unary(op, f32.out(out, DType::F32), f32.in(in, DType::F32), scalar);
     return f32.finish();
@@ -90,7 +89,7 @@ void CpuBackend::unary(UnaryOp op, const View& out, const View& in, double scala
 }
 
 void CpuBackend::binary(BinaryOp op, const View& out, const View& a, const View& b) {
-  if (stored_only(out.dtype)) {
+  if (is_storage_only(out.dtype)) {
     KernelOperands f32(*this);
     binary(op, f32.out(out, DType::F32), f32.in(a, DType::F32), f32.in(b, DType::F32));
     return f32.finish();
@@ -120,7 +119,7 @@ void CpuBackend::binary(BinaryOp op, const View& out, const View& a, const View&
 }
 
 void CpuBackend::where(const View& out, const View& condition, const View& a, const View& b) {
-  if (stored_only(out.dtype)) {
+  if (is_storage_only(out.dtype)) {
     KernelOperands f32(*this);
     where(f32.out(out, DType::F32), condition, f32.in(a, DType::F32), f32.in(b, DType::F32));
     return f32.finish();
@@ -140,7 +139,7 @@ void CpuBackend::where(const View& out, const View& condition, const View& a, co
 }
 
 void CpuBackend::reduce(ReduceOp op, const View& out, const View& in) {
-  if (stored_only(out.dtype)) {
+  if (is_storage_only(out.dtype)) {
     KernelOperands f32(*this);
     reduce(op, f32.out(out, DType::F32), f32.in(in, DType::F32));
     return f32.finish();
@@ -191,7 +190,7 @@ void CpuBackend::reduce(ReduceOp op, const View& out, const View& in) {
 }
 
 void CpuBackend::argmax_last(const View& out, const View& in) {
-  if (stored_only(in.dtype)) {
+  if (is_storage_only(in.dtype)) {
     KernelOperands f32(*this);
     return argmax_last(out, f32.in(in, DType::F32));
   }

@@ -9,11 +9,13 @@
 
 namespace engine::cuda {
 
-// One call's operands; those with data == nullptr (the forward's dout, a
-// gradient not wanted) play no part.
+inline const View kNoView{};
+
+// One call's operands, by reference: no shapes copied per call. Those with
+// data == nullptr (the forward's kNoView, a gradient not wanted) play no part.
 struct AttentionViews {
   const View &q, &k, &v, &out;
-  View dout{}, dq{}, dk{}, dv{};
+  const View &dout = kNoView, &dq = kNoView, &dk = kNoView, &dv = kNoView;
 };
 
 // The tensor-core kernels take bf16 inputs with D <= 128, an output and

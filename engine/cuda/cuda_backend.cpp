@@ -503,9 +503,7 @@ void CudaBackend::attention_forward(const View& out, const View& lse, const View
   const cuda::AttentionViews views{q, k, v, out};
   if (!cuda::tensor_core_fits(views)) {
     const DType t = compute_dtype(q);
-    bool fit = true;
-    for (const View* view : {&out, &q, &k, &v}) fit = fit && KernelOperands::fits(*view, t);
-    if (!fit) {
+    if (!KernelOperands::fit({&out, &q, &k, &v}, t)) {
       KernelOperands ops(*this);
       attention_forward(ops.out(out, t), lse, ops.in(q, t), ops.in(k, t), ops.in(v, t), key_mask, args);
       return ops.finish();
@@ -525,9 +523,7 @@ void CudaBackend::attention_backward(const View& dq, const View& dk, const View&
   const cuda::AttentionViews views{q, k, v, out, dout, dq, dk, dv};
   if (!cuda::tensor_core_fits(views)) {
     const DType t = compute_dtype(q);
-    bool fit = true;
-    for (const View* view : {&dq, &dk, &dv, &dout, &q, &k, &v, &out}) fit = fit && KernelOperands::fits(*view, t);
-    if (!fit) {
+    if (!KernelOperands::fit({&dq, &dk, &dv, &dout, &q, &k, &v, &out}, t)) {
       KernelOperands ops(*this);
       attention_backward(ops.out(dq, t), ops.out(dk, t), ops.out(dv, t), ops.in(dout, t), ops.in(q, t),
                          ops.in(k, t), ops.in(v, t), ops.in(out, t), lse, key_mask, args);

@@ -8,7 +8,8 @@
 
 namespace engine::detail {
 
-// Same device and dtype, or an error naming the op and both sides.
+// Same device (and dtype), or an error naming the op and both sides.
+void check_same_device(const Tensor& a, const Tensor& b, const char* op);
 void check_compatible(const Tensor& a, const Tensor& b, const char* op);
 void check_floating(const Tensor& a, const char* op);
 
@@ -19,11 +20,6 @@ View broadcast_view(const Tensor& t, const Shape& shape);
 Tensor make_view(const Tensor& t, const Shape& shape, const Shape& strides, int64_t offset);
 
 inline Backend& backend_of(const Tensor& t) { return backend_for(t.device()); }
-
-// bf16 and f16 are storage types: ops that need f32's range or precision
-// throughout (layer norm, softmax, the loss) take them widened to f32, as
-// torch's autocast runs those ops in f32.
-inline bool stored_only(DType dtype) { return dtype == DType::BF16 || dtype == DType::F16; }
 
 // Indices (or targets) made contiguous, checked by `check(backend, view)` with the backend
 // of the device they are on, and brought to `device`. Indices on the host are checked there

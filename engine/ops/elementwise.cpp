@@ -9,9 +9,13 @@ namespace engine {
 
 namespace detail {
 
-void check_compatible(const Tensor& a, const Tensor& b, const char* op) {
+void check_same_device(const Tensor& a, const Tensor& b, const char* op) {
   if (a.device() != b.device())
     fail("{}: operands on different devices ({} and {})", op, a.device().str(), b.device().str());
+}
+
+void check_compatible(const Tensor& a, const Tensor& b, const char* op) {
+  check_same_device(a, b, op);
   check(a.dtype() == b.dtype(), "{}: operands of different dtypes ({} and {})", op, dtype_name(a.dtype()),
         dtype_name(b.dtype()));
 }
@@ -61,9 +65,8 @@ std::optional<DType> promotion(const Tensor& a, const Tensor& b) {
 
 Tensor binary_forward(BinaryOp op, const Tensor& a, const Tensor& b, const char* name) {
   const std::optional<DType> wide = promotion(a, b);
-  if (!wide) detail::check_compatible(a, b, name);
-  else if (a.device() != b.device())
-    fail("{}: operands on different devices ({} and {})", name, a.device().str(), b.device().str());
+  if (wide) detail::check_same_device(a, b, name);
+  else detail::check_compatible(a, b, name);
   detail::check_floating(a, name);
   Shape shape = broadcast_shapes(a.shape(), b.shape());
   Tensor out = Tensor::empty(shape, wide.value_or(a.dtype()), a.device());

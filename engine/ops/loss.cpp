@@ -12,7 +12,7 @@ namespace engine {
 using detail::backend_of;
 
 Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index, Reduction reduction) {
-  if (detail::stored_only(logits.dtype()))
+  if (is_storage_only(logits.dtype()))
     return cross_entropy(logits.to(DType::F32), targets, ignore_index, reduction);
   detail::check_floating(logits, "cross_entropy");
   check(logits.dim() == 2, "cross_entropy: logits must be [N, K], got shape {}", shape_str(logits.shape()));

@@ -1,8 +1,9 @@
 // Fused neural-network ops: layer norm over the last dim, gelu_new, and
 // softmax / log-softmax over any dim. Each is one kernel forward and one
 // backward; layer norm skips its weight and bias gradients when they are
-// frozen. Layer norm and softmax widen bf16 inputs to f32 and return f32;
-// gelu_new computes bf16 in f32 and returns bf16.
+// frozen. Layer norm and softmax widen bf16 inputs to f32 and return f32, as
+// torch's autocast runs them in f32; gelu_new computes bf16 in f32 and
+// returns bf16.
 #include "engine/ops/common.h"
 
 namespace engine {
@@ -22,7 +23,7 @@ View view_or_none(const Tensor& t) { return t.defined() ? view_of(t) : View{}; }
 // ---- layer norm ----
 
 Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps) {
-  if (detail::stored_only(x.dtype())) return layer_norm(x.to(DType::F32), weight, bias, eps);
+  if (is_storage_only(x.dtype())) return layer_norm(x.to(DType::F32), weight, bias, eps);
   detail::check_floating(x, "layer_norm");
   check(x.dim() >= 1, "layer_norm: needs a tensor of rank >= 1, got a scalar");
   check(weight.defined() && bias.defined(), "layer_norm: needs both a weight and a bias");
@@ -80,7 +81,7 @@ namespace {
 // The kernels normalise the last dim of contiguous rows; any other dim is
 // swapped to the end, normalised, and swapped back.
 Tensor softmax_over(const Tensor& x, int64_t dim, bool log, const char* name) {
-  if (detail::stored_only(x.dtype())) return softmax_over(x.to(DType::F32), dim, log, name);
+  if (is_storage_only(x.dtype())) return softmax_over(x.to(DType::F32), dim, log, name);
   detail::check_floating(x, name);
   if (x.dim() == 0) return softmax_over(x.reshape({1}), dim == -1 ? 0 : dim, log, name).reshape({});
   dim = wrap_dim(dim, x.dim(), name);
