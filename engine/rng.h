@@ -5,6 +5,7 @@
 #pragma once
 
 #include <array>
+#include <cmath>
 #include <cstdint>
 
 namespace engine {
@@ -21,16 +22,24 @@ struct Philox4 {
   uint32_t v[4];
 };
 
+// The high 32 bits of a 32 x 32-bit product. On the GPU, __umulhi: written as
+// a 64-bit product, nvcc kept 64-bit multiplies, several instructions each.
+ENGINE_HOST_DEVICE inline uint32_t mul_high(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __umulhi(a, b);
+#else
+  return uint32_t((uint64_t(a) * b) >> 32);
+#endif
+}
+
 ENGINE_HOST_DEVICE inline Philox4 philox4x32_10(uint64_t seed, uint64_t counter) {
   uint32_t c0 = uint32_t(counter), c1 = uint32_t(counter >> 32), c2 = 0, c3 = 0;
   uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
   for (int round = 0; round < 10; ++round) {
-    uint64_t p0 = uint64_t(0xD2511F53u) * c0;
-    uint64_t p1 = uint64_t(0xCD9E8D57u) * c2;
-    uint32_t n0 = uint32_t(p1 >> 32) ^ c1 ^ k0;
-    uint32_t n2 = uint32_t(p0 >> 32) ^ c3 ^ k1;
-    c1 = uint32_t(p1);
-    c3 = uint32_t(p0);
+    const uint32_t n0 = mul_high(0xCD9E8D57u, c2) ^ c1 ^ k0;
+    const uint32_t n2 = mul_high(0xD2511F53u, c0) ^ c3 ^ k1;
+    c1 = 0xCD9E8D57u * c2;
+    c3 = 0xD2511F53u * c0;
     c0 = n0;
     c2 = n2;
     k0 += 0x9E3779B9u;
@@ -51,6 +60,28 @@ ENGINE_HOST_DEVICE inline float philox_uniform(uint64_t seed, uint64_t offset, u
   Philox4 block = philox4x32_10(seed, offset + i / 4);
   return philox_word_to_uniform(block.v[i % 4]);
 }
+
+// A stream of 16-bit uniforms, eight per block: element i is half i % 2 (the
+// low half first) of word i / 2 % 4 of block offset + i / 8, in [0, 1) in steps
+// of 2^-16. Attention's dropout draws one per probability, where the
+// generator's work is most of the dropout's cost: this halves it, and keeps
+// any keep probability exact to 2^-16.
+// Word w of a block, by selects: a runtime index into v would put the block
+// in (slow) local memory on the GPU.
+ENGINE_HOST_DEVICE inline uint32_t word_of(const Philox4& block, unsigned w) {
+  return w == 0 ? block.v[0] : w == 1 ? block.v[1] : w == 2 ? block.v[2] : block.v[3];
+}
+ENGINE_HOST_DEVICE inline uint32_t philox_half(uint32_t word, unsigned high) { return high ? word >> 16 : word & 0xFFFFu; }
+ENGINE_HOST_DEVICE inline float philox_half_to_uniform(uint32_t half) { return float(half) * (1.0f / 65536.0f); }
+ENGINE_HOST_DEVICE inline float philox_uniform16(uint64_t seed, uint64_t offset, uint64_t i) {
+  const Philox4 block = philox4x32_10(seed, offset + i / 8);
+  return philox_half_to_uniform(philox_half(word_of(block, unsigned(i / 2 % 4)), unsigned(i % 2)));
+}
+
+// The test `uniform >= p` as an integer test on the uniform's `bits`-bit
+// integer u (u / 2^bits >= p exactly when u >= ceil(p * 2^bits), and p * 2^bits
+// is exact in double): what kernels compare, with no conversion per element.
+inline uint32_t uniform_threshold(double p, int bits) { return uint32_t(std::ceil(std::ldexp(p, bits))); }
 
 // A seed plus a running block offset. Each draw reserves the blocks it uses,
 // so consecutive draws never overlap and the state is two integers to save.

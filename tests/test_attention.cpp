@@ -56,7 +56,7 @@ struct NaiveDropout {
   uint64_t seed = 0, offset = 0;
   double factor(uint64_t index) const {
     if (p == 0) return 1;
-    return engine::philox_uniform(seed, offset, index) >= p ? 1 / (1 - p) : 0;
+    return engine::philox_uniform16(seed, offset, index) >= p ? 1 / (1 - p) : 0;
   }
 };
 

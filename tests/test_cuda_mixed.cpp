@@ -135,7 +135,7 @@ TEST_CASE("cuda mixed: tensor-core attention at GPT-2's head size, T from 1 to 1
 TEST_CASE("cuda mixed: other head sizes (padded, and widened past 128) and dropout", "[cuda][precision][attention]") {
   for (int64_t D : {8, 32, 48, 80, 128, 160})
     for (bool causal : {true, false}) check_mixed_attention(2, 2, 70, D, causal, Padding::Holes);
-  // T a multiple of 4 draws one Philox block per four scores, shared across lanes; others per pair.
+  // T a multiple of 8 draws one Philox block per eight scores, shared across lanes; others one per score.
   for (int64_t T : {1, 33, 64, 130, 200}) check_mixed_attention(2, 3, T, 64, true, Padding::Left, 0.3);
 }
 

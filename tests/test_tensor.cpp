@@ -131,6 +131,37 @@ TEST_CASE("Philox matches the Random123 known-answer vectors", "[rng]") {
   CHECK(zero.v[3] == 0x9b00dbd8u);
 }
 
+TEST_CASE("the 16-bit stream takes both halves of every word, low half first", "[rng]") {
+  // Element i is half i % 2 of word i / 2 % 4 of block offset + i / 8.
+  const uint64_t seed = 7, offset = 3;
+  for (uint64_t i : {0, 1, 2, 7, 8, 13, 1001}) {
+    const uint32_t word = engine::philox4x32_10(seed, offset + i / 8).v[i / 2 % 4];
+    const uint32_t half = i % 2 ? word >> 16 : word & 0xFFFFu;
+    CHECK(engine::philox_uniform16(seed, offset, i) == float(half) / 65536.0f);
+  }
+  // Uniform on [0, 1): 2^16 steps, mean 1/2, and as many below 0.1 as expected.
+  double sum = 0, below = 0;
+  const int n = 400000;
+  for (int i = 0; i < n; ++i) {
+    const float u = engine::philox_uniform16(seed, 0, uint64_t(i));
+    REQUIRE((u >= 0 && u < 1));
+    sum += u;
+    below += u < 0.1f;
+  }
+  CHECK(sum / n == Approx(0.5).margin(0.003));
+  CHECK(below / n == Approx(0.1).margin(0.003));
+  // The kernels' integer form of `uniform >= p` agrees with the float test at
+  // and around the threshold, for 16- and 24-bit uniforms.
+  for (double p : {0.0, 0.1, 0.3, 0.5, 0.999})
+    for (int bits : {16, 24}) {
+      const uint32_t threshold = engine::uniform_threshold(p, bits);
+      for (uint32_t u : {threshold - 1, threshold, threshold + 1}) {
+        if (u >= (1u << bits)) continue;  // threshold 0 wraps below; past the top is no uniform
+        CHECK((double(std::ldexp(float(u), -bits)) >= p) == (u >= threshold));
+      }
+    }
+}
+
 TEST_CASE("random draws are reproducible and well distributed", "[rng]") {
   engine::Generator g1(42), g2(42), g3(43);
   Tensor a = Tensor::randn({10001}, g1), b = Tensor::randn({10001}, g2), c = Tensor::randn({10001}, g3);

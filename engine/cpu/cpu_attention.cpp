@@ -65,16 +65,19 @@ Heads<T> heads_of(const View& v) {
 
 // Dropout's factors for keys key0 .. key0+n-1 of one query row: 1 / (1 - p)
 // where the probability is kept, else 0. Element e = (bh * Tq + query) * Tk + key
-// is word e % 4 of Philox block offset + e / 4, so one block serves four keys.
+// of the 16-bit stream (engine/rng.h's philox_uniform16) decides: block
+// offset + e / 8 serves eight keys.
 template <typename T>
 void dropout_factors(T* factor, const Problem& p, int64_t bh, int64_t query, int64_t key0, int64_t n) {
   const uint64_t first = uint64_t(bh * p.Tq + query) * uint64_t(p.Tk) + uint64_t(key0);
   const T keep = T(1.0 / (1.0 - p.dropout_p));
   for (int64_t j = 0; j < n;) {
     const uint64_t e = first + uint64_t(j);
-    const Philox4 block = philox4x32_10(p.dropout_seed, p.dropout_offset + e / 4);
-    for (uint64_t word = e % 4; word < 4 && j < n; ++word, ++j)
-      factor[j] = philox_word_to_uniform(block.v[word]) >= p.dropout_p ? keep : T(0);
+    const Philox4 block = philox4x32_10(p.dropout_seed, p.dropout_offset + e / 8);
+    for (uint64_t k = e % 8; k < 8 && j < n; ++k, ++j) {
+      const float uniform = philox_half_to_uniform(philox_half(block.v[k / 2], unsigned(k % 2)));
+      factor[j] = uniform >= p.dropout_p ? keep : T(0);
+    }
   }
 }
 

@@ -14,7 +14,7 @@
 // operand layout of one 16-deep k-step.
 //
 // P and dS are rounded to bf16 before they are multiplied, as flash attention
-// does; so the exponentials use the fast __expf, whose few-ulp error is far
+// does; so the exponentials use the fast ex2.approx, whose few-ulp error is far
 // below bf16's 2^-9. Head dims up to 128 are padded with zeros to DMAX in
 // {32, 64, 128}; engine/cuda/cuda_backend.cpp widens larger ones to f32 for
 // attention.cu.
@@ -223,6 +223,20 @@ __device__ __forceinline__ void store_rows(Rows<T> dst, const float (&acc)[DMAX 
   }
 }
 
+// 2^x on the special function unit (ex2.approx, a few ulp): __expf is this
+// after a multiply by log2(e), which the kernels fold into the score scale.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+
+// Heaviest first: under causal masking the last query tile sees the most
+// keys. Blocks start in index order, so giving the long ones out first
+// leaves short ones to fill the last wave.
+__device__ __forceinline__ int64_t query_tile_start() { return int64_t(gridDim.y - 1 - blockIdx.y) * kTile; }
+
 // The row (h = 0: lane / 4, h = 1: lane / 4 + 8) and column of element
 // [n][e] of a lane's score tile.
 __device__ __forceinline__ int score_row(int lane, int e) { return lane / 4 + 8 * (e / 2); }
@@ -265,61 +279,79 @@ __device__ __forceinline__ int count_key_flags(bool* key_ok, const Problem& p, c
   return __syncthreads_count(kept);
 }
 
-// ---- dropout: one Philox block for four scores ----
-// A Philox block is four words: the uniforms of four consecutive keys of one
-// query, when every query's keys start a block (Tk % 4 == 0). The mma layout
-// spreads those four keys over two lanes (rows are queries: the forward and
-// dQ) or four lanes (rows are keys: dK/dV). So each lane draws one block and
-// the lanes swap words by shuffles: half the draws of drawing per pair of
-// scores, a quarter of drawing per score. Every lane of the warp must call.
+// ---- dropout: one Philox block for eight scores ----
+// A block's eight 16-bit uniforms are eight consecutive keys of one query
+// when every query's keys start a block (Tk % 8 == 0): word w holds keys 2w
+// (low half) and 2w + 1. The mma layout spreads a block over four lanes (rows
+// are queries: the forward and dQ) or eight (rows are keys: dK/dV). So for a
+// pair of score tiles n, n + 1 each lane draws one block and the lanes trade
+// words by shuffles: lane x's s-th shuffle (xor s) brings word x of block x ^ s.
+// Other lengths draw a block per score. Every lane of the warp must call.
 
-__device__ __forceinline__ uint32_t word_of(const Philox4& block, int w) {
-  return w == 0 ? block.v[0] : w == 1 ? block.v[1] : w == 2 ? block.v[2] : block.v[3];
+// Reorders words[s] (block x ^ s's) to words[b] (block b's): xor-ing an index
+// by x is one swap per set bit of x, with static indices throughout.
+template <int N>
+__device__ __forceinline__ void unxor(uint32_t (&words)[N], int x) {
+#pragma unroll
+  for (int bit = 1; bit < N; bit *= 2)
+#pragma unroll
+    for (int b = 0; b < N; ++b)
+      if (!(b & bit) && (x & bit)) {
+        const uint32_t held = words[b];
+        words[b] = words[b + bit];
+        words[b + bit] = held;
+      }
 }
 
-// The factors of a lane's scores [n][0..3] where rows are queries: query i
-// (0, 1) and i + 8 (2, 3), keys j and j + 1 (j even, the lane's first column).
-__device__ __forceinline__ float4 query_row_factors(const Problem& p, int64_t bh, int64_t i, int64_t j, int lane) {
-  if (p.Tk % 4 != 0) {
-    const float2 a = p.dropout_factor_pair(bh, i, j), b = p.dropout_factor_pair(bh, i + 8, j);
-    return {a.x, a.y, b.x, b.y};
+// The factors f[z][e] of a lane's scores [n + z][e] where rows are queries:
+// query i (e = 0, 1) and i + 8 (e = 2, 3); keys j, j + 1 (z = 0, j the lane's
+// first column in tile n) and j + 8, j + 9 (z = 1).
+__device__ __forceinline__ void query_row_factors(float (&f)[2][4], const Problem& p, int64_t bh, int64_t i, int64_t j,
+                                                  int lane) {
+  if (p.Tk % 8 != 0) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) f[e / 4][e % 4] = p.dropout_factor<float>(bh, i + 8 * (e % 4 / 2), j + 8 * (e / 4) + e % 2);
+    return;
   }
-  // Lanes 2m and 2m + 1 hold keys 4m' .. 4m' + 3 (words 0, 1 and 2, 3): the
-  // even lane draws query i's block, the odd lane query i + 8's.
-  const bool odd = lane & 1;
-  const uint64_t element = uint64_t(bh * p.Tq + i + (odd ? 8 : 0)) * uint64_t(p.Tk) + uint64_t(j & ~int64_t(3));
-  const Philox4 block = philox4x32_10(p.dropout_seed, p.dropout_offset + element / 4);
-  const int mine = odd ? 2 : 0, theirs = 2 - mine;
-  const uint32_t got0 = __shfl_xor_sync(0xffffffffu, word_of(block, theirs), 1);
-  const uint32_t got1 = __shfl_xor_sync(0xffffffffu, word_of(block, theirs + 1), 1);
-  auto f = [&](uint32_t w) { return p.keep_factor<float>(philox_word_to_uniform(w)); };
-  const float2 own{f(word_of(block, mine)), f(word_of(block, mine + 1))}, other{f(got0), f(got1)};
-  return odd ? float4{other.x, other.y, own.x, own.y} : float4{own.x, own.y, other.x, other.y};
-}
-
-// The factors of a lane's scores [n][0..3] where rows are keys: key j (0, 1)
-// and j + 8 (2, 3), queries i and i + 1 (i even). Lanes 4 apart hold keys
-// 4m .. 4m + 3: the lane k-th of its four (k = its key % 4) draws block k of
-// the four they need, (query i + (k & 1), keys from j + 8 (k >> 1)).
-__device__ __forceinline__ float4 key_row_factors(const Problem& p, int64_t bh, int64_t j, int64_t i, int lane) {
-  if (p.Tk % 4 != 0)
-    return {p.dropout_factor<float>(bh, i, j), p.dropout_factor<float>(bh, i + 1, j),
-            p.dropout_factor<float>(bh, i, j + 8), p.dropout_factor<float>(bh, i + 1, j + 8)};
-  const int k = (lane / 4) % 4;
+  // Lane t of a quad holds keys 2t, 2t + 1 of each 8-key group: word t of
+  // blocks b = 0..3 (query i + 8 (b % 2), keys of tile n + b / 2). It draws block t.
+  const int t = lane % 4;
   const uint64_t element =
-      uint64_t(bh * p.Tq + i + (k & 1)) * uint64_t(p.Tk) + uint64_t((j & ~int64_t(3)) + 8 * (k >> 1));
-  const Philox4 block = philox4x32_10(p.dropout_seed, p.dropout_offset + element / 4);
-  float f[4];
+      uint64_t(bh * p.Tq + i + 8 * (t % 2)) * uint64_t(p.Tk) + uint64_t(j - 2 * t + 8 * (t / 2));
+  const Philox4 block = philox4x32_10(p.dropout_seed, p.dropout_offset + element / 8);
+  uint32_t words[4];
 #pragma unroll
-  for (int s = 0; s < 4; ++s) {
-    // Round s: read block k ^ s from the lane that drew it, which sends word k.
-    const uint32_t word = s == 0 ? word_of(block, k) : __shfl_xor_sync(0xffffffffu, word_of(block, k ^ s), 4 * s);
-    const float factor = p.keep_factor<float>(philox_word_to_uniform(word));
+  for (int s = 0; s < 4; ++s)
+    words[s] = s == 0 ? word_of(block, t) : __shfl_xor_sync(0xffffffffu, word_of(block, t ^ s), s);
+  unxor(words, t);
 #pragma unroll
-    for (int b = 0; b < 4; ++b)
-      if (b == (k ^ s)) f[b] = factor;
+  for (int e = 0; e < 8; ++e) f[e / 4][e % 4] = p.keep_factor<float>(philox_half(words[e / 2], e % 2));
+}
+
+// The factors f[z][e] of a lane's scores [n + z][e] where rows are keys: key
+// j (e = 0, 1) and j + 8 (e = 2, 3); queries i, i + 1 (z = 0, i the lane's
+// first column in tile n) and i + 8, i + 9 (z = 1).
+__device__ __forceinline__ void key_row_factors(float (&f)[2][4], const Problem& p, int64_t bh, int64_t j, int64_t i,
+                                                int lane) {
+  if (p.Tk % 8 != 0) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) f[e / 4][e % 4] = p.dropout_factor<float>(bh, i + 8 * (e / 4) + e % 2, j + 8 * (e % 4 / 2));
+    return;
   }
-  return {f[0], f[1], f[2], f[3]};
+  // Lane g of a column's eight (lane 4g + t) holds keys g and g + 8 of the
+  // warp's 16, which start at j - g: half g % 2 of word g / 2 of blocks
+  // b = 0..7 (query i + b % 2 + 8 (b / 4), keys from j - g + 8 (b / 2 % 2)). It draws block g.
+  const int g = lane / 4;
+  const uint64_t element =
+      uint64_t(bh * p.Tq + i + g % 2 + 8 * (g / 4)) * uint64_t(p.Tk) + uint64_t(j - g + 8 * (g / 2 % 2));
+  const Philox4 block = philox4x32_10(p.dropout_seed, p.dropout_offset + element / 8);
+  uint32_t words[8];
+#pragma unroll
+  for (int s = 0; s < 8; ++s)
+    words[s] = s == 0 ? word_of(block, g / 2) : __shfl_xor_sync(0xffffffffu, word_of(block, (g ^ s) / 2), 4 * s);
+  unxor(words, g);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) f[e / 4][e % 4] = p.keep_factor<float>(philox_half(words[e], g % 2));
 }
 
 // One block per (batch * head, query tile); the online softmax of attention.cu,
@@ -331,12 +363,13 @@ __global__ void __launch_bounds__(kBlockThreads)
   bf16* q_tile = smem;
   __shared__ bool key_ok[kTile];
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
-  const int64_t bh = blockIdx.x, i0 = int64_t(blockIdx.y) * kTile + warp * kRows;  // the warp's first query
+  const int64_t bh = blockIdx.x, tile0 = query_tile_start(), i0 = tile0 + warp * kRows;  // the warp's first query
   const int32_t* mask = p.mask_row(bh);
   const TileStream<DMAX> kv{smem + kTileElems<DMAX>, rows_of(p, k, p.strides.k, bh), rows_of(p, v, p.strides.v, bh),
                             p.Tk};
-  const int64_t key_end = p.key_end(int64_t(blockIdx.y) * kTile + kTile);
-  load_tile<DMAX>(q_tile, rows_of(p, q, p.strides.q, bh), int64_t(blockIdx.y) * kTile, p.Tq, p);
+  const int64_t key_end = p.key_end(tile0 + kTile);
+  const float scale_log2 = scale * kLog2e;  // scores in base 2: exp2 needs no multiply
+  load_tile<DMAX>(q_tile, rows_of(p, q, p.strides.q, bh), tile0, p.Tq, p);
   kv.fetch(0, 0, key_end, p);  // one group with Q
   const bf16* q_rows = q_tile + warp * kRows * kLd<DMAX>;
 
@@ -364,7 +397,7 @@ __global__ void __launch_bounds__(kBlockThreads)
       for (int e = 0; e < 4; ++e) {
         const int h = e / 2, jl = score_col(lane, n, e);
         const bool visible = unmasked || (key_ok[jl] && p.in_causal_window(i0 + score_row(lane, e), j0 + jl));
-        s[n][e] = visible ? s[n][e] * scale : -INFINITY;
+        s[n][e] = visible ? s[n][e] * scale_log2 : -INFINITY;
         any[h] |= visible;
         tile_max[h] = MaxOp{}(tile_max[h], s[n][e]);
       }
@@ -374,7 +407,7 @@ __global__ void __launch_bounds__(kBlockThreads)
       any[h] = quad_sum(float(any[h])) > 0.f;
       tile_max[h] = quad_max(tile_max[h]);
       const bool grows = any[h] && tile_max[h] > m[h];
-      rescale[h] = grows ? __expf(m[h] - tile_max[h]) : 1.f;  // 0 on the row's first keys (m = -inf)
+      rescale[h] = grows ? fast_exp2(m[h] - tile_max[h]) : 1.f;  // 0 on the row's first keys (m = -inf)
       if (grows) m[h] = tile_max[h];
     }
     float sum[2] = {0.f, 0.f};
@@ -383,15 +416,17 @@ __global__ void __launch_bounds__(kBlockThreads)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int h = e / 2;
-        const float prob = any[h] ? __expf(s[n][e] - m[h]) : 0.f;  // a NaN score makes the row NaN, as it should
+        const float prob = any[h] ? fast_exp2(s[n][e] - m[h]) : 0.f;  // a NaN score makes the row NaN, as it should
         sum[h] += prob;  // the normaliser counts every probability, dropped or not
         s[n][e] = prob;
       }
     if (p.dropout_p > 0) {
 #pragma unroll
-      for (int n = 0; n < kTile / 8; ++n) {
-        const float4 f = query_row_factors(p, bh, i0 + score_row(lane, 0), j0 + score_col(lane, n, 0), lane);
-        s[n][0] *= f.x, s[n][1] *= f.y, s[n][2] *= f.z, s[n][3] *= f.w;
+      for (int n = 0; n < kTile / 8; n += 2) {
+        float f[2][4];
+        query_row_factors(f, p, bh, i0 + score_row(lane, 0), j0 + score_col(lane, n, 0), lane);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) s[n + e / 4][e % 4] *= f[e / 4][e % 4];
       }
     }
 #pragma unroll
@@ -414,32 +449,35 @@ __global__ void __launch_bounds__(kBlockThreads)
   for (int h = 0; h < 2; ++h) {
     inverse[h] = seen[h] ? 1.f / l[h] : 0.f;
     const int r = score_row(lane, 2 * h);
-    if (lane % 4 == 0 && r < rows) lse[bh * p.Tq + i0 + r] = seen[h] ? m[h] + logf(l[h]) : -INFINITY;
+    if (lane % 4 == 0 && r < rows) lse[bh * p.Tq + i0 + r] = seen[h] ? m[h] * kLn2 + logf(l[h]) : -INFINITY;
   }
   store_rows<DMAX>(rows_of(p, out, p.strides.out, bh).from(i0), acc, inverse, rows, p.D, lane);
 }
 
 // One element of the softmax backward: from the raw score s and dp = <dO_i, v_j>,
 // leaves P F (what dV needs) in s and dS = scale * P * (dP F - delta) in dp.
-// __expf, as in the forward: P is rounded to bf16 next.
-__device__ __forceinline__ void softmax_grad(float& s, float& dp, bool visible, float scale, float lse, float delta,
-                                             float factor) {
-  const float prob = visible && lse != -INFINITY ? __expf(s * scale - lse) : 0.f;
+// Exponents in base 2, as in the forward: lse2 is the row's lse times log2(e).
+__device__ __forceinline__ void softmax_grad(float& s, float& dp, bool visible, float scale_log2, float lse2,
+                                             float delta, float scale, float factor) {
+  const float prob = visible && lse2 != -INFINITY ? fast_exp2(s * scale_log2 - lse2) : 0.f;
   s = prob * factor;
   dp = scale * prob * (dp * factor - delta);
 }
 
 // dQ for one (batch * head, query tile): dQ = dS K, dS = scale * P * (dP F - delta), dP = dO V^T.
+// Three blocks per SM: left alone, nvcc spends about 240 registers a thread,
+// which leaves room for two; at 168 (D <= 64) nothing spills.
 template <int DMAX, typename Grad>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, 3)
     dq_kernel(Problem p, float scale, Grad* dq, const bf16* dout, const bf16* q, const bf16* k, const bf16* v,
               const float* lse, const float* delta) {
   extern __shared__ __align__(128) bf16 smem[];
   bf16 *q_tile = smem, *do_tile = smem + kTileElems<DMAX>;
   __shared__ bool key_ok[kTile];
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
-  const int64_t bh = blockIdx.x, tile0 = int64_t(blockIdx.y) * kTile, i0 = tile0 + warp * kRows;
+  const int64_t bh = blockIdx.x, tile0 = query_tile_start(), i0 = tile0 + warp * kRows;
   const int32_t* mask = p.mask_row(bh);
+  const float scale_log2 = scale * kLog2e;
   const TileStream<DMAX> kv{smem + 2 * kTileElems<DMAX>, rows_of(p, k, p.strides.k, bh),
                             rows_of(p, v, p.strides.v, bh), p.Tk};
   const int64_t key_end = p.key_end(tile0 + kTile);
@@ -451,7 +489,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t i = i0 + score_row(lane, 2 * h);
-    row_lse[h] = i < p.Tq ? lse[bh * p.Tq + i] : -INFINITY;
+    row_lse[h] = i < p.Tq ? lse[bh * p.Tq + i] * kLog2e : -INFINITY;
     row_delta[h] = i < p.Tq ? delta[bh * p.Tq + i] : 0.f;
   }
   float acc[DMAX / 8][4];
@@ -470,17 +508,17 @@ __global__ void __launch_bounds__(kBlockThreads)
     warp_scores<DMAX>(dp, do_rows, v_tile, lane);
     const bool unmasked = tile_unmasked(p, kept == kTile, i0, j0);
 #pragma unroll
-    for (int n = 0; n < kTile / 8; ++n) {
-      const int c = score_col(lane, n, 0);
-      const float4 f4 = p.dropout_p > 0 ? query_row_factors(p, bh, i0 + score_row(lane, 0), j0 + c, lane)
-                                        : float4{1.f, 1.f, 1.f, 1.f};
-      const float f[4] = {f4.x, f4.y, f4.z, f4.w};
+    for (int n = 0; n < kTile / 8; n += 2) {
+      float f[2][4] = {{1.f, 1.f, 1.f, 1.f}, {1.f, 1.f, 1.f, 1.f}};
+      if (p.dropout_p > 0) query_row_factors(f, p, bh, i0 + score_row(lane, 0), j0 + score_col(lane, n, 0), lane);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int h = e / 2, r = score_row(lane, e), x = e % 2;
-        const bool visible = unmasked || (key_ok[c + x] && p.in_causal_window(i0 + r, j0 + c + x));
-        softmax_grad(s[n][e], dp[n][e], visible, scale, row_lse[h], row_delta[h], f[e]);
-      }
+      for (int z = 0; z < 2; ++z)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int h = e / 2, r = score_row(lane, e), c = score_col(lane, n + z, e);
+          const bool visible = unmasked || (key_ok[c] && p.in_causal_window(i0 + r, j0 + c));
+          softmax_grad(s[n + z][e], dp[n + z][e], visible, scale_log2, row_lse[h], row_delta[h], scale, f[z][e]);
+        }
     }
     warp_accumulate<DMAX>(acc, dp, k_tile, lane);  // dQ += dS K
   }
@@ -503,6 +541,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
   const int64_t bh = blockIdx.x, tile0 = int64_t(blockIdx.y) * kTile, j0 = tile0 + warp * kRows;  // warp's first key
   const bool need_ds = dk != nullptr;  // dV alone needs only P
+  const float scale_log2 = scale * kLog2e;
   const int32_t* mask = p.mask_row(bh);
   float dk_acc[DMAX / 8][4], dv_acc[DMAX / 8][4];
   zero<DMAX>(dk_acc);
@@ -525,6 +564,7 @@ __global__ void __launch_bounds__(kBlockThreads)
       __syncthreads();  // every warp is done with the other buffer and the query stats
       qdo.fetch(buffer ^ 1, q0 + kTile, p.Tq, p);
       load_query_stats(tile_lse, tile_delta, p, bh, q0, lse, delta);
+      if (threadIdx.x < kTile) tile_lse[threadIdx.x] *= kLog2e;  // the thread that loaded it
       cp_async_wait<1>();
       __syncthreads();
       const bf16 *q_tile = qdo.tile(buffer, 0), *do_tile = qdo.tile(buffer, 1);
@@ -536,18 +576,17 @@ __global__ void __launch_bounds__(kBlockThreads)
       // Tq need no mask: their lse is -inf, so their P is 0.
       const bool unmasked = kept == kTile && (!p.causal || j0 + kRows - 1 <= q0 + p.causal_shift);
 #pragma unroll
-      for (int n = 0; n < kTile / 8; ++n) {
-        const float4 f4 = p.dropout_p > 0
-                              ? key_row_factors(p, bh, j0 + score_row(lane, 0), q0 + score_col(lane, n, 0), lane)
-                              : float4{1.f, 1.f, 1.f, 1.f};
-        const float f[4] = {f4.x, f4.y, f4.z, f4.w};
+      for (int n = 0; n < kTile / 8; n += 2) {
+        float f[2][4] = {{1.f, 1.f, 1.f, 1.f}, {1.f, 1.f, 1.f, 1.f}};
+        if (p.dropout_p > 0) key_row_factors(f, p, bh, j0 + score_row(lane, 0), q0 + score_col(lane, n, 0), lane);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = score_row(lane, e), c = score_col(lane, n, e);
-          const int64_t i = q0 + c, j = j0 + r;
-          const bool visible = unmasked || (warp_keys_ok[r] && p.in_causal_window(i, j));
-          softmax_grad(s[n][e], dp[n][e], visible, scale, tile_lse[c], tile_delta[c], f[e]);
-        }
+        for (int z = 0; z < 2; ++z)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int r = score_row(lane, e), c = score_col(lane, n + z, e);
+            const bool visible = unmasked || (warp_keys_ok[r] && p.in_causal_window(q0 + c, j0 + r));
+            softmax_grad(s[n + z][e], dp[n + z][e], visible, scale_log2, tile_lse[c], tile_delta[c], scale, f[z][e]);
+          }
       }
       warp_accumulate<DMAX>(dv_acc, s, do_tile, lane);              // dV += (P F)^T dO
       if (need_ds) warp_accumulate<DMAX>(dk_acc, dp, q_tile, lane);  // dK += dS^T Q

@@ -20,6 +20,8 @@ struct Problem {
   int64_t causal_shift;   // Tk - Tq: query i sees keys j <= i + causal_shift
   double dropout_p = 0;   // 0: no dropout
   double keep_scale = 1;  // 1 / (1 - dropout_p)
+  float keep_scale_f32 = 1;
+  uint32_t keep_from = 0;  // uniform_threshold(dropout_p, 16): kept when the 16-bit uniform is at least this
   uint64_t dropout_seed = 0, dropout_offset = 0;
   AttentionStrides strides{};
   bool vector_loads = false;  // bf16 inputs: every row 16-byte aligned (set by their launchers)
@@ -39,28 +41,20 @@ struct Problem {
     return causal ? max64(0, min64(Tk, query_end + causal_shift)) : Tk;
   }
   // What probability (i, j) of head bh is multiplied by after the softmax:
-  // 1 without dropout, else 1 / (1 - p) if kept and 0 if dropped.
+  // 1 without dropout, else 1 / (1 - p) if kept and 0 if dropped. Element e of
+  // the 16-bit stream (engine/rng.h's philox_uniform16) decides.
   template <typename T>
   __device__ T dropout_factor(int64_t bh, int64_t i, int64_t j) const {
     if (dropout_p <= 0) return T(1);
     const uint64_t element = uint64_t(bh * Tq + i) * uint64_t(Tk) + uint64_t(j);
-    return keep_factor<T>(philox_uniform(dropout_seed, dropout_offset, element));
+    const Philox4 block = philox4x32_10(dropout_seed, dropout_offset + element / 8);
+    return keep_factor<T>(philox_half(word_of(block, unsigned(element / 2 % 4)), unsigned(element % 2)));
   }
-  // The factors of keys j and j + 1 of query i. Their stream elements are
-  // consecutive, so unless the first is a block's last word, one Philox block
-  // (4 words) serves both: half the generator's work.
-  __device__ float2 dropout_factor_pair(int64_t bh, int64_t i, int64_t j) const {
-    const uint64_t element = uint64_t(bh * Tq + i) * uint64_t(Tk) + uint64_t(j);
-    const unsigned word = unsigned(element % 4);
-    if (word == 3) return {dropout_factor<float>(bh, i, j), dropout_factor<float>(bh, i, j + 1)};
-    const Philox4 block = philox4x32_10(dropout_seed, dropout_offset + element / 4);
-    const uint32_t first = word == 0 ? block.v[0] : word == 1 ? block.v[1] : block.v[2];
-    const uint32_t second = word == 0 ? block.v[1] : word == 1 ? block.v[2] : block.v[3];
-    return {keep_factor<float>(philox_word_to_uniform(first)), keep_factor<float>(philox_word_to_uniform(second))};
-  }
+  // The factor of a probability whose 16-bit uniform, as an integer, is `half`.
   template <typename T>
-  __device__ T keep_factor(float uniform) const {
-    return double(uniform) >= dropout_p ? T(keep_scale) : T(0);
+  __device__ T keep_factor(uint32_t half) const {
+    if constexpr (std::is_same_v<T, float>) return half >= keep_from ? keep_scale_f32 : 0.f;
+    else return half >= keep_from ? T(keep_scale) : T(0);
   }
 };
 
@@ -68,6 +62,8 @@ inline Problem problem_of(const AttentionShape& s) {
   Problem p{s.H, s.Tq, s.Tk, s.D, s.key_mask, s.causal, s.Tk - s.Tq};
   p.dropout_p = s.dropout_p;
   p.keep_scale = 1.0 / (1.0 - s.dropout_p);
+  p.keep_scale_f32 = float(p.keep_scale);
+  p.keep_from = uniform_threshold(s.dropout_p, 16);
   p.dropout_seed = s.dropout_seed;
   p.dropout_offset = s.dropout_offset;
   p.strides = s.strides;

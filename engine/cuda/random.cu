@@ -51,14 +51,13 @@ __global__ void fill_normal_kernel(int64_t n, T* out, uint64_t seed, uint64_t of
 // bf16 storage, rounded once). One thread per Philox block; with `packed`,
 // its four elements move in one load and one store.
 template <typename T>
-__global__ void dropout_kernel(int64_t n, T* out, const T* in, double p, compute_t<T> scale, uint64_t seed,
+__global__ void dropout_kernel(int64_t n, T* out, const T* in, uint32_t keep_from, compute_t<T> scale, uint64_t seed,
                                uint64_t offset, bool packed) {
   using C = compute_t<T>;
   for (int64_t t = grid_index(); t * 4 < n; t += grid_stride()) {
     const Philox4 block = philox4x32_10(seed, offset + uint64_t(t));
-    auto kept = [&](int k, T x) {
-      return convert<T>(double(philox_word_to_uniform(block.v[k])) >= p ? convert<C>(x) * scale : C(0));
-    };
+    // philox_word_to_uniform(word) >= p, in integers (engine/rng.h's uniform_threshold).
+    auto kept = [&](int k, T x) { return convert<T>(block.v[k] >> 8 >= keep_from ? convert<C>(x) * scale : C(0)); };
     if (packed && t * 4 + 4 <= n) {
       Pack4<T> x = reinterpret_cast<const Pack4<T>*>(in)[t];
 #pragma unroll
@@ -106,7 +105,8 @@ cudaError_t launch_dropout(const LaunchContext& ctx, DType dtype, int64_t n, voi
     T* dst = static_cast<T*>(out);
     const T* src = static_cast<const T*>(in);
     dropout_kernel<<<grid_for(ctx, (n + 3) / 4), kThreads, 0, ctx.stream>>>(
-        n, dst, src, p, compute_t<T>(1.0 / (1.0 - p)), seed, offset, pack_aligned(dst) && pack_aligned(src));
+        n, dst, src, uniform_threshold(p, 24), compute_t<T>(1.0 / (1.0 - p)), seed, offset,
+        pack_aligned(dst) && pack_aligned(src));
   });
   return cudaGetLastError();
 }

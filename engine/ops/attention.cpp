@@ -71,10 +71,10 @@ Call make_call(const Tensor& q, const Tensor& k, const Tensor& key_padding_mask,
   Call call;
   call.args.causal = causal;
   call.args.scale = scale.value_or(D > 0 ? 1.0 / std::sqrt(double(D)) : 1.0);
-  if (dropout_p > 0) {  // one uniform per probability, B * H * Tq * Tk of them
+  if (dropout_p > 0) {  // one 16-bit uniform per probability: half a word each
     call.args.dropout_p = dropout_p;
     call.args.dropout_seed = generator->seed();
-    call.args.dropout_offset = generator->reserve(uint64_t(B * H * Tq * Tk));
+    call.args.dropout_offset = generator->reserve((uint64_t(B * H * Tq * Tk) + 1) / 2);
   }
   if (key_padding_mask.defined()) call.mask = keep_mask_i32(key_padding_mask);
   return call;
