@@ -259,6 +259,7 @@ int main() {
   bench_attention(32, 20, 256, 64, false, 0.1);  // training: GPT-2's attn_pdrop
   bench_attention(32, 20, 256, 64, false, 0, true);
   bench_attention(32, 20, 256, 64, false, 0.1, true);
+  bench_attention(8, 20, 1024, 64, false, 0.1, true);  // the eval forward's shape (dropout on, as the peer's)
   const engine::CudaMemoryStats stats = engine::cuda_memory_stats(0);
   fmt::print(R"({{"bench":"memory","peak_gib":{:.2f},"reserved_gib":{:.2f}}})"
              "\n",

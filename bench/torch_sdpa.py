@@ -1,5 +1,5 @@
 """The peer of bench_cuda's attention rows: torch.nn.functional.scaled_dot_product_attention
-at the same shape (B 32, H 20, T 256, D 64, causal), timed the same way (median of 10
+at the same shapes (B 32, H 20, T 256, D 64, causal; and the eval's B 8, T 1024), timed the same way (median of 10
 forwards; median of 5 forward+backward pairs, minus the forward). Run it in the same
 device call as build-gpu/bench/bench_cuda:
     python3 bench/torch_sdpa.py
@@ -49,3 +49,4 @@ if __name__ == "__main__":
     for dtype in (torch.float32, torch.bfloat16):
         for dropout in (0.0, 0.1):
             case(32, 20, 256, 64, dtype, dropout)
+    case(8, 20, 1024, 64, torch.bfloat16, 0.1)  # the eval forward's shape
