@@ -356,8 +356,9 @@ __device__ __forceinline__ void key_row_factors(float (&f)[2][4], const Problem&
 
 // One block per (batch * head, query tile); the online softmax of attention.cu,
 // per warp, with each lane keeping the running max and sum of its two rows.
+// Three blocks per SM, as dq_kernel: 159 registers (D <= 64), no spills.
 template <int DMAX, typename Out>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, 3)
     forward_kernel(Problem p, float scale, Out* out, float* lse, const bf16* q, const bf16* k, const bf16* v) {
   extern __shared__ __align__(128) bf16 smem[];
   bf16* q_tile = smem;
@@ -388,23 +389,35 @@ __global__ void __launch_bounds__(kBlockThreads)
 
     Scores s;
     warp_scores<DMAX>(s, q_rows, k_tile, lane);
+    // Most tiles need no mask: only those on the causal diagonal or holding
+    // padding keys take the second pass (the branch is the same for the whole warp).
     const bool unmasked = tile_unmasked(p, kept == kTile, i0, j0);
-    float tile_max[2] = {-INFINITY, -INFINITY};
-    bool any[2] = {unmasked, unmasked};
+    bool any[2] = {true, true};
 #pragma unroll
     for (int n = 0; n < kTile / 8; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int h = e / 2, jl = score_col(lane, n, e);
-        const bool visible = unmasked || (key_ok[jl] && p.in_causal_window(i0 + score_row(lane, e), j0 + jl));
-        s[n][e] = visible ? s[n][e] * scale_log2 : -INFINITY;
-        any[h] |= visible;
-        tile_max[h] = MaxOp{}(tile_max[h], s[n][e]);
-      }
-    float rescale[2];
+      for (int e = 0; e < 4; ++e) s[n][e] *= scale_log2;
+    if (!unmasked) {
+      any[0] = any[1] = false;
+#pragma unroll
+      for (int n = 0; n < kTile / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int jl = score_col(lane, n, e);
+          const bool visible = key_ok[jl] && p.in_causal_window(i0 + score_row(lane, e), j0 + jl);
+          if (!visible) s[n][e] = -INFINITY;
+          any[e / 2] |= visible;
+        }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) any[h] = quad_sum(float(any[h])) > 0.f;
+    }
+    float tile_max[2] = {-INFINITY, -INFINITY}, rescale[2];
+#pragma unroll
+    for (int n = 0; n < kTile / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) tile_max[e / 2] = MaxOp{}(tile_max[e / 2], s[n][e]);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      any[h] = quad_sum(float(any[h])) > 0.f;
       tile_max[h] = quad_max(tile_max[h]);
       const bool grows = any[h] && tile_max[h] > m[h];
       rescale[h] = grows ? fast_exp2(m[h] - tile_max[h]) : 1.f;  // 0 on the row's first keys (m = -inf)
