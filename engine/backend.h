@@ -135,7 +135,8 @@ class Backend {
   virtual void index_add_rows(const View& grad_table, const View& index, const View& grad_out) = 0;
 
   // ---- fused neural-network kernels (contiguous, rows x cols over the last dim) ----
-  // mean/rstd are f32 [rows] (f64 for f64 input), saved for the backward.
+  // mean/rstd are f32 [rows] (f64 for f64 input), saved for the backward. y has
+  // x's dtype, or bf16 for f32 x (rounded once); dy then has y's dtype.
   virtual void layer_norm_forward(const View& y, const View& mean, const View& rstd, const View& x, const View& weight,
                                   const View& bias, double eps) = 0;
   // dweight/dbias may have data == nullptr: then they are not computed (frozen);

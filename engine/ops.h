@@ -71,7 +71,11 @@ Tensor index_select(const Tensor& a, int64_t dim, const Tensor& index);  // inde
 Tensor embedding(const Tensor& weight, const Tensor& ids);                // weight [V, C], ids any shape
 
 // ---- neural-network ops (ops/nn.cpp, ops/attention.cpp, ops/loss.cpp) ----
-Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps = 1e-5);  // last dim
+// Over the last dim, in x's dtype (f32 for bf16 x, as torch's autocast). `out`
+// bf16 rounds the result once in the kernel: for an output that only feeds
+// linear layers under autocast, which would round it anyway, a cast pass saved.
+Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps = 1e-5,
+                  std::optional<DType> out = {});
 Tensor gelu_new(const Tensor& x);  // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
 Tensor softmax(const Tensor& x, int64_t dim = -1);
 Tensor log_softmax(const Tensor& x, int64_t dim = -1);

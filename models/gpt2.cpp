@@ -93,15 +93,16 @@ Tensor GPT2MLP::forward(const Tensor& x) {
 
 GPT2Block::GPT2Block(const GPT2Config& config, int64_t layer_index, const VarBuilder& vb,
                      engine::Generator& dropout_gen) {
-  register_module("ln_1", layer_norm(vb.pp("ln_1"), config.n_embd, config.layer_norm_epsilon));
+  ln_1_ = register_module("ln_1", layer_norm(vb.pp("ln_1"), config.n_embd, config.layer_norm_epsilon));
   attn_ = register_module("attn", std::make_shared<GPT2Attention>(config, layer_index, vb.pp("attn"), dropout_gen));
-  register_module("ln_2", layer_norm(vb.pp("ln_2"), config.n_embd, config.layer_norm_epsilon));
+  ln_2_ = register_module("ln_2", layer_norm(vb.pp("ln_2"), config.n_embd, config.layer_norm_epsilon));
   mlp_ = register_module("mlp", std::make_shared<GPT2MLP>(config, vb.pp("mlp"), dropout_gen));
 }
 
+// ln_1 feeds only c_attn and ln_2 only c_fc (or adapters in their place).
 Tensor GPT2Block::forward(const Tensor& x, const Tensor& key_mask, Tensor* past_key, Tensor* past_value) {
-  Tensor h = x + attn_->forward(child("ln_1")(x), key_mask, past_key, past_value);
-  return h + child("mlp")(child("ln_2")(h));
+  Tensor h = x + attn_->forward(ln_1_->forward_into_linear(x), key_mask, past_key, past_value);
+  return h + (*mlp_)(ln_2_->forward_into_linear(h));
 }
 
 // ---- the transformer body ----

@@ -55,6 +55,7 @@ class GPT2Block : public engine::nn::Module {
   using engine::nn::Module::forward;  // keeps the one-input form visible (it refuses: a mask is needed)
 
  private:
+  std::shared_ptr<engine::nn::LayerNorm> ln_1_, ln_2_;
   std::shared_ptr<GPT2Attention> attn_;
   std::shared_ptr<GPT2MLP> mlp_;
 };

@@ -1,7 +1,7 @@
 // Mixed precision on CUDA against the CPU (engine/precision.h): autocast
-// matmul and its gradients, bf16 linear_gelu, the tensor-core attention
-// kernels for every head size, padding and dropout, and a GPT-2 with bf16
-// frozen weights. The CPU multiplies the same bf16-rounded operands in f32,
+// matmul and its gradients, bf16 linear_gelu, layer norm into bf16, the
+// tensor-core attention kernels for every head size, padding and dropout,
+// and a GPT-2 with bf16 frozen weights. The CPU multiplies the same bf16-rounded operands in f32,
 // so it is the reference.
 // Exits 77 (SKIP in Meson) without a GPU.
 #define CATCH_CONFIG_RUNNER
@@ -79,6 +79,28 @@ TEST_CASE("cuda mixed: bf16 linear_gelu, in cuBLASLt's epilogue or through f32, 
     require_near(xg.grad(), x.grad(), 1e-2, "dx");
     require_near(wg.grad(), w.grad(), 1e-2, "dw");
     require_near(bg.grad(), bias.grad(), 1e-2, "dbias");
+  }
+}
+
+TEST_CASE("cuda mixed: layer_norm with a bf16 output and bf16 gradient matches the CPU", "[cuda][precision][nn]") {
+  for (bool frozen : {false, true}) {
+    INFO("frozen " << frozen);
+    Tensor x = engine::add(random({300, 1280}, 1), 3.0), w = random({1280}, 2), b = random({1280}, 3);
+    const Tensor up = random({300, 1280}, 4);
+    x.set_requires_grad(true), w.set_requires_grad(!frozen), b.set_requires_grad(!frozen);
+    Tensor xg = gpu_leaf(x), wg = gpu_leaf(w), bg = gpu_leaf(b);
+    const Tensor y = engine::layer_norm(x, w, b, 1e-5, DType::BF16);
+    const Tensor yg = engine::layer_norm(xg, wg, bg, 1e-5, DType::BF16);
+    REQUIRE(yg.dtype() == DType::BF16);
+    // f32 results a few ulps apart (tree vs sequential row sums) round to the same or neighbouring bf16 values.
+    require_near(yg, y, 1.0 / 128, "forward");
+    engine::sum(engine::mul(y, up)).backward();
+    engine::sum(engine::mul(yg, up.to(kGpu))).backward();
+    require_near(xg.grad(), x.grad(), 64 * kF32Eps, "dx");
+    if (!frozen) {
+      require_near(wg.grad(), w.grad(), 256 * kF32Eps, "dweight");
+      require_near(bg.grad(), b.grad(), 256 * kF32Eps, "dbias");
+    }
   }
 }
 

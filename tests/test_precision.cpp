@@ -3,7 +3,8 @@
 // attention compute what f32 computes on bf16-rounded operands and round
 // their results to bf16 once, and their gradients are rounded where the
 // policy says; store_frozen_linear_weights converts exactly the frozen Linear
-// weights. The GPU's kernels are held to these in test_cuda_mixed.
+// weights; layer norm rounds a bf16 output once. The GPU's kernels are held
+// to these in test_cuda_mixed.
 #include "engine/nn/layers.h"
 #include "engine/ops.h"
 #include "engine/precision.h"
@@ -143,6 +144,32 @@ TEST_CASE("autocast: linear_gelu gives bf16, rounded once, and its bf16 gradient
   const Tensor dx = engine::matmul(rounded(pre_r.grad()), rounded(w).transpose(0, 1));
   REQUIRE(x.grad().dtype() == DType::F32);
   require_same_products(x.grad(), dx, 16, "dx");
+}
+
+TEST_CASE("layer_norm with a bf16 output rounds the f32 result once, and takes its gradient in bf16",
+          "[precision][nn]") {
+  Tensor x = engine::add(random({4, 3, 40}, 40), 2.0), w = random({40}, 41), b = random({40}, 42);
+  const Tensor up = random({4, 3, 40}, 43);
+  for (Tensor* t : {&x, &w, &b}) t->set_requires_grad(true);
+  const Tensor y = engine::layer_norm(x, w, b, 1e-5, DType::BF16);
+  REQUIRE(y.dtype() == DType::BF16);
+  REQUIRE(max_abs_diff(y.to(DType::F32), rounded(engine::layer_norm(x.detach(), w.detach(), b.detach()))) == 0);
+  // The gradient arrives in bf16 (y's dtype): the f32 backward of its widened values.
+  engine::sum(engine::mul(y, up)).backward();
+  Tensor x2 = x.detach(), w2 = w.detach(), b2 = b.detach();
+  for (Tensor* t : {&x2, &w2, &b2}) t->set_requires_grad(true);
+  engine::sum(engine::mul(engine::layer_norm(x2, w2, b2), rounded(up))).backward();
+  REQUIRE(max_abs_diff(x.grad(), x2.grad()) == 0);
+  REQUIRE(max_abs_diff(w.grad(), w2.grad()) == 0);
+  REQUIRE(max_abs_diff(b.grad(), b2.grad()) == 0);
+  // bf16 is the one other output dtype, and only for f32 (or bf16) inputs.
+  REQUIRE_THROWS_WITH(engine::layer_norm(x.detach(), w.detach(), b.detach(), 1e-5, DType::F64),
+                      Catch::Contains("layer_norm: output dtype f64 for a f32 input"));
+  // Under autocast, LayerNorm's forward_into_linear gives the autocast dtype; forward stays f32.
+  engine::nn::LayerNorm ln(w.detach(), b.detach());
+  AutocastGuard autocast(DType::BF16);
+  REQUIRE(ln.forward_into_linear(x.detach()).dtype() == DType::BF16);
+  REQUIRE(ln.forward(x.detach()).dtype() == DType::F32);
 }
 
 TEST_CASE("autocast: attention gives the bf16 rounding of f32 attention of bf16-rounded q, k, v",

@@ -104,6 +104,12 @@ void CpuBackend::index_add_rows(const View& grad_table, const View& index, const
 
 void CpuBackend::layer_norm_forward(const View& y, const View& mean, const View& rstd, const View& x,
                                     const View& weight, const View& bias, double eps) {
+  if (y.dtype != x.dtype) {  // a bf16 output: computed in x's dtype, then rounded once
+    KernelOperands wide(*this);
+    layer_norm_forward(wide.out(y, x.dtype), mean, rstd, x, weight, bias, eps);
+    wide.finish();
+    return;
+  }
   const RowShape shape = rows_of(x);
   const int64_t rows = shape.rows, cols = shape.cols;  // plain locals: lambdas capture them
   cpu::dispatch_floating(x.dtype, "layer_norm", [&](auto zero) {
@@ -138,6 +144,11 @@ void CpuBackend::layer_norm_forward(const View& y, const View& mean, const View&
 // added at the end: race-free, and the same result for any thread count.
 void CpuBackend::layer_norm_backward(const View& dx, const View& dweight, const View& dbias, const View& dy,
                                      const View& x, const View& weight, const View& mean, const View& rstd) {
+  if (dy.dtype != x.dtype) {  // the gradient of a bf16 output, widened
+    KernelOperands wide(*this);
+    layer_norm_backward(dx, dweight, dbias, wide.in(dy, x.dtype), x, weight, mean, rstd);
+    return;
+  }
   const RowShape shape = rows_of(x);
   const int64_t rows = shape.rows, cols = shape.cols;  // plain locals: lambdas capture them
   const bool want_dweight = dweight.data != nullptr, want_dbias = dbias.data != nullptr;

@@ -414,8 +414,9 @@ void CudaBackend::layer_norm_forward(const View& y, const View& mean, const View
   OpScope op(ctx_, "layer_norm");
   require_floating(x.dtype, "layer_norm");
   const auto [rows, cols] = rows_of(x);
-  ctx_.check_launch(cuda::launch_layer_norm_forward(ctx_.launch(), x.dtype, rows, cols, y.data, mean.data, rstd.data,
-                                                    x.data, weight.data, bias.data, eps),
+  ctx_.check_launch(cuda::launch_layer_norm_forward(ctx_.launch(), x.dtype, rows, cols, y.data,
+                                                    y.dtype == DType::BF16, mean.data, rstd.data, x.data, weight.data,
+                                                    bias.data, eps),
                     "layer_norm");
 }
 
@@ -425,14 +426,15 @@ void CudaBackend::layer_norm_backward(const View& dx, const View& dweight, const
   require_floating(x.dtype, "layer_norm_backward");
   const auto [rows, cols] = rows_of(x);
   const cuda::LaunchContext lc = ctx_.launch();
+  const bool dy_bf16 = dy.dtype == DType::BF16;
   if (dx.data)
-    ctx_.check_launch(cuda::launch_layer_norm_backward_input(lc, x.dtype, rows, cols, dx.data, dy.data, x.data,
-                                                             weight.data, mean.data, rstd.data),
+    ctx_.check_launch(cuda::launch_layer_norm_backward_input(lc, x.dtype, rows, cols, dx.data, dy.data, dy_bf16,
+                                                             x.data, weight.data, mean.data, rstd.data),
                       "layer_norm_backward");
   if (!dweight.data && !dbias.data) return;  // frozen: no column sums at all
   Scratch partials(ctx_, cuda::layer_norm_params_scratch_bytes(lc, x.dtype, rows, cols), "layer_norm partial sums");
   ctx_.check_launch(cuda::launch_layer_norm_backward_params(lc, x.dtype, rows, cols, dweight.data, dbias.data, dy.data,
-                                                            x.data, mean.data, rstd.data, partials.get()),
+                                                            dy_bf16, x.data, mean.data, rstd.data, partials.get()),
                     "layer_norm_backward");
 }
 

@@ -85,18 +85,20 @@ cudaError_t launch_index_add_rows(const LaunchContext& ctx, DType dtype, int64_t
                                   const void* index, DType index_dtype, const void* grad);
 
 // ---- fused nn kernels over contiguous [rows, cols] (nn.cu) ----
+// Layer norm computes in `dtype` (f32 or f64); for f32, y (forward) and dy
+// (backward) may be bf16 instead (y_bf16, dy_bf16): rounded once, read widened.
 cudaError_t launch_layer_norm_forward(const LaunchContext& ctx, DType dtype, int64_t rows, int64_t cols, void* y,
-                                      void* mean, void* rstd, const void* x, const void* weight, const void* bias,
-                                      double eps);
+                                      bool y_bf16, void* mean, void* rstd, const void* x, const void* weight,
+                                      const void* bias, double eps);
 cudaError_t launch_layer_norm_backward_input(const LaunchContext& ctx, DType dtype, int64_t rows, int64_t cols,
-                                             void* dx, const void* dy, const void* x, const void* weight,
-                                             const void* mean, const void* rstd);
+                                             void* dx, const void* dy, bool dy_bf16, const void* x,
+                                             const void* weight, const void* mean, const void* rstd);
 // dweight and dbias (either may be null) are column sums over rows; scratch
 // holds per-chunk partial sums so that the result does not depend on timing.
 size_t layer_norm_params_scratch_bytes(const LaunchContext& ctx, DType dtype, int64_t rows, int64_t cols);
 cudaError_t launch_layer_norm_backward_params(const LaunchContext& ctx, DType dtype, int64_t rows, int64_t cols,
-                                              void* dweight, void* dbias, const void* dy, const void* x,
-                                              const void* mean, const void* rstd, void* scratch);
+                                              void* dweight, void* dbias, const void* dy, bool dy_bf16,
+                                              const void* x, const void* mean, const void* rstd, void* scratch);
 cudaError_t launch_gelu_forward(const LaunchContext& ctx, DType dtype, int64_t n, void* y, const void* x);
 cudaError_t launch_gelu_backward(const LaunchContext& ctx, DType dtype, int64_t n, void* dx, const void* dy,
                                  const void* x);

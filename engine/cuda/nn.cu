@@ -53,21 +53,22 @@ __device__ __forceinline__ int64_t warp_row() { return int64_t(blockIdx.x) * kRo
 
 inline unsigned row_blocks(int64_t rows) { return unsigned((rows + kRowsPerBlock - 1) / kRowsPerBlock); }
 
-template <typename T>
-__global__ void layer_norm_forward_kernel(int64_t rows, int64_t cols, T* y, T* mean, T* rstd, const T* x,
+// Y: the output's storage, T or (for f32) bf16, rounded once.
+template <typename T, typename Y>
+__global__ void layer_norm_forward_kernel(int64_t rows, int64_t cols, Y* y, T* mean, T* rstd, const T* x,
                                           const T* weight, const T* bias, T eps) {
   const int64_t row = warp_row();
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
   const T* xr = x + row * cols;
-  T* yr = y + row * cols;
+  Y* yr = y + row * cols;
   T sum = 0;
   for (int64_t c = lane; c < cols; c += 32) sum += xr[c];
   const T mu = warp_reduce(sum, SumOp{}) / T(cols);
   T squares = 0;
   for (int64_t c = lane; c < cols; c += 32) squares += (xr[c] - mu) * (xr[c] - mu);
   const T rs = T(1) / math_sqrt(warp_reduce(squares, SumOp{}) / T(cols) + eps);  // biased variance, as torch
-  for (int64_t c = lane; c < cols; c += 32) yr[c] = (xr[c] - mu) * rs * weight[c] + bias[c];
+  for (int64_t c = lane; c < cols; c += 32) yr[c] = convert<Y>((xr[c] - mu) * rs * weight[c] + bias[c]);
   if (lane == 0) {
     mean[row] = mu;
     rstd[row] = rs;
@@ -75,24 +76,27 @@ __global__ void layer_norm_forward_kernel(int64_t rows, int64_t cols, T* y, T* m
 }
 
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * weight, xhat = (x - mean) * rstd.
-template <typename T>
-__global__ void layer_norm_backward_input_kernel(int64_t rows, int64_t cols, T* dx, const T* dy, const T* x,
+// G: dy's storage, as Y of the forward.
+template <typename T, typename G>
+__global__ void layer_norm_backward_input_kernel(int64_t rows, int64_t cols, T* dx, const G* dy, const T* x,
                                                  const T* weight, const T* mean, const T* rstd) {
   const int64_t row = warp_row();
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
-  const T *xr = x + row * cols, *dyr = dy + row * cols;
+  const T* xr = x + row * cols;
+  const G* dyr = dy + row * cols;
   T* dxr = dx + row * cols;
   const T mu = mean[row], rs = rstd[row];
   T sum_g = 0, sum_g_xhat = 0;
   for (int64_t c = lane; c < cols; c += 32) {
-    const T g = dyr[c] * weight[c];
+    const T g = convert<T>(dyr[c]) * weight[c];
     sum_g += g;
     sum_g_xhat += g * (xr[c] - mu) * rs;
   }
   const T mean_g = warp_reduce(sum_g, SumOp{}) / T(cols);
   const T mean_g_xhat = warp_reduce(sum_g_xhat, SumOp{}) / T(cols);
-  for (int64_t c = lane; c < cols; c += 32) dxr[c] = rs * (dyr[c] * weight[c] - mean_g - (xr[c] - mu) * rs * mean_g_xhat);
+  for (int64_t c = lane; c < cols; c += 32)
+    dxr[c] = rs * (convert<T>(dyr[c]) * weight[c] - mean_g - (xr[c] - mu) * rs * mean_g_xhat);
 }
 
 // dweight[c] = sum_r dy * xhat, dbias[c] = sum_r dy: column sums, laid out as
@@ -115,16 +119,16 @@ ParamsPlan params_plan(const LaunchContext& ctx, int64_t rows, int64_t cols) {
   return p;
 }
 
-template <typename T>
+template <typename T, typename G>
 __global__ void layer_norm_params_kernel(int64_t rows, int64_t cols, int64_t chunk, T* dweight, T* dbias,
-                                         const T* dy, const T* x, const T* mean, const T* rstd) {
+                                         const G* dy, const T* x, const T* mean, const T* rstd) {
   __shared__ T shared_w[kParamRows][kParamColumns + 1], shared_b[kParamRows][kParamColumns + 1];
   const int64_t c = int64_t(blockIdx.x) * kParamColumns + threadIdx.x;
   const int64_t slice = blockIdx.y, begin = slice * chunk, end = min64(rows, begin + chunk);
   T dw = 0, db = 0;
   if (c < cols) {
     for (int64_t r = begin + threadIdx.y; r < end; r += kParamRows) {
-      const T g = dy[r * cols + c];
+      const T g = convert<T>(dy[r * cols + c]);
       if (dweight) dw += g * (x[r * cols + c] - mean[r]) * rstd[r];
       db += g;
     }
@@ -149,6 +153,18 @@ __global__ void sum_slices_kernel(int64_t slices, int64_t cols, const T* partial
     for (int64_t s = 0; s < slices; ++s) acc += partial[s * cols + c];
     out[c] = acc;
   }
+}
+
+// Calls fn(T{}, S{}): T the compute type of `dtype`, S the storage of layer
+// norm's output (or its gradient), T itself or, for f32 with `bf16`, bf16.
+template <typename Fn>
+void dispatch_layer_norm(DType dtype, bool bf16, Fn&& fn) {
+  dispatch_floating(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    if constexpr (std::is_same_v<T, float>)
+      if (bf16) return fn(T{}, __nv_bfloat16{});
+    fn(T{}, T{});
+  });
 }
 
 // ---- gelu_new ----
@@ -259,26 +275,28 @@ cudaError_t launch_index_add_rows(const LaunchContext& ctx, DType dtype, int64_t
 }
 
 cudaError_t launch_layer_norm_forward(const LaunchContext& ctx, DType dtype, int64_t rows, int64_t cols, void* y,
-                                      void* mean, void* rstd, const void* x, const void* weight, const void* bias,
-                                      double eps) {
+                                      bool y_bf16, void* mean, void* rstd, const void* x, const void* weight,
+                                      const void* bias, double eps) {
   if (rows == 0) return cudaSuccess;
-  dispatch_floating(dtype, [&](auto zero) {
+  dispatch_layer_norm(dtype, y_bf16, [&](auto zero, auto y_zero) {
     using T = decltype(zero);
+    using Y = decltype(y_zero);
     layer_norm_forward_kernel<<<row_blocks(rows), kThreads, 0, ctx.stream>>>(
-        rows, cols, static_cast<T*>(y), static_cast<T*>(mean), static_cast<T*>(rstd), static_cast<const T*>(x),
+        rows, cols, static_cast<Y*>(y), static_cast<T*>(mean), static_cast<T*>(rstd), static_cast<const T*>(x),
         static_cast<const T*>(weight), static_cast<const T*>(bias), T(eps));
   });
   return cudaGetLastError();
 }
 
 cudaError_t launch_layer_norm_backward_input(const LaunchContext& ctx, DType dtype, int64_t rows, int64_t cols,
-                                             void* dx, const void* dy, const void* x, const void* weight,
-                                             const void* mean, const void* rstd) {
+                                             void* dx, const void* dy, bool dy_bf16, const void* x,
+                                             const void* weight, const void* mean, const void* rstd) {
   if (rows == 0) return cudaSuccess;
-  dispatch_floating(dtype, [&](auto zero) {
+  dispatch_layer_norm(dtype, dy_bf16, [&](auto zero, auto g_zero) {
     using T = decltype(zero);
+    using G = decltype(g_zero);
     layer_norm_backward_input_kernel<<<row_blocks(rows), kThreads, 0, ctx.stream>>>(
-        rows, cols, static_cast<T*>(dx), static_cast<const T*>(dy), static_cast<const T*>(x),
+        rows, cols, static_cast<T*>(dx), static_cast<const G*>(dy), static_cast<const T*>(x),
         static_cast<const T*>(weight), static_cast<const T*>(mean), static_cast<const T*>(rstd));
   });
   return cudaGetLastError();
@@ -290,19 +308,20 @@ size_t layer_norm_params_scratch_bytes(const LaunchContext& ctx, DType dtype, in
 }
 
 cudaError_t launch_layer_norm_backward_params(const LaunchContext& ctx, DType dtype, int64_t rows, int64_t cols,
-                                              void* dweight, void* dbias, const void* dy, const void* x,
-                                              const void* mean, const void* rstd, void* scratch) {
+                                              void* dweight, void* dbias, const void* dy, bool dy_bf16,
+                                              const void* x, const void* mean, const void* rstd, void* scratch) {
   if (cols == 0 || (!dweight && !dbias)) return cudaSuccess;
   const ParamsPlan p = params_plan(ctx, rows, cols);
-  dispatch_floating(dtype, [&](auto zero) {
+  dispatch_layer_norm(dtype, dy_bf16, [&](auto zero, auto g_zero) {
     using T = decltype(zero);
+    using G = decltype(g_zero);
     T *w_out = static_cast<T*>(dweight), *b_out = static_cast<T*>(dbias);
     // With several slices the kernel writes partials into scratch, [slices, cols] for each output.
     T* w_partial = p.slices > 1 && w_out ? static_cast<T*>(scratch) : w_out;
     T* b_partial = p.slices > 1 && b_out ? static_cast<T*>(scratch) + p.slices * cols : b_out;
     const dim3 grid(unsigned((cols + kParamColumns - 1) / kParamColumns), unsigned(p.slices));
     layer_norm_params_kernel<<<grid, dim3(kParamColumns, kParamRows), 0, ctx.stream>>>(
-        rows, cols, p.chunk, w_partial, b_partial, static_cast<const T*>(dy), static_cast<const T*>(x),
+        rows, cols, p.chunk, w_partial, b_partial, static_cast<const G*>(dy), static_cast<const T*>(x),
         static_cast<const T*>(mean), static_cast<const T*>(rstd));
     if (p.slices > 1) {
       if (w_out) sum_slices_kernel<<<grid_for(ctx, cols), kThreads, 0, ctx.stream>>>(p.slices, cols, w_partial, w_out);

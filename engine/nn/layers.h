@@ -5,6 +5,7 @@
 
 #include "engine/nn/module.h"
 #include "engine/ops.h"
+#include "engine/precision.h"
 #include "engine/rng.h"
 
 namespace engine::nn {
@@ -52,6 +53,9 @@ class LayerNorm : public Module {
 
   std::string type_name() const override { return "LayerNorm"; }
   Tensor forward(const Tensor& x) override { return layer_norm(x, weight, bias, eps); }
+  // For a caller that feeds the output only to linear layers: under autocast
+  // it comes in the autocast dtype, rounded in the kernel (a cast pass saved).
+  Tensor forward_into_linear(const Tensor& x) { return layer_norm(x, weight, bias, eps, autocast_dtype()); }
 
   Tensor weight, bias;
   double eps;

@@ -22,9 +22,13 @@ View view_or_none(const Tensor& t) { return t.defined() ? view_of(t) : View{}; }
 
 // ---- layer norm ----
 
-Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps) {
-  if (is_storage_only(x.dtype())) return layer_norm(x.to(DType::F32), weight, bias, eps);
+Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps, std::optional<DType> out) {
+  if (is_storage_only(x.dtype())) return layer_norm(x.to(DType::F32), weight, bias, eps, out);
   detail::check_floating(x, "layer_norm");
+  const DType y_dtype = out.value_or(x.dtype());
+  check(y_dtype == x.dtype() || (y_dtype == DType::BF16 && x.dtype() == DType::F32),
+        "layer_norm: output dtype {} for a {} input; expected the input's dtype, or bf16 for f32",
+        dtype_name(y_dtype), dtype_name(x.dtype()));
   check(x.dim() >= 1, "layer_norm: needs a tensor of rank >= 1, got a scalar");
   check(weight.defined() && bias.defined(), "layer_norm: needs both a weight and a bias");
   detail::check_compatible(x, weight, "layer_norm");
@@ -36,7 +40,7 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, dou
   const Tensor xc = x.detach().contiguous(), w = weight.detach().contiguous(), b = bias.detach().contiguous();
   const int64_t rows = C == 0 ? 0 : x.numel() / C;
 
-  Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
+  Tensor y = Tensor::empty(x.shape(), y_dtype, x.device());
   Tensor mean = Tensor::empty({rows}, stats_dtype(x.dtype()), x.device());
   Tensor rstd = Tensor::empty({rows}, stats_dtype(x.dtype()), x.device());
   if (x.numel() > 0)
