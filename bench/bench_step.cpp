@@ -201,7 +201,7 @@ json run(const Options& o) {
   // The policy is one switch: the frozen weights move to bf16 here, and every
   // step below runs under the guard (the peer's torch.autocast(bfloat16)).
   const engine::AutocastGuard autocast(o.bf16 ? DType::BF16 : DType::F32);
-  if (o.bf16) engine::nn::store_frozen_linear_weights(*model, DType::BF16);
+  if (o.bf16) curlora::store_frozen_weights(*model, DType::BF16);
   model->train();  // dropout on, as in the peer's HF model
 
   engine::optim::AdamWOptions adamw;

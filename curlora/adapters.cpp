@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <unordered_set>
 
 namespace curlora {
 
@@ -136,5 +137,21 @@ Tensor LoRALinear::delta_weight() const {
 }
 
 double LoRALinear::delta_norm() const { return std::abs(alpha()) * product_norm(A, Tensor(), B); }
+
+// ---- mixed precision ----
+
+int64_t store_frozen_weights(engine::nn::Module& root, DType dtype) {
+  int64_t converted = engine::nn::store_frozen_linear_weights(root, dtype);
+  std::unordered_set<const engine::TensorImpl*> factors;
+  for (const engine::nn::Module* module : root.self_and_descendants())
+    if (auto* cur = dynamic_cast<const CurLoRALinear*>(module))
+      for (const Tensor* t : {&cur->C, &cur->R}) factors.insert(&t->impl());
+  root.to(dtype, [&](const std::string&, const Tensor& t) {
+    const bool chosen = factors.contains(&t.impl()) && t.dtype() != dtype;
+    converted += chosen;
+    return chosen;
+  });
+  return converted;
+}
 
 }  // namespace curlora

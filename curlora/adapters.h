@@ -103,4 +103,11 @@ class LoRALinear : public AdapterLinear {
   Tensor B;  // [r, out]
 };
 
+// Mixed precision's memory half for a model with adapters: what
+// engine::nn::store_frozen_linear_weights converts (every frozen Linear's
+// weight and bias), and CURLoRA's frozen factors C and R. In `dtype` they are
+// exactly what gathering them from the converted weight gives, and autocast
+// then has nothing to round at every call. Returns how many tensors it converted.
+int64_t store_frozen_weights(engine::nn::Module& root, engine::DType dtype);
+
 }  // namespace curlora

@@ -305,7 +305,7 @@ bool run_one(Sweep& s, Run& run, const std::function<void(const json&)>& publish
     run.results = new_run_results(run, s);
     run.results["trainable_parameters"] = run.model->num_trainable_parameters();
   }
-  if (s.compute == engine::DType::BF16) engine::nn::store_frozen_linear_weights(*run.model, engine::DType::BF16);
+  if (s.compute == engine::DType::BF16) store_frozen_weights(*run.model, engine::DType::BF16);
   run.results["timings"]["load_seconds"] = load_seconds;
   run.lm_head = run.model->get_submodule("lm_head");
 

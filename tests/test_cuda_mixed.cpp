@@ -209,10 +209,10 @@ TEST_CASE("cuda mixed: GPT-2 with bf16 frozen weights under autocast matches the
   auto cpu = make(kCpu);
   auto gpu = make(kGpu);
   const size_t before = engine::cuda_memory_stats(0).current_bytes;
-  REQUIRE(engine::nn::store_frozen_linear_weights(*cpu, DType::BF16) == 8);  // 4 Conv1D per block
-  REQUIRE(engine::nn::store_frozen_linear_weights(*gpu, DType::BF16) == 8);
-  // c_attn, c_proj, c_fc, mlp.c_proj: 12 C^2 weights per block, now 2 bytes each rather than 4.
-  const size_t saved = size_t(2 * 12 * config.n_embd * config.n_embd) * 2;
+  REQUIRE(engine::nn::store_frozen_linear_weights(*cpu, DType::BF16) == 16);  // weight and bias of 4 Conv1D per block
+  REQUIRE(engine::nn::store_frozen_linear_weights(*gpu, DType::BF16) == 16);
+  // c_attn, c_proj, c_fc, mlp.c_proj: 12 C^2 weights and 9 C biases per block, now 2 bytes each rather than 4.
+  const size_t saved = size_t(2 * (12 * config.n_embd * config.n_embd + 9 * config.n_embd)) * 2;
   CHECK(before - engine::cuda_memory_stats(0).current_bytes == saved);
 
   std::vector<int64_t> ids(2 * 40);

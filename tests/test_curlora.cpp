@@ -313,6 +313,34 @@ TEST_CASE("under autocast an adapter's two products read its input rounded to bf
   REQUIRE(lora->A.grad().dtype() == engine::DType::F32);
 }
 
+TEST_CASE("store_frozen_weights stores the base and CURLoRA's C and R in bf16, as if taken from a bf16 weight",
+          "[curlora][layer]") {
+  const int64_t in = 48, out = 16;
+  const Tensor w = testing::random_f64({in, out}, 21, false).to(engine::DType::F32);
+  const Tensor b = testing::random_f64({out}, 22, false).to(engine::DType::F32);
+  const curlora::CurSelection selection{{0, 5, 9, 15}, {1, 7, 30, 47}};
+  auto cur = std::make_shared<CurLoRALinear>(std::make_shared<Linear>(w, b, WeightLayout::InOut), selection, 0.5);
+  fill_normal(cur->U, 23, 1.0);
+  const Tensor x = testing::random_f64({5, in}, 24, false).to(engine::DType::F32);
+  Tensor before;
+  {
+    const engine::AutocastGuard autocast(engine::DType::BF16);
+    before = cur->forward(x);
+  }
+  REQUIRE(curlora::store_frozen_weights(*cur, engine::DType::BF16) == 4);  // W, b, C, R; U stays f32
+  REQUIRE(cur->U.dtype() == engine::DType::F32);
+  // The factors of a bf16 weight: gathering commutes with rounding.
+  auto twin = std::make_shared<CurLoRALinear>(
+      std::make_shared<Linear>(w.to(engine::DType::BF16), b, WeightLayout::InOut), selection, 0.5);
+  for (const auto& [mine, theirs] : {std::pair{&cur->C, &twin->C}, std::pair{&cur->R, &twin->R}}) {
+    REQUIRE(mine->dtype() == engine::DType::BF16);
+    testing::require_close(mine->to(engine::DType::F32), theirs->to_vector<double>(), 0);
+  }
+  // Under autocast every product rounded its operands anyway: the output is unchanged, bit for bit.
+  const engine::AutocastGuard autocast(engine::DType::BF16);
+  testing::require_close(cur->forward(x).to(engine::DType::F32), before.to(engine::DType::F32).to_vector<double>(), 0);
+}
+
 TEST_CASE("adapter gradients match finite differences (f64)", "[curlora][layer][gradcheck]") {
   for (WeightLayout layout : {WeightLayout::InOut, WeightLayout::OutIn}) {
     const engine::Shape shape = layout == WeightLayout::InOut ? engine::Shape{5, 8} : engine::Shape{8, 5};

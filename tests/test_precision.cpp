@@ -3,8 +3,8 @@
 // attention compute what f32 computes on bf16-rounded operands and round
 // their results to bf16 once, and their gradients are rounded where the
 // policy says; store_frozen_linear_weights converts exactly the frozen Linear
-// weights; layer norm rounds a bf16 output once. The GPU's kernels are held
-// to these in test_cuda_mixed.
+// weights and biases; layer norm rounds a bf16 output once. The GPU's kernels
+// are held to these in test_cuda_mixed.
 #include "engine/nn/layers.h"
 #include "engine/ops.h"
 #include "engine/precision.h"
@@ -210,7 +210,7 @@ TEST_CASE("autocast: attention gives the bf16 rounding of f32 attention of bf16-
   REQUIRE(q.grad().dtype() == DType::F32);
 }
 
-TEST_CASE("store_frozen_linear_weights converts frozen Linear weights only", "[precision][nn]") {
+TEST_CASE("store_frozen_linear_weights converts frozen Linear weights and biases only", "[precision][nn]") {
   engine::Generator gen(3);
   auto frozen = std::make_shared<engine::nn::Linear>(8, 4, gen);
   auto trained = std::make_shared<engine::nn::Linear>(4, 2, gen);
@@ -227,10 +227,13 @@ TEST_CASE("store_frozen_linear_weights converts frozen Linear weights only", "[p
   net.freeze("wte.*");
   const Tensor before = frozen->weight.detach().clone();
 
-  REQUIRE(engine::nn::store_frozen_linear_weights(net, DType::BF16) == 1);
+  const Tensor bias_before = frozen->bias.detach().clone();
+  REQUIRE(engine::nn::store_frozen_linear_weights(net, DType::BF16) == 2);  // the frozen weight and bias
   CHECK(frozen->weight.dtype() == DType::BF16);
   CHECK(net.get_parameter("frozen.weight").dtype() == DType::BF16);  // converted in place: every handle sees it
-  CHECK(frozen->bias.dtype() == DType::F32);
+  CHECK(frozen->bias.dtype() == DType::BF16);
+  CHECK(max_abs_diff(frozen->bias.to(DType::F32), rounded(bias_before)) == 0);
+  CHECK(trained->bias.dtype() == DType::F32);
   CHECK(trained->weight.dtype() == DType::F32);
   CHECK(table->weight.dtype() == DType::F32);
   CHECK(max_abs_diff(frozen->weight.to(DType::F32), rounded(before)) == 0);

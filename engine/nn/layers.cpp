@@ -76,10 +76,11 @@ Dropout::Dropout(double p_, Generator& gen) : p(p_), gen_(&gen) {
 
 int64_t store_frozen_linear_weights(Module& root, DType dtype) {
   std::unordered_set<const TensorImpl*> frozen, embedded;
-  for (const auto& [name, module] : root.named_modules()) {
-    if (auto* linear = dynamic_cast<const Linear*>(module.get()); linear && !linear->weight.requires_grad())
-      frozen.insert(&linear->weight.impl());
-    if (auto* table = dynamic_cast<const Embedding*>(module.get())) embedded.insert(&table->weight.impl());
+  for (const Module* module : root.self_and_descendants()) {
+    if (auto* linear = dynamic_cast<const Linear*>(module))
+      for (const Tensor* t : {&linear->weight, &linear->bias})
+        if (t->defined() && !t->requires_grad()) frozen.insert(&t->impl());
+    if (auto* table = dynamic_cast<const Embedding*>(module)) embedded.insert(&table->weight.impl());
   }
   int64_t converted = 0;
   root.to(dtype, [&](const std::string&, const Tensor& t) {

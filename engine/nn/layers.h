@@ -78,11 +78,12 @@ class Dropout : public Module {
 };
 
 // The memory half of mixed precision (engine/precision.h): converts, in place,
-// the weight of every Linear under `root` that is frozen (requires_grad off)
-// to `dtype`, halving its memory and the bandwidth of every GEMM that reads it.
-// Biases stay f32 (autocast rounds them as it adds them, as torch's does),
-// and so does a weight that an Embedding shares (GPT-2's tied wte, whose
-// lookups feed the f32 residual stream). Returns how many weights it converted.
+// the weight and bias of every Linear under `root` that are frozen
+// (requires_grad off) to `dtype`, halving their memory and the bandwidth of
+// every GEMM that reads them. A bias is rounded as autocast rounds it when it
+// is added (as torch's does), once instead of at every call. A weight that an
+// Embedding shares stays (GPT-2's tied wte, whose lookups feed the f32
+// residual stream). Returns how many tensors it converted.
 int64_t store_frozen_linear_weights(Module& root, DType dtype);
 
 }  // namespace engine::nn

@@ -123,6 +123,12 @@ NamedModules Module::named_modules() const {
   return out;
 }
 
+std::vector<const Module*> Module::self_and_descendants() const {
+  std::vector<const Module*> all{this};
+  for (const auto& [name, module] : named_modules()) all.push_back(module.get());
+  return all;
+}
+
 // ---- lookups by dotted name ----
 
 namespace {

@@ -49,6 +49,8 @@ class Module {
   std::vector<Tensor> parameters() const;
   // Every descendant (not this module itself), depth first.
   NamedModules named_modules() const;
+  // This module, then named_modules()'s.
+  std::vector<const Module*> self_and_descendants() const;
 
   // Lookups by dotted name; an unknown name is an engine::Error naming it.
   Tensor get_parameter(const std::string& name) const;
