@@ -62,7 +62,7 @@ Tensor AdapterLinear::forward(const Tensor& x) {
   const std::optional<DType> autocast = engine::autocast_dtype();
   const Tensor input = autocast && x.dtype() == DType::F32 && !merged_ ? x.to(*autocast) : x;
   Tensor y = child("base_layer")(input);
-  return merged_ ? y : y + update(input);
+  return merged_ ? y : engine::addmm(y, update_head(input), update_tail());
 }
 
 void AdapterLinear::merge() {
@@ -102,9 +102,14 @@ CurLoRALinear::CurLoRALinear(std::shared_ptr<Linear> base, CurSelection selectio
   U = register_parameter("U", Tensor::zeros({r, r}, master_dtype(w), w.device()));
 }
 
-Tensor CurLoRALinear::update(const Tensor& x) const {
-  if (base_layer().layout == WeightLayout::InOut) return matmul(matmul(scaled(matmul(x, C), alpha()), U), R);
-  return matmul(matmul(scaled(matmul(x, R.transpose(0, 1)), alpha()), U.transpose(0, 1)), C.transpose(0, 1));
+// x ΔW = (α (x C)) U, then R; or for [out, in] (α (x R^T)) U^T, then C^T.
+Tensor CurLoRALinear::update_head(const Tensor& x) const {
+  if (base_layer().layout == WeightLayout::InOut) return matmul(scaled(matmul(x, C), alpha()), U);
+  return matmul(scaled(matmul(x, R.transpose(0, 1)), alpha()), U.transpose(0, 1));
+}
+
+Tensor CurLoRALinear::update_tail() const {
+  return base_layer().layout == WeightLayout::InOut ? R : C.transpose(0, 1);
 }
 
 Tensor CurLoRALinear::delta_weight() const {
@@ -128,7 +133,7 @@ LoRALinear::LoRALinear(std::shared_ptr<Linear> base, int64_t rank, double alpha,
   B = register_parameter("B", Tensor::zeros({rank, base->out_features}, master_dtype(w), w.device()));
 }
 
-Tensor LoRALinear::update(const Tensor& x) const { return matmul(scaled(matmul(x, A), alpha()), B); }
+Tensor LoRALinear::update_head(const Tensor& x) const { return scaled(matmul(x, A), alpha()); }
 
 Tensor LoRALinear::delta_weight() const {
   engine::NoGradGuard no_grad;

@@ -41,8 +41,13 @@ class AdapterLinear : public engine::nn::Module {
   virtual Tensor delta_weight() const = 0;
   // ||ΔW||_F from r x r Gram matrices, in f64: no m x n matrix is built.
   virtual double delta_norm() const = 0;
-  // x ΔW for an input batch, factored (the change this adapter makes to the output).
-  virtual Tensor update(const Tensor& x) const = 0;
+  // x ΔW for an input batch, factored (the change this adapter makes to the
+  // output): update_head(x) @ update_tail(), where the tail is the last factor,
+  // a plain matrix, so forward() adds the update to the base's output in that
+  // GEMM itself (engine::addmm).
+  Tensor update(const Tensor& x) const { return engine::matmul(update_head(x), update_tail()); }
+  virtual Tensor update_head(const Tensor& x) const = 0;
+  virtual Tensor update_tail() const = 0;
   // The trainable tensors by name ("U", or "A" and "B"), for reports.
   virtual std::vector<std::pair<std::string, Tensor>> trainable_tensors() const = 0;
 
@@ -74,7 +79,8 @@ class CurLoRALinear : public AdapterLinear {
 
   Tensor delta_weight() const override;
   double delta_norm() const override;
-  Tensor update(const Tensor& x) const override;
+  Tensor update_head(const Tensor& x) const override;
+  Tensor update_tail() const override;
   std::vector<std::pair<std::string, Tensor>> trainable_tensors() const override { return {{"U", U}}; }
 
   Tensor U;     // [r, r], trainable
@@ -96,7 +102,8 @@ class LoRALinear : public AdapterLinear {
 
   Tensor delta_weight() const override;
   double delta_norm() const override;
-  Tensor update(const Tensor& x) const override;
+  Tensor update_head(const Tensor& x) const override;
+  Tensor update_tail() const override { return B; }
   std::vector<std::pair<std::string, Tensor>> trainable_tensors() const override { return {{"A", A}, {"B", B}}; }
 
   Tensor A;  // [in, r]

@@ -75,6 +75,18 @@ void gemm_with_f32_epilogue(Backend& backend, const GemmArgs& args) {
   f32.finish();
 }
 
+GemmArgs addend_into_c(Backend& backend, const GemmArgs& args) {
+  check(!args.bias && !args.gelu, "gemm: an addend takes no epilogue");
+  GemmArgs g = args;
+  g.addend = nullptr;
+  if (args.addend && args.addend != args.c) {
+    const Shape shape{args.batch, args.m, args.n}, strides{args.stride_c, args.ldc, 1};
+    backend.copy(View{args.c, args.c_dtype, shape, strides},
+                 View{const_cast<void*>(args.addend), args.c_dtype, shape, strides});
+  }
+  return g;
+}
+
 Backend& backend_for(Device device) {
   if (device.is_cpu()) return cpu_backend();
 #ifdef CURLORA_WITH_CUDA

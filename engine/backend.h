@@ -54,6 +54,9 @@ struct GemmArgs {
   int64_t ldc = 0, stride_c = 0;
   int64_t batch = 1;
   double alpha = 1, beta = 0;
+  // With beta != 0, what beta scales when it is not C's own contents: laid out
+  // as C, C = alpha AB + beta addend (addmm writes a new tensor this way). No epilogue with it.
+  const void* addend = nullptr;
   // Epilogue, applied after the product (with beta == 0) to the f32 (or f64)
   // sums before C is rounded to its dtype; a GPU applies it in the GEMM's own
   // pass over C where it can:
@@ -206,6 +209,10 @@ class KernelOperands {
 // for the case: the product into f32 scratch, the bias and GELU in f32 there,
 // and one rounding into C (and pre_gelu) at the end, as a fused epilogue rounds.
 void gemm_with_f32_epilogue(Backend& backend, const GemmArgs& args);
+
+// A GEMM with an addend, for a backend without a kernel that reads it apart
+// from C: the addend copied into C, and the args that then accumulate onto it.
+GemmArgs addend_into_c(Backend& backend, const GemmArgs& args);
 
 // The backend that owns `device`'s memory. Throws engine::Error for a CUDA
 // device when CUDA was not compiled in or no GPU is present.

@@ -56,6 +56,11 @@ std::vector<Tensor> split(const Tensor& a, const std::vector<int64_t>& sizes, in
 // a [..., M, K] @ b [K, N], or batched a [B..., M, K] @ b [B..., K, N] with equal
 // batch dims. Transposed views are passed to the GEMM as flags, not copied.
 Tensor matmul(const Tensor& a, const Tensor& b);
+// c + a @ b as one GEMM that reads c as its addend, for a 2-D b (a weight) and
+// c of the product's shape and dtype; otherwise add(c, matmul(a, b)). Under
+// autocast the sum is rounded to bf16 once, where add(c, matmul(a, b)) would
+// round the product first.
+Tensor addmm(const Tensor& c, const Tensor& a, const Tensor& b);
 // How a Linear stores its weight: torch.nn.Linear [out, in] or HF Conv1D [in, out].
 enum class WeightLayout { OutIn, InOut };
 // y = x W^T + b (OutIn) or x W + b (InOut); bias may be undefined.

@@ -1,8 +1,8 @@
 // Mixed precision on CUDA against the CPU (engine/precision.h): autocast
-// matmul and its gradients, bf16 linear_gelu, layer norm into bf16, the
-// tensor-core attention kernels for every head size, padding and dropout,
-// and a GPT-2 with bf16 frozen weights. The CPU multiplies the same bf16-rounded operands in f32,
-// so it is the reference.
+// matmul and its gradients, addmm, bf16 linear_gelu, layer norm into bf16,
+// the tensor-core attention kernels for every head size, padding and
+// dropout, and a GPT-2 with bf16 frozen weights. The CPU multiplies the same
+// bf16-rounded operands in f32, so it is the reference.
 // Exits 77 (SKIP in Meson) without a GPU.
 #define CATCH_CONFIG_RUNNER
 #include <catch2/catch.hpp>
@@ -47,6 +47,24 @@ TEST_CASE("cuda mixed: autocast matmul and its gradients match the CPU's", "[cud
     engine::sum(engine::mul(yg, up.to(kGpu))).backward();
     require_near(xg.grad(), x.grad(), 2 * kF32Eps * double(N), "dx");
     require_near(wg.grad(), w.grad(), 2 * kF32Eps * double(2 * M), "dw");
+  }
+}
+
+TEST_CASE("cuda mixed: autocast addmm rounds c + a @ b once on both devices", "[cuda][precision]") {
+  for (bool permuted : {false, true}) {  // cuBLASLt reads the addend; or it is copied into C first
+    INFO("permuted " << permuted);
+    Tensor x = random({2, 70, 48}, 1), w = random({48, 40}, 2);
+    auto view = [&](const Tensor& t) { return permuted ? t.permute({1, 0, 2}) : t; };
+    Tensor c, cg, y, yg;
+    {
+      AutocastGuard autocast(DType::BF16);
+      c = engine::matmul(x, random({48, 40}, 3));  // a bf16 base output, as an adapter's
+      cg = c.to(kGpu);
+      y = engine::addmm(view(c), view(x), w);
+      yg = engine::addmm(view(cg), view(x.to(kGpu)), w.to(kGpu));
+    }
+    REQUIRE(yg.dtype() == DType::BF16);
+    require_near(yg, y, 1.0 / 128, "forward");  // one bf16 ulp: f32 sums in different orders, rounded once
   }
 }
 

@@ -1,5 +1,5 @@
-// matmul and linear: forward against a naive triple loop (2-D, batched,
-// shared weights, transposed views), backward against finite differences.
+// matmul, linear and addmm: forward against a naive triple loop (2-D,
+// batched, shared weights, transposed views), backward against finite differences.
 #include "engine/ops.h"
 #include "tests/gradcheck.h"
 
@@ -107,6 +107,33 @@ TEST_CASE("linear_gelu equals gelu_new of linear, fused or composed", "[matmul]"
                          1e-6);
 }
 
+TEST_CASE("addmm adds c in the GEMM, for batched views, a transposed weight and K = 0, else composes",
+          "[matmul]") {
+  engine::Generator gen(7);
+  const Tensor w = Tensor::rand({6, 5}, gen, -1, 1), base = Tensor::rand({3, 4, 6}, gen, -1, 1);
+  const Tensor c = Tensor::rand({3, 4, 5}, gen, -1, 1);
+  const std::vector<double> cv = c.to_vector<double>();
+  // Contiguous (one folded GEMM), a permuted view (one GEMM per batch entry), a transposed weight.
+  for (const auto& [x, weight] : {std::pair{base, w}, std::pair{base.permute({1, 0, 2}), w},
+                                  std::pair{base, w.transpose(0, 1).contiguous().transpose(0, 1)}}) {
+    const Tensor addend = x.is_contiguous() ? c : c.permute({1, 0, 2});
+    const std::vector<double> av = addend.to_vector<double>();
+    std::vector<double> want = naive_matmul(x, weight);
+    for (size_t i = 0; i < want.size(); ++i) want[i] += av[i];
+    testing::require_close(engine::addmm(addend, x, weight), want, 1e-5);
+  }
+  // An empty sum leaves c; a broadcast c or another dtype composes add and matmul.
+  const Tensor c2 = Tensor::rand({2, 5}, gen, -1, 1);
+  testing::require_close(engine::addmm(c2, Tensor::zeros({2, 0}), Tensor::zeros({0, 5})), c2.to_vector<double>(), 0);
+  const Tensor row = Tensor::rand({5}, gen, -1, 1);
+  testing::require_close(engine::addmm(row, base, w), engine::add(row, engine::matmul(base, w)).to_vector<double>(),
+                         0);
+  const Tensor c64 = c.to(DType::F64);
+  REQUIRE(engine::addmm(c64, base, w).dtype() == DType::F64);  // promoted, as add promotes
+  testing::require_close(engine::addmm(c64, base, w), engine::add(c64, engine::matmul(base, w)).to_vector<double>(),
+                         0);
+}
+
 TEST_CASE("matmul gradients match finite differences", "[matmul][grad]") {
   using V = const std::vector<Tensor>&;
   check_gradients([](V in) { return engine::matmul(in[0], in[1]); }, {random_f64({3, 4}, 1), random_f64({4, 5}, 2)});
@@ -119,6 +146,10 @@ TEST_CASE("matmul gradients match finite differences", "[matmul][grad]") {
                   {random_f64({2, 3, 4}, 1), random_f64({5, 4}, 2), random_f64({5}, 3)});
   check_gradients([](V in) { return engine::linear_gelu(in[0], in[1], in[2], engine::WeightLayout::InOut); },
                   {random_f64({2, 3, 4}, 1), random_f64({4, 5}, 2), random_f64({5}, 3)});
+  check_gradients([](V in) { return engine::addmm(in[0], in[1], in[2]); },
+                  {random_f64({2, 3, 5}, 1), random_f64({2, 3, 4}, 2), random_f64({4, 5}, 3)});
+  check_gradients([](V in) { return engine::addmm(in[0], in[1].permute({1, 0, 2}), in[2].transpose(0, 1)); },
+                  {random_f64({3, 2, 5}, 1), random_f64({2, 3, 4}, 2), random_f64({5, 4}, 3)});
 }
 
 TEST_CASE("matmul rejects mismatched operands", "[matmul][errors]") {

@@ -69,6 +69,7 @@ void CpuBackend::gemm(const GemmArgs& g) {
   const bool mixed = g.dtype == DType::BF16 && g.c_dtype == DType::F32;
   check(g.c_dtype == g.dtype || mixed, "gemm: {} inputs cannot write a {} output", dtype_name(g.dtype),
         dtype_name(g.c_dtype));
+  if (g.addend) return gemm(addend_into_c(*this, g));
   if (g.c_dtype == DType::BF16 && (g.bias || g.gelu)) return gemm_with_f32_epilogue(*this, g);
   const CBLAS_TRANSPOSE ta = g.trans_a ? CblasTrans : CblasNoTrans;
   const CBLAS_TRANSPOSE tb = g.trans_b ? CblasTrans : CblasNoTrans;

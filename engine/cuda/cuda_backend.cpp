@@ -354,6 +354,7 @@ void CudaBackend::argmax_last(const View& out, const View& in) {
 void CudaBackend::gemm(const GemmArgs& args) {
   OpScope op(ctx_, "gemm", 2.0 * double(args.m) * double(args.n) * double(args.k) * double(args.batch));
   if (cuda::gemm_lt(ctx_, args)) return;
+  if (args.addend) return gemm(addend_into_c(*this, args));
   if (args.c_dtype == DType::BF16 && (args.bias || args.gelu)) return gemm_with_f32_epilogue(*this, args);
   GemmArgs plain = args;
   plain.bias = nullptr;

@@ -114,7 +114,7 @@ struct LtKey {
   int64_t ldb, lda, ldc;
   cublasLtEpilogue_t epilogue;
   bool bias;
-  uint32_t align_a, align_b, align_c;  // bytes, a power of two up to 256
+  uint32_t align_a, align_b, align_c, align_d;  // bytes, a power of two up to 256
   auto operator<=>(const LtKey&) const = default;
 };
 
@@ -151,9 +151,10 @@ LtAlgoCache lt_algo_cache;
 // row of its (column-major) output, which is one per column n of our row-major
 // C, and its GELU_AUX epilogues also write the GELU's input to an aux matrix
 // laid out as C (their aux leading dimension must be a multiple of 8). An
-// epilogue needs beta == 0; a plain product may accumulate into C.
+// epilogue needs beta == 0; a plain product may accumulate into C, or add
+// an addend (cuBLASLt's C, with our C as its separate output D).
 bool gemm_lt(DeviceContext& ctx, const GemmArgs& g) {
-  const bool epilogue_fits = (!g.bias && !g.gelu) || (g.beta == 0 && (!g.gelu || g.ldc % 8 == 0));
+  const bool epilogue_fits = (!g.bias && !g.gelu) || (g.beta == 0 && !g.addend && (!g.gelu || g.ldc % 8 == 0));
   const bool types_fit = (g.dtype == DType::F32 && g.c_dtype == DType::F32) ||
                          (g.dtype == DType::BF16 && (g.c_dtype == DType::F32 || g.c_dtype == DType::BF16));
   const bool fits = g.batch == 1 && types_fit && epilogue_fits && g.m > 0 && g.n > 0 && g.k > 0 && fits_int(g.m) &&
@@ -197,8 +198,10 @@ bool gemm_lt(DeviceContext& ctx, const GemmArgs& g) {
 
   const size_t workspace = DeviceContext::kGemmWorkspaceBytes;
   // A view may start anywhere in its tensor: the algorithm must suit the pointers' alignment.
+  const void* addend = g.addend ? g.addend : g.c;
   const LtKey key{index, types.storage, c_storage, types.compute, op_first, op_second, m, n, k, g.ldb, g.lda, g.ldc,
-                  epilogue, g.bias != nullptr, alignment_of(g.b), alignment_of(g.a), alignment_of(g.c)};
+                  epilogue, g.bias != nullptr, alignment_of(g.b), alignment_of(g.a), alignment_of(addend),
+                  alignment_of(g.c)};
   const std::optional<cublasLtMatmulAlgo_t> algo = lt_algo_cache.get(key, [&]() -> std::optional<cublasLtMatmulAlgo_t> {
     check_cublas(cublasLtMatmulPreferenceCreate(&lt.preference), index, "gemm (cuBLASLt)");
     auto prefer = [&](cublasLtMatmulPreferenceAttributes_t attribute, const auto& value) {
@@ -209,7 +212,7 @@ bool gemm_lt(DeviceContext& ctx, const GemmArgs& g) {
     prefer(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, key.align_a);
     prefer(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, key.align_b);
     prefer(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, key.align_c);
-    prefer(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, key.align_c);
+    prefer(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, key.align_d);
     cublasLtMatmulHeuristicResult_t heuristic{};
     int found = 0;
     if (cublasLtMatmulAlgoGetHeuristic(ctx.cublas_lt(), lt.desc, lt.a, lt.b, lt.c, lt.c, lt.preference, 1, &heuristic,
@@ -220,7 +223,7 @@ bool gemm_lt(DeviceContext& ctx, const GemmArgs& g) {
   });
   if (!algo) return false;
   const float alpha = float(g.alpha), beta = float(g.beta);
-  const cublasStatus_t status = cublasLtMatmul(ctx.cublas_lt(), lt.desc, &alpha, g.b, lt.a, g.a, lt.b, &beta, g.c,
+  const cublasStatus_t status = cublasLtMatmul(ctx.cublas_lt(), lt.desc, &alpha, g.b, lt.a, g.a, lt.b, &beta, addend,
                                                lt.c, g.c, lt.c, &*algo, ctx.gemm_workspace(), workspace, ctx.stream());
   if (status == CUBLAS_STATUS_NOT_SUPPORTED) return false;  // cublasGemmEx takes it
   check_cublas(status, index, "gemm (cuBLASLt)");

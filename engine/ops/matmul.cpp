@@ -1,9 +1,9 @@
 // Matrix multiply and Linear. Transposed views reach the GEMM as flags, so
 // x @ W.T costs no copy; a 2-D weight shared across a batch is folded into
 // one large GEMM; a Linear's bias (and linear_gelu's GELU) ride in the GEMM's
-// epilogue. The backward skips dW entirely when W is frozen. Under autocast
-// (engine/precision.h) the GEMMs multiply and return bf16; each gradient
-// comes back in its input's dtype.
+// epilogue, and addmm's addend in its beta. The backward skips dW entirely
+// when W is frozen. Under autocast (engine/precision.h) the GEMMs multiply
+// and return bf16; each gradient comes back in its input's dtype.
 #include "engine/ops/common.h"
 #include "engine/precision.h"
 
@@ -58,6 +58,7 @@ Operand operand(Tensor& t) {
 struct Epilogue {
   Tensor bias;      // [N], out's dtype, contiguous: added to every row
   Tensor pre_gelu;  // out's shape, contiguous: receives out before the GELU (defined: apply one)
+  Tensor addend;    // out's shape and dtype, contiguous: added to the product (GEMM beta 1); alone
 };
 
 // out [batch..., M, N] = a [batch..., M, K] @ b [batch..., K, N]; b_shared: b is 2-D.
@@ -76,9 +77,11 @@ void gemm_into(const Tensor& out, Tensor a, Tensor b, int64_t batch, bool b_shar
   g.bias = epilogue.bias.defined() ? epilogue.bias.data_ptr() : nullptr;
   g.gelu = epilogue.pre_gelu.defined();
   g.pre_gelu = g.gelu ? epilogue.pre_gelu.data_ptr() : nullptr;
+  if (epilogue.addend.defined()) g.addend = epilogue.addend.data_ptr(), g.beta = 1;
   if (out.numel() == 0) return;
-  if (K == 0) {  // an empty sum: C is the bias, or zeros (linear_gelu does not fuse K = 0)
+  if (K == 0) {  // an empty sum: C is the bias or addend, or zeros (linear_gelu does not fuse K = 0)
     if (epilogue.bias.defined()) Tensor(out).copy_(epilogue.bias.expand(out.shape()));
+    else if (epilogue.addend.defined()) Tensor(out).copy_(epilogue.addend);
     else Tensor(out).fill_(0.0);
     return;
   }
@@ -167,6 +170,23 @@ Tensor matmul(const Tensor& a, const Tensor& b) {
   const DType dtype = product_dtype(a, b);
   Tensor out = product(a, b, dtype, dtype);
   record(out, "matmul", saved_operands(a, b), product_backward(dtype));
+  return out;
+}
+
+Tensor addmm(const Tensor& c, const Tensor& a, const Tensor& b) {
+  check_chain(a, b);
+  const DType dtype = product_dtype(a, b);
+  Shape out_shape = a.shape();
+  out_shape.back() = b.size(-1);
+  // One GEMM where c can be its addend as it is; otherwise composed (add broadcasts and promotes).
+  if (b.dim() != 2 || c.shape() != out_shape || c.dtype() != dtype || c.device() != a.device())
+    return add(c, matmul(a, b));
+  Epilogue epilogue;
+  epilogue.addend = c.detach().contiguous();
+  Tensor out = product(a, b, dtype, dtype, epilogue);
+  std::vector<Tensor> inputs = saved_operands(a, b);
+  inputs.push_back(edge_only(c));  // its gradient is g itself
+  record(out, "addmm", std::move(inputs), product_backward(dtype));
   return out;
 }
 
