@@ -209,8 +209,9 @@ Tensor fused_linear(const Tensor& x, const Tensor& weight, const Tensor& bias, W
   if (!bias_fits || bias.device() != x.device() || w.size(0) == 0) return Tensor();
   Shape out_shape = x.shape();
   out_shape.back() = w.size(1);
-  Epilogue epilogue{bias.detach().to(dtype).contiguous(),
-                    gelu ? Tensor::empty(out_shape, dtype, x.device()) : Tensor()};
+  Epilogue epilogue;
+  epilogue.bias = bias.detach().to(dtype).contiguous();
+  if (gelu) epilogue.pre_gelu = Tensor::empty(out_shape, dtype, x.device());
   Tensor out = product(x, w, dtype, dtype, epilogue);
   Node::BackwardFn backward = product_backward(dtype);
   if (gelu) {  // through the GELU first, from the saved pre-activation
