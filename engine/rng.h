@@ -61,17 +61,20 @@ ENGINE_HOST_DEVICE inline float philox_uniform(uint64_t seed, uint64_t offset, u
   return philox_word_to_uniform(block.v[i % 4]);
 }
 
-// A stream of 16-bit uniforms, eight per block: element i is half i % 2 (the
-// low half first) of word i / 2 % 4 of block offset + i / 8, in [0, 1) in steps
-// of 2^-16. Attention's dropout draws one per probability, where the
-// generator's work is most of the dropout's cost: this halves it, and keeps
-// any keep probability exact to 2^-16.
 // Word w of a block, by selects: a runtime index into v would put the block
 // in (slow) local memory on the GPU.
 ENGINE_HOST_DEVICE inline uint32_t word_of(const Philox4& block, unsigned w) {
   return w == 0 ? block.v[0] : w == 1 ? block.v[1] : w == 2 ? block.v[2] : block.v[3];
 }
-ENGINE_HOST_DEVICE inline uint32_t philox_half(uint32_t word, unsigned high) { return high ? word >> 16 : word & 0xFFFFu; }
+
+// A stream of 16-bit uniforms, eight per block: element i is half i % 2 (the
+// low half first) of word i / 2 % 4 of block offset + i / 8, in [0, 1) in steps
+// of 2^-16. Attention's dropout draws one per probability, where the
+// generator's work is most of the dropout's cost: this halves it, and keeps
+// any keep probability exact to 2^-16.
+ENGINE_HOST_DEVICE inline uint32_t philox_half(uint32_t word, unsigned high) {
+  return high ? word >> 16 : word & 0xFFFFu;
+}
 ENGINE_HOST_DEVICE inline float philox_half_to_uniform(uint32_t half) { return float(half) * (1.0f / 65536.0f); }
 ENGINE_HOST_DEVICE inline float philox_uniform16(uint64_t seed, uint64_t offset, uint64_t i) {
   const Philox4 block = philox4x32_10(seed, offset + i / 8);

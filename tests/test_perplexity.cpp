@@ -104,7 +104,8 @@ TEST_CASE("gpt2-mini-wiki perplexity under the bf16 policy stays within 0.5% of 
   const nlohmann::json golden = perplexity_golden()["prefix"];
   auto model = GPT2LMHeadModel::load(test_data_dir() + "/gpt2-mini-wiki");
   model->freeze("*");
-  REQUIRE(engine::nn::store_frozen_linear_weights(*model, DType::BF16) == 8 * model->config().n_layer);  // weights, biases
+  // The weight and bias of four Conv1D per block.
+  REQUIRE(engine::nn::store_frozen_linear_weights(*model, DType::BF16) == 8 * model->config().n_layer);
   const std::vector<int32_t> ids = wikitext_ids(golden["tokens"].get<int64_t>());
   const engine::AutocastGuard autocast(DType::BF16);
   const models::PerplexityResult r = models::sliding_window_perplexity(*model, ids, 1024, 512);

@@ -90,7 +90,8 @@ __device__ __forceinline__ void query_row_factors(float (&f)[2][4], const Proble
                                                   int lane) {
   if (p.Tk % 8 != 0) {
 #pragma unroll
-    for (int e = 0; e < 8; ++e) f[e / 4][e % 4] = p.dropout_factor<float>(bh, i + 8 * (e % 4 / 2), j + 8 * (e / 4) + e % 2);
+    for (int e = 0; e < 8; ++e)
+      f[e / 4][e % 4] = p.dropout_factor<float>(bh, i + 8 * (e % 4 / 2), j + 8 * (e / 4) + e % 2);
     return;
   }
   // Lane t of a quad holds keys 2t, 2t + 1 of each 8-key group: word t of
@@ -115,7 +116,8 @@ __device__ __forceinline__ void key_row_factors(float (&f)[2][4], const Problem&
                                                 int lane) {
   if (p.Tk % 8 != 0) {
 #pragma unroll
-    for (int e = 0; e < 8; ++e) f[e / 4][e % 4] = p.dropout_factor<float>(bh, i + 8 * (e / 4) + e % 2, j + 8 * (e % 4 / 2));
+    for (int e = 0; e < 8; ++e)
+      f[e / 4][e % 4] = p.dropout_factor<float>(bh, i + 8 * (e / 4) + e % 2, j + 8 * (e % 4 / 2));
     return;
   }
   // Lane g of a column's eight (lane 4g + t) holds keys g and g + 8 of the
