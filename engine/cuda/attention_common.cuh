@@ -20,7 +20,7 @@ struct Problem {
   int64_t causal_shift;   // Tk - Tq: query i sees keys j <= i + causal_shift
   double dropout_p = 0;   // 0: no dropout
   double keep_scale = 1;  // 1 / (1 - dropout_p)
-  float keep_scale_f32 = 1;
+  float keep_scale_f32 = 1;  // keep_scale for the kernels that compute in f32
   uint32_t keep_from = 0;  // uniform_threshold(dropout_p, 16): kept when the 16-bit uniform is at least this
   uint64_t dropout_seed = 0, dropout_offset = 0;
   AttentionStrides strides{};
