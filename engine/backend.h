@@ -167,8 +167,11 @@ class Backend {
   virtual void attention_backward(const View& dq, const View& dk, const View& dv, const View& dout, const View& q,
                                   const View& k, const View& v, const View& out, const View& lse,
                                   const View& key_mask, const AttentionArgs& args) = 0;
-  // out = in * keep / (1 - p), keep = philox_uniform(seed, offset, i) >= p; the backward calls it on the gradient.
-  virtual void dropout(const View& out, const View& in, double p, uint64_t seed, uint64_t offset) = 0;
+  // out = residual + in * keep / (1 - p), keep = philox_uniform(seed, offset, i) >= p, the residual
+  // optional (data == nullptr) and of out's dtype; the backward calls it on the gradient. in and out
+  // are contiguous, of one dtype or bf16 and f32 either way; the result is rounded to out's once.
+  virtual void dropout(const View& out, const View& in, double p, uint64_t seed, uint64_t offset,
+                       const View& residual) = 0;
 
   // ---- optimiser ----
   // One AdamW update of every listed parameter, in place, with its moments m

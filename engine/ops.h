@@ -111,5 +111,9 @@ Tensor scaled_dot_product_attention_packed(const Tensor& qkv, const Tensor& key_
                                            double dropout_p = 0, Generator* generator = nullptr);
 // Inverted dropout; identity when !training or p == 0.
 Tensor dropout(const Tensor& x, double p, bool training, Generator& gen);
+// residual + dropout(x, ...), the same mask from the same draws, in one pass: a
+// residual connection's add. With a bf16 x and an f32 residual the dropped x
+// is added unrounded, and x's gradient is dropped straight into bf16.
+Tensor dropout_add(const Tensor& residual, const Tensor& x, double p, bool training, Generator& gen);
 
 }  // namespace engine

@@ -29,6 +29,12 @@ std::shared_ptr<engine::nn::LayerNorm> layer_norm(const VarBuilder& vb, int64_t 
   return std::make_shared<engine::nn::LayerNorm>(vb.get("weight", {dim}, Init::ones()), vb.get("bias", {dim}), eps);
 }
 
+// dropout(y), or residual + dropout(y) in one pass.
+Tensor dropout_then_add(engine::nn::Module& dropout, const Tensor& y, const Tensor& residual) {
+  auto& d = static_cast<engine::nn::Dropout&>(dropout);
+  return residual.defined() ? d.forward_added_to(residual, y) : d(y);
+}
+
 }  // namespace
 
 // ---- attention ----
@@ -45,7 +51,8 @@ GPT2Attention::GPT2Attention(const GPT2Config& config, int64_t layer_index, cons
   if (config.scale_attn_by_inverse_layer_idx) scale_ /= double(layer_index + 1);
 }
 
-Tensor GPT2Attention::forward(const Tensor& x, const Tensor& key_mask, Tensor* past_key, Tensor* past_value) {
+Tensor GPT2Attention::forward(const Tensor& x, const Tensor& key_mask, Tensor* past_key, Tensor* past_value,
+                              const Tensor& residual) {
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2), D = C / n_head_;
   Tensor qkv = child("c_attn")(x);  // [B, T, 3C]; an adapter may have replaced c_attn
   // In training, attn_pdrop drops attention probabilities inside the fused kernel, as HF does.
@@ -68,7 +75,7 @@ Tensor GPT2Attention::forward(const Tensor& x, const Tensor& key_mask, Tensor* p
     a = engine::scaled_dot_product_attention(q, k, v, key_mask, /*causal=*/true, scale_, dropout_p, &dropout_gen_);
   }
   a = a.permute({0, 2, 1, 3}).reshape({B, T, C});
-  return child("resid_dropout")(child("c_proj")(a));
+  return dropout_then_add(child("resid_dropout"), child("c_proj")(a), residual);
 }
 
 // ---- MLP ----
@@ -81,12 +88,12 @@ GPT2MLP::GPT2MLP(const GPT2Config& config, const VarBuilder& vb, engine::Generat
   register_module("dropout", std::make_shared<engine::nn::Dropout>(config.resid_pdrop, dropout_gen));
 }
 
-Tensor GPT2MLP::forward(const Tensor& x) {
+Tensor GPT2MLP::forward(const Tensor& x, const Tensor& residual) {
   // A plain c_fc takes its GELU in the GEMM's epilogue; an adapter in its place composes the two.
   const auto* fc = dynamic_cast<const Linear*>(&child("c_fc"));
   Tensor h = fc && fc->type_name() == "Linear" ? engine::linear_gelu(x, fc->weight, fc->bias, fc->layout)
                                                : engine::gelu_new(child("c_fc")(x));
-  return child("dropout")(child("c_proj")(h));
+  return dropout_then_add(child("dropout"), child("c_proj")(h), residual);
 }
 
 // ---- block ----
@@ -99,10 +106,11 @@ GPT2Block::GPT2Block(const GPT2Config& config, int64_t layer_index, const VarBui
   mlp_ = register_module("mlp", std::make_shared<GPT2MLP>(config, vb.pp("mlp"), dropout_gen));
 }
 
-// ln_1 feeds only c_attn and ln_2 only c_fc (or adapters in their place).
+// ln_1 feeds only c_attn and ln_2 only c_fc (or adapters in their place). The
+// residual adds ride in the sublayers' output dropouts.
 Tensor GPT2Block::forward(const Tensor& x, const Tensor& key_mask, Tensor* past_key, Tensor* past_value) {
-  Tensor h = x + attn_->forward(ln_1_->forward_into_linear(x), key_mask, past_key, past_value);
-  return h + (*mlp_)(ln_2_->forward_into_linear(h));
+  const Tensor h = attn_->forward(ln_1_->forward_into_linear(x), key_mask, past_key, past_value, /*residual=*/x);
+  return mlp_->forward(ln_2_->forward_into_linear(h), /*residual=*/h);
 }
 
 // ---- the transformer body ----

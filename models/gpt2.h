@@ -28,8 +28,10 @@ class GPT2Attention : public engine::nn::Module {
   GPT2Attention(const GPT2Config& config, int64_t layer_index, const engine::nn::VarBuilder& vb,
                 engine::Generator& dropout_gen);
   std::string type_name() const override { return "GPT2Attention"; }
-  // x [B, T, C]; key_mask [B, T_past + T] (nonzero = attend) or undefined.
-  Tensor forward(const Tensor& x, const Tensor& key_mask, Tensor* past_key, Tensor* past_value);
+  // x [B, T, C]; key_mask [B, T_past + T] (nonzero = attend) or undefined. With a
+  // residual, returns residual + the output, added in resid_dropout's pass.
+  Tensor forward(const Tensor& x, const Tensor& key_mask, Tensor* past_key, Tensor* past_value,
+                 const Tensor& residual = Tensor());
   using engine::nn::Module::forward;  // keeps the one-input form visible (it refuses: a mask is needed)
 
  private:
@@ -43,7 +45,9 @@ class GPT2MLP : public engine::nn::Module {
  public:
   GPT2MLP(const GPT2Config& config, const engine::nn::VarBuilder& vb, engine::Generator& dropout_gen);
   std::string type_name() const override { return "GPT2MLP"; }
-  Tensor forward(const Tensor& x) override;
+  Tensor forward(const Tensor& x) override { return forward(x, Tensor()); }
+  // residual + forward(x), added in the output dropout's pass (residual may be undefined).
+  Tensor forward(const Tensor& x, const Tensor& residual);
 };
 
 class GPT2Block : public engine::nn::Module {

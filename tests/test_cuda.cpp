@@ -165,6 +165,25 @@ TEST_CASE("cuda: dropout masks are the CPU's, forward and backward", "[cuda][ran
                 engine::dropout(base.slice(0, 1, 1001), 0.3, true, a), "misaligned dropout");
 }
 
+TEST_CASE("cuda: dropout_add is the CPU's, in one dtype and for bf16 x on an f32 residual", "[cuda][random]") {
+  for (int64_t n : {1, 7, 1000, 4097})
+    for (const auto& [x_dtype, r_dtype] : {std::pair{DType::F32, DType::F32}, std::pair{DType::F64, DType::F64},
+                                           std::pair{DType::BF16, DType::F32}}) {
+      INFO("n " << n << " x " << engine::dtype_name(x_dtype) << " residual " << engine::dtype_name(r_dtype));
+      Tensor r = random({n}, 11, r_dtype), x = random({n}, 12, DType::F32).to(x_dtype);
+      r.set_requires_grad(true), x.set_requires_grad(true);
+      Tensor rg = gpu_leaf(r), xg = gpu_leaf(x);
+      engine::Generator a(9), b(9);
+      Tensor y = engine::dropout_add(r, x, 0.3, true, a), yg = engine::dropout_add(rg, xg, 0.3, true, b);
+      require_equal(yg, y, "dropout_add forward");  // the product rounded on its own on both devices
+      Tensor w = random({n}, 13, r_dtype);
+      engine::sum(engine::mul(y, w)).backward();
+      engine::sum(engine::mul(yg, w.to(kGpu))).backward();
+      require_equal(rg.grad(), r.grad(), "dropout_add residual gradient");
+      require_equal(xg.grad(), x.grad(), "dropout_add x gradient");  // bf16 for bf16 x, rounded once
+    }
+}
+
 // ---------------------------------------------------------------- elementwise
 
 TEST_CASE("cuda: every unary op on strided inputs", "[cuda][elementwise]") {

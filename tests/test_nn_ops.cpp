@@ -489,6 +489,56 @@ TEST_CASE("dropout backward drops the same elements as the forward", "[nn_ops]")
       {z});
 }
 
+TEST_CASE("dropout_add is residual + dropout in one pass, with the same draws and gradients", "[nn_ops]") {
+  const double p = 0.3;
+  for (DType dtype : {DType::F32, DType::F64}) {
+    INFO(engine::dtype_name(dtype));
+    Tensor r = random_f64({9, 31}, 85, false).to(dtype), x = random_f64({9, 31}, 86, false).to(dtype);
+    r.set_requires_grad(true), x.set_requires_grad(true);
+    Tensor r2 = r.detach(), x2 = x.detach();
+    r2.set_requires_grad(true), x2.set_requires_grad(true);
+    Generator a(17), b(17);
+    const Tensor y = engine::dropout_add(r, x, p, true, a), want = engine::add(r2, engine::dropout(x2, p, true, b));
+    REQUIRE(a.offset() == b.offset());
+    // The product is rounded before the add in both, so the sums agree bit for bit.
+    testing::require_close(y, want.to_vector<double>(), 0);
+    const Tensor up = random_f64({9, 31}, 87, false).to(dtype);
+    engine::sum(engine::mul(y, up)).backward();
+    engine::sum(engine::mul(want, up)).backward();
+    testing::require_close(r.grad(), r2.grad().to_vector<double>(), 0);
+    testing::require_close(x.grad(), x2.grad().to_vector<double>(), 0);
+  }
+  // A bf16 x on an f32 residual: the dropped x is added unrounded (as dropout of the widened x),
+  // and x's gradient is the dropped f32 gradient rounded to bf16 once.
+  Tensor r = random_f32({9, 31}, 88), x = random_f32({9, 31}, 89).to(DType::BF16);
+  x.set_requires_grad(true);
+  Generator a(18), b(18);
+  const Tensor y = engine::dropout_add(r, x, p, true, a);
+  REQUIRE(y.dtype() == DType::F32);
+  const Tensor x32 = x.detach().to(DType::F32);
+  testing::require_close(y, engine::add(r, engine::dropout(x32, p, true, b)).to_vector<double>(), 0);
+  const Tensor up = random_f32({9, 31}, 90);
+  engine::sum(engine::mul(y, up)).backward();
+  REQUIRE(x.grad().dtype() == DType::BF16);
+  Generator c(18);
+  const Tensor dropped_up = engine::dropout(up, p, true, c).to(DType::BF16);
+  testing::require_close(x.grad().to(DType::F32), dropped_up.to(DType::F32).to_vector<double>(), 0);
+  // Finite differences, with the mask fixed by a fresh generator in f; eval mode and a broadcast compose.
+  check_gradients(
+      [](const std::vector<Tensor>& in) {
+        Generator fixed(6);
+        return engine::dropout_add(in[0], in[1], 0.5, true, fixed);
+      },
+      {random_f64({5, 7}, 91), random_f64({5, 7}, 92)});
+  Generator g(4);
+  testing::require_close(engine::dropout_add(r, x32, p, false, g), engine::add(r, x32).to_vector<double>(), 0);
+  REQUIRE(g.offset() == 0);
+  const Tensor row = random_f32({31}, 93);
+  Generator d(19), e(19);
+  testing::require_close(engine::dropout_add(row, x32, p, true, d),
+                         engine::add(row, engine::dropout(x32, p, true, e)).to_vector<double>(), 0);
+}
+
 TEST_CASE("dropout in eval mode or with p = 0 is the identity; bad p is an error", "[nn_ops]") {
   const Tensor x = random_f32({4, 6}, 84);
   Generator gen(3);

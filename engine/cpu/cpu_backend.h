@@ -51,7 +51,8 @@ class CpuBackend final : public Backend {
   void attention_backward(const View& dq, const View& dk, const View& dv, const View& dout, const View& q,
                           const View& k, const View& v, const View& out, const View& lse, const View& key_mask,
                           const AttentionArgs& args) override;
-  void dropout(const View& out, const View& in, double p, uint64_t seed, uint64_t offset) override;
+  void dropout(const View& out, const View& in, double p, uint64_t seed, uint64_t offset,
+               const View& residual) override;
 
   void adamw_step(std::span<const AdamWTensors> tensors, const AdamWArgs& args) override;
 };

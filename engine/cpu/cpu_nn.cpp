@@ -367,28 +367,30 @@ void CpuBackend::cross_entropy_backward(const View& dlogits, const View& dloss, 
   });
 }
 
-// ---- dropout ----
+// ---- dropout (and dropout_add's sum) ----
 // Element i is kept iff philox_uniform(seed, offset, i) >= p. One Philox call
 // yields the four uniforms of elements 4k..4k+3, so it is made once per block
 // of four (a quarter of the cost of calling philox_uniform per element); the
 // tests compare the two element by element.
 
-void CpuBackend::dropout(const View& out, const View& in, double p, uint64_t seed, uint64_t offset) {
-  if (in.dtype == DType::BF16) {  // stored, not computed in: on f32 copies, rounded once
+void CpuBackend::dropout(const View& out, const View& in, double p, uint64_t seed, uint64_t offset,
+                         const View& residual) {
+  if (in.dtype == DType::BF16 || out.dtype == DType::BF16) {  // stored, not computed in: on f32 copies, rounded once
     KernelOperands f32(*this);
-    dropout(f32.out(out, DType::F32), f32.in(in, DType::F32), p, seed, offset);
+    dropout(f32.out(out, DType::F32), f32.in(in, DType::F32), p, seed, offset, f32.in(residual, DType::F32));
     return f32.finish();
   }
   cpu::dispatch_floating(in.dtype, "dropout", [&](auto zero) {
     using T = decltype(zero);
-    const T* px = in.ptr<T>();
+    const T *px = in.ptr<T>(), *pr = residual.data ? residual.ptr<T>() : nullptr;
     T* py = out.ptr<T>();
     const T scale = T(1.0 / (1.0 - p));
     for_chunks(in.numel(), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; i += 4) {  // begin is a multiple of 4
         const Philox4 block = philox4x32_10(seed, offset + uint64_t(i) / 4);
         for (int64_t k = 0; k < 4 && i + k < end; ++k) {
-          py[i + k] = philox_word_to_uniform(block.v[k]) >= p ? px[i + k] * scale : T(0);
+          const T dropped = philox_word_to_uniform(block.v[k]) >= p ? px[i + k] * scale : T(0);
+          py[i + k] = pr ? pr[i + k] + dropped : dropped;
         }
       }
     });

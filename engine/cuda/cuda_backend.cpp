@@ -172,7 +172,8 @@ class CudaBackend final : public Backend {
   void attention_backward(const View& dq, const View& dk, const View& dv, const View& dout, const View& q,
                           const View& k, const View& v, const View& out, const View& lse, const View& key_mask,
                           const AttentionArgs& args) override;
-  void dropout(const View& out, const View& in, double p, uint64_t seed, uint64_t offset) override;
+  void dropout(const View& out, const View& in, double p, uint64_t seed, uint64_t offset,
+               const View& residual) override;
   void adamw_step(std::span<const AdamWTensors> tensors, const AdamWArgs& args) override;
 
  private:
@@ -544,10 +545,12 @@ void CudaBackend::attention_backward(const View& dq, const View& dk, const View&
 
 // ---- dropout and AdamW ----
 
-void CudaBackend::dropout(const View& out, const View& in, double p, uint64_t seed, uint64_t offset) {
+void CudaBackend::dropout(const View& out, const View& in, double p, uint64_t seed, uint64_t offset,
+                          const View& residual) {
   OpScope op(ctx_, "dropout");
   require_floating_or_bf16(in.dtype, "dropout");
-  ctx_.check_launch(cuda::launch_dropout(ctx_.launch(), in.dtype, in.numel(), out.data, in.data, p, seed, offset),
+  ctx_.check_launch(cuda::launch_dropout(ctx_.launch(), in.dtype, out.dtype, in.numel(), out.data, in.data,
+                                         residual.data, p, seed, offset),
                     "dropout");
 }
 

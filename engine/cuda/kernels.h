@@ -69,8 +69,9 @@ cudaError_t launch_fill_uniform(const LaunchContext& ctx, DType dtype, int64_t n
                                 uint64_t offset, double low, double high);
 cudaError_t launch_fill_normal(const LaunchContext& ctx, DType dtype, int64_t n, void* out, uint64_t seed,
                                uint64_t offset, double mean, double std);
-cudaError_t launch_dropout(const LaunchContext& ctx, DType dtype, int64_t n, void* out, const void* in, double p,
-                           uint64_t seed, uint64_t offset);
+// out = residual + dropout(in) (residual may be null): in and out of one dtype, or bf16 and f32 either way.
+cudaError_t launch_dropout(const LaunchContext& ctx, DType in_dtype, DType out_dtype, int64_t n, void* out,
+                           const void* in, const void* residual, double p, uint64_t seed, uint64_t offset);
 
 // ---- indexing (nn.cu) ----
 // Sets *first_bad (initialised by the caller to ~0) to the smallest position i

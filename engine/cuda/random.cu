@@ -46,29 +46,41 @@ __global__ void fill_normal_kernel(int64_t n, T* out, uint64_t seed, uint64_t of
   }
 }
 
-// Keep element i iff its uniform >= p (compared in double, as the CPU
-// promotes it), scaled by 1 / (1 - p) rounded to the compute type (f32 for
-// bf16 storage, rounded once). One thread per Philox block; with `packed`,
-// its four elements move in one load and one store.
-template <typename T>
-__global__ void dropout_kernel(int64_t n, T* out, const T* in, uint32_t keep_from, compute_t<T> scale, uint64_t seed,
-                               uint64_t offset, bool packed) {
-  using C = compute_t<T>;
+// x * y rounded on its own: nvcc may not fuse it with the residual's add
+// into an FMA, which the CPU (built with -ffp-contract=off) does not make.
+__device__ __forceinline__ float product_rn(float x, float y) { return __fmul_rn(x, y); }
+__device__ __forceinline__ double product_rn(double x, double y) { return __dmul_rn(x, y); }
+
+// out = residual + dropout(in), the residual optional: element i is kept
+// iff its uniform >= p (the CPU's test, in integers), scaled by 1 / (1 - p)
+// rounded to the compute type C (f32, or f64 for f64), and the sum rounded
+// once to Out. In and Out are one dtype, or bf16 and f32 either way (a bf16
+// input added to the f32 residual stream; an f32 gradient dropped into a
+// bf16 input's). One thread per Philox block; with `packed`, its four
+// elements move in one load and one store.
+template <typename In, typename Out>
+__global__ void dropout_kernel(int64_t n, Out* out, const In* in, const Out* residual, uint32_t keep_from,
+                               compute_t<Out> scale, uint64_t seed, uint64_t offset, bool packed) {
+  using C = compute_t<Out>;
   for (int64_t t = grid_index(); t * 4 < n; t += grid_stride()) {
     const Philox4 block = philox4x32_10(seed, offset + uint64_t(t));
-    // philox_word_to_uniform(word) >= p, in integers (engine/rng.h's uniform_threshold).
-    auto kept = [&](int k, T x) { return convert<T>(block.v[k] >> 8 >= keep_from ? convert<C>(x) * scale : C(0)); };
+    auto value = [&](int k, In x, Out r) {
+      const C dropped = block.v[k] >> 8 >= keep_from ? product_rn(convert<C>(x), scale) : C(0);
+      return convert<Out>(residual ? convert<C>(r) + dropped : dropped);
+    };
     if (packed && t * 4 + 4 <= n) {
-      Pack4<T> x = reinterpret_cast<const Pack4<T>*>(in)[t];
+      const Pack4<In> x = reinterpret_cast<const Pack4<In>*>(in)[t];
+      const Pack4<Out> r = residual ? reinterpret_cast<const Pack4<Out>*>(residual)[t] : Pack4<Out>{};
+      Pack4<Out> y;
 #pragma unroll
-      for (int k = 0; k < 4; ++k) x.v[k] = kept(k, x.v[k]);
-      reinterpret_cast<Pack4<T>*>(out)[t] = x;
+      for (int k = 0; k < 4; ++k) y.v[k] = value(k, x.v[k], r.v[k]);
+      reinterpret_cast<Pack4<Out>*>(out)[t] = y;
       continue;
     }
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int64_t i = t * 4 + k;
-      if (i < n) out[i] = kept(k, in[i]);
+      if (i < n) out[i] = value(k, in[i], residual ? residual[i] : Out{});
     }
   }
 }
@@ -97,17 +109,22 @@ cudaError_t launch_fill_normal(const LaunchContext& ctx, DType dtype, int64_t n,
   return cudaGetLastError();
 }
 
-cudaError_t launch_dropout(const LaunchContext& ctx, DType dtype, int64_t n, void* out, const void* in, double p,
-                           uint64_t seed, uint64_t offset) {
+cudaError_t launch_dropout(const LaunchContext& ctx, DType in_dtype, DType out_dtype, int64_t n, void* out,
+                           const void* in, const void* residual, double p, uint64_t seed, uint64_t offset) {
   if (n == 0) return cudaSuccess;
-  dispatch_floating_or_bf16(dtype, [&](auto zero) {
-    using T = decltype(zero);
-    T* dst = static_cast<T*>(out);
-    const T* src = static_cast<const T*>(in);
+  auto launch = [&](auto in_zero, auto out_zero) {
+    using In = decltype(in_zero);
+    using Out = decltype(out_zero);
+    Out* dst = static_cast<Out*>(out);
+    const In* src = static_cast<const In*>(in);
+    const Out* res = static_cast<const Out*>(residual);
+    const bool packed = pack_aligned(dst) && pack_aligned(src) && (!res || pack_aligned(res));
     dropout_kernel<<<grid_for(ctx, (n + 3) / 4), kThreads, 0, ctx.stream>>>(
-        n, dst, src, uniform_threshold(p, 24), compute_t<T>(1.0 / (1.0 - p)), seed, offset,
-        pack_aligned(dst) && pack_aligned(src));
-  });
+        n, dst, src, res, uniform_threshold(p, 24), compute_t<Out>(1.0 / (1.0 - p)), seed, offset, packed);
+  };
+  if (in_dtype == DType::BF16 && out_dtype == DType::F32) launch(__nv_bfloat16{}, float{});
+  else if (in_dtype == DType::F32 && out_dtype == DType::BF16) launch(float{}, __nv_bfloat16{});
+  else dispatch_floating_or_bf16(in_dtype, [&](auto zero) { launch(zero, zero); });
   return cudaGetLastError();
 }
 

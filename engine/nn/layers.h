@@ -70,6 +70,10 @@ class Dropout : public Module {
 
   std::string type_name() const override { return "Dropout"; }
   Tensor forward(const Tensor& x) override { return dropout(x, p, is_training(), *gen_); }
+  // residual + forward(x), in one pass (engine::dropout_add): a residual connection.
+  Tensor forward_added_to(const Tensor& residual, const Tensor& x) {
+    return dropout_add(residual, x, p, is_training(), *gen_);
+  }
 
   double p;
 
