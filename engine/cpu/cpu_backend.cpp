@@ -72,7 +72,7 @@ class HostPool {
     return p;
   }
 
-  void put(void* p, size_t nbytes) {
+  void put(void* p, [[maybe_unused]] size_t nbytes) {  // unused under ASan
 #if !defined(__SANITIZE_ADDRESS__)  // under ASan, freeing is what finds use-after-free
     if (nbytes >= kMinCached) {
       std::lock_guard<std::mutex> lock(mutex_);
