@@ -29,10 +29,11 @@ std::shared_ptr<engine::nn::LayerNorm> layer_norm(const VarBuilder& vb, int64_t 
   return std::make_shared<engine::nn::LayerNorm>(vb.get("weight", {dim}, Init::ones()), vb.get("bias", {dim}), eps);
 }
 
-// dropout(y), or residual + dropout(y) in one pass.
+// dropout(y), or residual + dropout(y): in one pass where the module is still a Dropout.
 Tensor dropout_then_add(engine::nn::Module& dropout, const Tensor& y, const Tensor& residual) {
-  auto& d = static_cast<engine::nn::Dropout&>(dropout);
-  return residual.defined() ? d.forward_added_to(residual, y) : d(y);
+  if (!residual.defined()) return dropout(y);
+  if (auto* d = dynamic_cast<engine::nn::Dropout*>(&dropout)) return d->forward_added_to(residual, y);
+  return residual + dropout(y);
 }
 
 }  // namespace

@@ -53,7 +53,8 @@ Tensor dropout_add(const Tensor& residual, const Tensor& x, double p, bool train
   backend_of(x).dropout(view_of(out), view_of(xc), p, seed, offset, view_of(rc));
   record(out, "dropout_add", {edge_only(residual), edge_only(x)},
          [p, seed, offset, in](const Tensor& g, const Node& n) -> std::vector<Tensor> {
-           return {n.needs_grad(0) ? g : Tensor(), n.needs_grad(1) ? dropped_gradient(g, in, p, seed, offset) : Tensor()};
+           Tensor dx = n.needs_grad(1) ? dropped_gradient(g, in, p, seed, offset) : Tensor();
+           return {n.needs_grad(0) ? g : Tensor(), dx};
          });
   return out;
 }
