@@ -170,6 +170,8 @@ TEST_CASE("layer_norm with a bf16 output rounds the f32 result once, and takes i
   AutocastGuard autocast(DType::BF16);
   REQUIRE(ln.forward_into_linear(x.detach()).dtype() == DType::BF16);
   REQUIRE(ln.forward(x.detach()).dtype() == DType::F32);
+  engine::nn::LayerNorm ln64(w.detach().to(DType::F64), b.detach().to(DType::F64));
+  REQUIRE(ln64.forward_into_linear(x.detach().to(DType::F64)).dtype() == DType::F64);  // autocast leaves f64 alone
 }
 
 TEST_CASE("autocast: attention gives the bf16 rounding of f32 attention of bf16-rounded q, k, v",

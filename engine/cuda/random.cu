@@ -46,8 +46,8 @@ __global__ void fill_normal_kernel(int64_t n, T* out, uint64_t seed, uint64_t of
   }
 }
 
-// x * y rounded on its own: nvcc may not fuse it with the residual's add
-// into an FMA, which the CPU (built with -ffp-contract=off) does not make.
+// x * y rounded on its own, so that nvcc cannot fuse it with the residual's
+// add into an FMA: the CPU (built with -ffp-contract=off) makes none either.
 __device__ __forceinline__ float product_rn(float x, float y) { return __fmul_rn(x, y); }
 __device__ __forceinline__ double product_rn(double x, double y) { return __dmul_rn(x, y); }
 

@@ -55,7 +55,12 @@ class LayerNorm : public Module {
   Tensor forward(const Tensor& x) override { return layer_norm(x, weight, bias, eps); }
   // For a caller that feeds the output only to linear layers: under autocast
   // it comes in the autocast dtype, rounded in the kernel (a cast pass saved).
-  Tensor forward_into_linear(const Tensor& x) { return layer_norm(x, weight, bias, eps, autocast_dtype()); }
+  // f64, which autocast leaves alone, stays f64.
+  Tensor forward_into_linear(const Tensor& x) {
+    const std::optional<DType> autocast = autocast_dtype();
+    const bool castable = x.dtype() == DType::F32 || x.dtype() == DType::BF16;
+    return layer_norm(x, weight, bias, eps, castable ? autocast : std::nullopt);
+  }
 
   Tensor weight, bias;
   double eps;
