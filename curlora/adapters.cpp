@@ -59,8 +59,8 @@ Linear& AdapterLinear::base_layer() const { return static_cast<Linear&>(child("b
 Tensor AdapterLinear::forward(const Tensor& x) {
   if (capture_) captured_ = x.detach();
   // Under autocast both products read x in bf16: it is rounded once for the two.
-  const std::optional<DType> autocast = engine::autocast_dtype();
-  const Tensor input = autocast && x.dtype() == DType::F32 && !merged_ ? x.to(*autocast) : x;
+  const std::optional<DType> autocast = engine::autocast_dtype_for(x.dtype());
+  const Tensor input = autocast && !merged_ ? x.to(*autocast) : x;
   Tensor y = child("base_layer")(input);
   return merged_ ? y : engine::addmm(y, update_head(input), update_tail());
 }

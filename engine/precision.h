@@ -19,6 +19,13 @@ namespace engine {
 // The dtype matmul and attention compute in on this thread, if autocast is on.
 std::optional<DType> autocast_dtype();
 
+// What autocast rounds a tensor of `dtype` to: the autocast dtype for f32 and
+// bf16 while it is on; nothing when it is off, or for f64 (left alone).
+inline std::optional<DType> autocast_dtype_for(DType dtype) {
+  if (dtype != DType::F32 && dtype != DType::BF16) return std::nullopt;
+  return autocast_dtype();
+}
+
 // Turns autocast on (bf16; f32 turns it off) for its scope on this thread.
 // The backward of an op recorded inside runs at the precision its forward
 // used, wherever backward() is called.

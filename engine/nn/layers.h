@@ -57,9 +57,7 @@ class LayerNorm : public Module {
   // it comes in the autocast dtype, rounded in the kernel (a cast pass saved).
   // f64, which autocast leaves alone, stays f64.
   Tensor forward_into_linear(const Tensor& x) {
-    const std::optional<DType> autocast = autocast_dtype();
-    const bool castable = x.dtype() == DType::F32 || x.dtype() == DType::BF16;
-    return layer_norm(x, weight, bias, eps, castable ? autocast : std::nullopt);
+    return layer_norm(x, weight, bias, eps, autocast_dtype_for(x.dtype()));
   }
 
   Tensor weight, bias;

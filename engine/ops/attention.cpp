@@ -83,10 +83,7 @@ Call make_call(const Tensor& q, const Tensor& k, const Tensor& key_padding_mask,
 // Under autocast the kernels read f32 or bf16 inputs as bf16 (rounded by one
 // cast) and write a bf16 output, as torch's autocast does; otherwise
 // everything is in the inputs' dtype. Gradients come back in each input's dtype.
-DType kernel_dtype(const Tensor& t) {
-  const bool castable = t.dtype() == DType::F32 || t.dtype() == DType::BF16;
-  return castable ? autocast_dtype().value_or(t.dtype()) : t.dtype();
-}
+DType kernel_dtype(const Tensor& t) { return autocast_dtype_for(t.dtype()).value_or(t.dtype()); }
 
 // The dims of t, outermost in memory first: t.permute(order) is contiguous
 // when t is a permutation of a dense tensor, as GPT-2's q, k and v are (views

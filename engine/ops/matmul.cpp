@@ -112,9 +112,8 @@ Tensor product(const Tensor& a, const Tensor& b, DType compute, DType out_dtype,
 // bf16 operands meet in bf16 (engine/precision.h); otherwise both operands
 // must have it.
 DType product_dtype(const Tensor& a, const Tensor& b) {
-  const std::optional<DType> autocast = autocast_dtype();
-  auto castable = [](DType d) { return d == DType::F32 || d == DType::BF16; };
-  if (autocast && castable(a.dtype()) && castable(b.dtype())) {
+  const std::optional<DType> autocast = autocast_dtype_for(a.dtype());
+  if (autocast && autocast_dtype_for(b.dtype())) {
     if (a.device() != b.device())
       fail("matmul: operands on {} and {}", a.device().str(), b.device().str());
     return *autocast;
