@@ -12,6 +12,7 @@
 #include "engine/cpu/strided.h"
 #include "engine/cuda/attention_plan.h"
 #include "engine/cuda/cuda_context.h"
+#include "engine/cuda/op_scope.h"
 #include "engine/cuda/staging.h"
 #include "engine/error.h"
 #include "engine/profiler.h"
@@ -21,6 +22,8 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <optional>
+#include <string>
 #include <vector>
 
 namespace engine {
@@ -28,6 +31,7 @@ namespace engine {
 namespace {
 
 using cuda::DeviceContext;
+using cuda::OpScope;
 using cuda::Scratch;
 
 // ---- argument helpers ----
@@ -103,24 +107,6 @@ const char* op_name(BinaryOp op) {
   static const char* const names[] = {"add", "sub", "mul", "div", "maximum", "minimum", "equal", "greater"};
   return names[int(op)];
 }
-
-// Times one backend call into the active Profiler (engine/profiler.h). Work
-// is queued asynchronously, so the seconds are launch times, unless
-// CURLORA_CUDA_SYNC=1 makes every call wait for its work: then they are the
-// GPU's times, and `bench_step --profile` gives a per-op breakdown.
-class OpScope {
- public:
-  OpScope(DeviceContext& ctx, const char* op, double flops = 0) : ctx_(ctx), scope_(op, flops) {}
-  ~OpScope() {
-    if (ctx_.sync_each_launch()) cudaStreamSynchronize(ctx_.stream());  // a fault is reported by the next check
-  }
-  OpScope(const OpScope&) = delete;
-  OpScope& operator=(const OpScope&) = delete;
-
- private:
-  DeviceContext& ctx_;
-  ProfileScope scope_;
-};
 
 class CudaBackend final : public Backend {
  public:
@@ -353,7 +339,11 @@ void CudaBackend::argmax_last(const View& out, const View& in) {
 // for the case; elsewhere (f64, batches) it runs as separate passes, in f32
 // for a bf16 C.
 void CudaBackend::gemm(const GemmArgs& args) {
-  OpScope op(ctx_, "gemm", 2.0 * double(args.m) * double(args.n) * double(args.k) * double(args.batch));
+  const bool by_shape = OpScope::profiling_on_device(ctx_);
+  OpScope op(ctx_, "gemm", 2.0 * double(args.m) * double(args.n) * double(args.k) * double(args.batch),
+             by_shape ? fmt::format("gemm {}x{}x{}{}{}{}", args.m, args.k, args.n, args.batch > 1 ? " batched" : "",
+                                    args.gelu ? " gelu" : args.bias ? " bias" : "", args.addend ? " addend" : "")
+                      : std::string());
   if (cuda::gemm_lt(ctx_, args)) return;
   if (args.addend) return gemm(addend_into_c(*this, args));
   if (args.c_dtype == DType::BF16 && (args.bias || args.gelu)) return gemm_with_f32_epilogue(*this, args);
