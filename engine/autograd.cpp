@@ -32,6 +32,13 @@ void record(Tensor& output, std::string op, std::vector<Tensor> inputs, Node::Ba
   output.impl().requires_grad = true;
 }
 
+Tensor Node::take_gradient_so_far(size_t i, DType dtype) const {
+  if (i >= gradient_so_far.size()) return Tensor();
+  Tensor& so_far = gradient_so_far[i];
+  if (!so_far.defined() || so_far.dtype() != dtype || !so_far.is_contiguous()) return Tensor();
+  return std::move(so_far);
+}
+
 Tensor edge_only(const Tensor& t) {
   if (!t.defined() || (t.is_leaf() && t.requires_grad())) return t;
   auto impl = std::make_shared<TensorImpl>(t.impl());
@@ -97,11 +104,22 @@ void run_backward(const Tensor& root, const Tensor& seed, bool retain_graph) {
     Tensor grad_output = std::move(it->second);
     grads.erase(it);
     check(static_cast<bool>(node->backward), "backward through '{}' a second time: pass retain_graph=true", node->op);
+    // Hand over what each input's producer has summed so far (once per producer, to the first
+    // input it made); what the backward does not take is summed first, as it would have been.
+    node->gradient_so_far.assign(node->inputs.size(), Tensor());
+    for (size_t i = 0; i < node->inputs.size(); ++i) {
+      Node* parent = node->needs_grad(i) ? node->inputs[i].impl().grad_fn.get() : nullptr;
+      auto so_far = parent ? grads.find(parent) : grads.end();
+      if (so_far == grads.end()) continue;
+      node->gradient_so_far[i] = std::move(so_far->second);
+      grads.erase(so_far);
+    }
     std::vector<Tensor> input_grads = node->backward(grad_output, *node);
     check(input_grads.size() == node->inputs.size(), "backward of '{}' returned {} gradients for {} inputs", node->op,
           input_grads.size(), node->inputs.size());
     for (size_t i = 0; i < input_grads.size(); ++i) {
       const Tensor& input = node->inputs[i];
+      if (Tensor& untaken = node->gradient_so_far[i]; untaken.defined()) grads[input.impl().grad_fn.get()] = untaken;
       if (!node->needs_grad(i) || !input_grads[i].defined()) continue;
       check(input_grads[i].shape() == input.shape(), "backward of '{}': gradient {} for input {} of shape {}", node->op,
             shape_str(input_grads[i].shape()), i, shape_str(input.shape()));
@@ -113,6 +131,7 @@ void run_backward(const Tensor& root, const Tensor& seed, bool retain_graph) {
         input.set_grad(slot);
       }
     }
+    node->gradient_so_far.clear();
     if (!retain_graph) {  // free saved tensors as soon as they are used
       node->backward = nullptr;
       node->inputs.clear();

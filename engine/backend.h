@@ -143,9 +143,12 @@ class Backend {
   virtual void layer_norm_forward(const View& y, const View& mean, const View& rstd, const View& x, const View& weight,
                                   const View& bias, double eps) = 0;
   // dweight/dbias may have data == nullptr: then they are not computed (frozen);
-  // otherwise they are overwritten, not accumulated.
+  // otherwise they are overwritten, not accumulated. dx = residual + the input's
+  // gradient, the residual optional (data == nullptr) and of dx's dtype: the
+  // gradient is rounded to dx's dtype, then added, as a separate add would.
   virtual void layer_norm_backward(const View& dx, const View& dweight, const View& dbias, const View& dy,
-                                   const View& x, const View& weight, const View& mean, const View& rstd) = 0;
+                                   const View& x, const View& weight, const View& mean, const View& rstd,
+                                   const View& residual) = 0;
   virtual void gelu_forward(const View& y, const View& x) = 0;
   virtual void gelu_backward(const View& dx, const View& dy, const View& x) = 0;
   virtual void softmax_forward(const View& y, const View& x, bool log) = 0;

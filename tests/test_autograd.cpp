@@ -61,6 +61,30 @@ TEST_CASE("backward checks its seed", "[autograd][errors]") {
   CHECK_THROWS_WITH(y.set_requires_grad(false), Catch::Contains("non-leaf"));
 }
 
+TEST_CASE("a backward may take an input's gradient so far, and then returns the sum", "[autograd]") {
+  // out = h + 7 * fold(h), fold(h) = 5 h: d out / dh = 36. The add runs first and gives h its
+  // gradient; fold's backward, run later, is offered it. Taken, it must come back inside fold's
+  // gradient; declined (another dtype), the engine adds it as before.
+  for (DType wanted : {DType::F64, DType::F32}) {
+    Tensor x = random_f64({3}, 2);
+    std::vector<bool> took;
+    auto fold = [&](const Tensor& in) {
+      Tensor out = in.detach() * 5.0;
+      engine::record(out, "fold", {in}, [&took, wanted](const Tensor& g, const engine::Node& n) {
+        const Tensor so_far = n.take_gradient_so_far(0, wanted);
+        took.push_back(so_far.defined());
+        const Tensor mine = g * 5.0;
+        return std::vector<Tensor>{so_far.defined() ? so_far + mine : mine};
+      });
+      return out;
+    };
+    const Tensor h = x * 2.0;
+    engine::sum(h + fold(h) * 7.0).backward();
+    CHECK(took == std::vector<bool>{wanted == DType::F64});
+    testing::require_close(x.grad(), {72, 72, 72});
+  }
+}
+
 TEST_CASE("a frozen weight costs no weight-gradient GEMM", "[autograd][matmul]") {
   // The CURLoRA layer: y = x W + ((x C) U) R with W, C, R frozen, U trainable.
   engine::Generator gen(5);

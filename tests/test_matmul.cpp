@@ -152,6 +152,24 @@ TEST_CASE("matmul gradients match finite differences", "[matmul][grad]") {
                   {random_f64({3, 2, 5}, 1), random_f64({2, 3, 4}, 2), random_f64({5, 4}, 3)});
 }
 
+TEST_CASE("a shared input's gradients are summed in its last product's GEMM", "[matmul][grad]") {
+  using V = const std::vector<Tensor>&;
+  // h feeds two products (a plain and a transposed weight): the second backward to run adds the first
+  // one's dh as its GEMM's addend. Through a permuted view, dh comes back strided and is added apart.
+  check_gradients(
+      [](V in) {
+        const Tensor h = engine::mul(in[0], 1.5);
+        return engine::add(engine::matmul(h, in[1]), engine::linear(h, in[2], Tensor(), engine::WeightLayout::OutIn));
+      },
+      {random_f64({2, 3, 4}, 1), random_f64({4, 5}, 2), random_f64({5, 4}, 3)});
+  check_gradients(
+      [](V in) {
+        const Tensor h = engine::mul(in[0], 1.5);
+        return engine::add(engine::matmul(h, in[1]), engine::matmul(h.permute({1, 0, 2}), in[2]).permute({1, 0, 2}));
+      },
+      {random_f64({2, 3, 4}, 1), random_f64({4, 5}, 2), random_f64({4, 5}, 3)});
+}
+
 TEST_CASE("matmul rejects mismatched operands", "[matmul][errors]") {
   CHECK_THROWS_WITH(engine::matmul(Tensor::zeros({2, 3}), Tensor::zeros({4, 5})),
                     Catch::Contains("shapes [2, 3] and [4, 5] do not chain"));

@@ -257,10 +257,35 @@ TEST_CASE("layer_norm with frozen weight and bias computes only the input gradie
     cpu.layer_norm_forward(view_of(y), view_of(mean), view_of(rstd), view_of(x), view_of(weight), view_of(bias), 1e-5);
     cpu.layer_norm_backward(view_of(dx), with_parameter_grads ? view_of(dw) : engine::View{},
                             with_parameter_grads ? view_of(db) : engine::View{}, view_of(dy), view_of(x),
-                            view_of(weight), view_of(mean), view_of(rstd));
+                            view_of(weight), view_of(mean), view_of(rstd), engine::View{});
     return dx.to_vector<double>();
   };
   require_close(Tensor::from_vector(run_kernel(false), {6, 9}), run_kernel(true), 0.0);
+}
+
+TEST_CASE("layer_norm's backward adds a residual gradient as a separate add would", "[nn_ops]") {
+  for (DType dtype : {DType::F64, DType::F32}) {
+    const Tensor x = random_f64({6, 9}, 31, false).to(dtype), w = random_f64({9}, 32, false).to(dtype);
+    const Tensor b = random_f64({9}, 33, false).to(dtype), dy = random_f64({6, 9}, 34, false).to(dtype);
+    const Tensor residual = random_f64({6, 9}, 35, false).to(dtype);
+    const engine::DType stats = dtype == DType::F64 ? DType::F64 : DType::F32;
+    Tensor mean = Tensor::empty({6}, stats), rstd = Tensor::empty({6}, stats), y = Tensor::empty({6, 9}, dtype);
+    Tensor dx = Tensor::empty({6, 9}, dtype), folded = Tensor::empty({6, 9}, dtype);
+    auto& cpu = engine::cpu_backend();
+    cpu.layer_norm_forward(view_of(y), view_of(mean), view_of(rstd), view_of(x), view_of(w), view_of(b), 1e-5);
+    cpu.layer_norm_backward(view_of(dx), {}, {}, view_of(dy), view_of(x), view_of(w), view_of(mean), view_of(rstd),
+                            {});
+    cpu.layer_norm_backward(view_of(folded), {}, {}, view_of(dy), view_of(x), view_of(w), view_of(mean),
+                            view_of(rstd), view_of(residual));
+    require_close(folded, engine::add(residual, dx).to_vector<double>(), 0.0);
+  }
+  // In a residual block, h's gradient from the skip path reaches layer norm's backward, which adds it.
+  check_gradients(
+      [](const std::vector<Tensor>& in) {
+        const Tensor h = engine::mul(in[0], 1.5);
+        return engine::add(h, engine::mul(engine::layer_norm(h, in[1], in[2]), 3.0));
+      },
+      {random_f64({6, 9}, 36), random_f64({9}, 37), random_f64({9}, 38)});
 }
 
 TEST_CASE("layer_norm rejects bad arguments", "[nn_ops]") {

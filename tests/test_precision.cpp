@@ -110,7 +110,7 @@ TEST_CASE("autocast: a bf16 frozen weight meets f32 activations, and f64 is left
   REQUIRE(max_abs_diff(c, engine::matmul(a.to(DType::F32), b.to(DType::F32))) < 1e-6);
 }
 
-TEST_CASE("autocast: linear_gelu gives bf16, rounded once, and its bf16 gradients sum in f32",
+TEST_CASE("autocast: linear_gelu gives bf16, rounded once, and its bf16 gradients sum in the second GEMM",
           "[precision][matmul]") {
   Tensor x = random({3, 5, 24}, 30), w = random({24, 16}, 31);
   const Tensor bias = random({16}, 32), w2 = random({16, 6}, 33), w3 = random({16, 6}, 34), up = random({3, 5, 6}, 35);
@@ -130,14 +130,15 @@ TEST_CASE("autocast: linear_gelu gives bf16, rounded once, and its bf16 gradient
   const Tensor pre = engine::add(engine::matmul(rounded(x), rounded(w)), rounded(bias));
   REQUIRE(max_abs_diff(h.to(DType::F32), rounded(engine::gelu_new(pre))) == 0);
 
-  // Backward: each use's gradient is rounded to bf16, the two are added in
-  // f32 and rounded, the GELU's derivative is taken in f32 at the rounded
-  // pre-activation, and its product is rounded before the last GEMM.
+  // Backward: the use whose backward runs first (w3's, the later op) gives a
+  // gradient rounded to bf16; the other's GEMM adds it to its own f32 sum as
+  // its addend and rounds once. The GELU's derivative is taken in f32 at the
+  // rounded pre-activation, and its product is rounded before the last GEMM.
   engine::sum(engine::mul(y, up)).backward();
   auto grad_through = [&](const Tensor& w_next) {
-    return rounded(engine::matmul(rounded(up), rounded(w_next).transpose(0, 1)));
+    return engine::matmul(rounded(up), rounded(w_next).transpose(0, 1));
   };
-  const Tensor dh = rounded(engine::add(grad_through(w2), grad_through(w3)));
+  const Tensor dh = rounded(engine::add(grad_through(w2), rounded(grad_through(w3))));
   Tensor pre_r = rounded(pre);
   pre_r.set_requires_grad(true);
   engine::sum(engine::mul(engine::gelu_new(pre_r), dh)).backward();

@@ -37,7 +37,7 @@ class CpuBackend final : public Backend {
   void layer_norm_forward(const View& y, const View& mean, const View& rstd, const View& x, const View& weight,
                           const View& bias, double eps) override;
   void layer_norm_backward(const View& dx, const View& dweight, const View& dbias, const View& dy, const View& x,
-                           const View& weight, const View& mean, const View& rstd) override;
+                           const View& weight, const View& mean, const View& rstd, const View& residual) override;
   void gelu_forward(const View& y, const View& x) override;
   void gelu_backward(const View& dx, const View& dy, const View& x) override;
   void softmax_forward(const View& y, const View& x, bool log) override;

@@ -143,10 +143,11 @@ void CpuBackend::layer_norm_forward(const View& y, const View& mean, const View&
 // each fixed chunk of rows sums into its own partial row and the partials are
 // added at the end: race-free, and the same result for any thread count.
 void CpuBackend::layer_norm_backward(const View& dx, const View& dweight, const View& dbias, const View& dy,
-                                     const View& x, const View& weight, const View& mean, const View& rstd) {
+                                     const View& x, const View& weight, const View& mean, const View& rstd,
+                                     const View& residual) {
   if (dy.dtype != x.dtype) {  // the gradient of a bf16 output, widened
     KernelOperands wide(*this);
-    layer_norm_backward(dx, dweight, dbias, wide.in(dy, x.dtype), x, weight, mean, rstd);
+    layer_norm_backward(dx, dweight, dbias, wide.in(dy, x.dtype), x, weight, mean, rstd, residual);
     return;
   }
   const RowShape shape = rows_of(x);
@@ -160,6 +161,7 @@ void CpuBackend::layer_norm_backward(const View& dx, const View& dweight, const 
     const T *px = x.ptr<T>(), *pdy = dy.ptr<T>(), *w = weight.ptr<T>();
     const T *pmean = mean.ptr<T>(), *prstd = rstd.ptr<T>();
     T* pdx = dx.ptr<T>();
+    const T* pres = residual.data ? residual.ptr<T>() : nullptr;
     // Frozen weight and bias: no partial sums at all.
     std::vector<T> dweight_parts(want_dweight ? size_t(chunks * cols) : 0);
     std::vector<T> dbias_parts(want_dbias ? size_t(chunks * cols) : 0);
@@ -170,6 +172,7 @@ void CpuBackend::layer_norm_backward(const View& dx, const View& dweight, const 
       for (int64_t r = chunk * rows_per_chunk; r < end; ++r) {
         const T *xr = px + r * cols, *dyr = pdy + r * cols;
         T* dxr = pdx + r * cols;
+        const T* resr = pres ? pres + r * cols : nullptr;
         const T mu = pmean[r], rs = prstd[r];
         T sum_g = 0, sum_g_xhat = 0;
 #pragma omp simd reduction(+ : sum_g, sum_g_xhat)
@@ -179,8 +182,10 @@ void CpuBackend::layer_norm_backward(const View& dx, const View& dweight, const 
           sum_g_xhat += g * (xr[c] - mu) * rs;
         }
         const T mean_g = sum_g / T(cols), mean_g_xhat = sum_g_xhat / T(cols);
-        for (int64_t c = 0; c < cols; ++c)
-          dxr[c] = rs * (dyr[c] * w[c] - mean_g - (xr[c] - mu) * rs * mean_g_xhat);
+        for (int64_t c = 0; c < cols; ++c) {
+          const T d = rs * (dyr[c] * w[c] - mean_g - (xr[c] - mu) * rs * mean_g_xhat);
+          dxr[c] = resr ? resr[c] + d : d;
+        }
         if (dw)
           for (int64_t c = 0; c < cols; ++c) dw[c] += dyr[c] * (xr[c] - mu) * rs;
         if (db)

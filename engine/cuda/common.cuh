@@ -102,6 +102,12 @@ __device__ __forceinline__ double math_abs(double x) { return fabs(x); }
 __device__ __forceinline__ float math_pow(float x, float y) { return powf(x, y); }
 __device__ __forceinline__ double math_pow(double x, double y) { return pow(x, y); }
 
+// x * y rounded on its own, so that nvcc cannot fuse it with an add that
+// follows into an FMA: a fused kernel's sum then equals the composed ops' (and
+// the CPU's, built with -ffp-contract=off, which makes no FMAs either).
+__device__ __forceinline__ float product_rn(float x, float y) { return __fmul_rn(x, y); }
+__device__ __forceinline__ double product_rn(double x, double y) { return __dmul_rn(x, y); }
+
 // Four elements that one load or store moves (16 bytes of f32), for kernels
 // that walk memory four elements at a time from a suitably aligned pointer.
 template <typename T>

@@ -144,7 +144,7 @@ class CudaBackend final : public Backend {
   void layer_norm_forward(const View& y, const View& mean, const View& rstd, const View& x, const View& weight,
                           const View& bias, double eps) override;
   void layer_norm_backward(const View& dx, const View& dweight, const View& dbias, const View& dy, const View& x,
-                           const View& weight, const View& mean, const View& rstd) override;
+                           const View& weight, const View& mean, const View& rstd, const View& residual) override;
   void gelu_forward(const View& y, const View& x) override;
   void gelu_backward(const View& dx, const View& dy, const View& x) override;
   void softmax_forward(const View& y, const View& x, bool log) override;
@@ -413,7 +413,8 @@ void CudaBackend::layer_norm_forward(const View& y, const View& mean, const View
 }
 
 void CudaBackend::layer_norm_backward(const View& dx, const View& dweight, const View& dbias, const View& dy,
-                                      const View& x, const View& weight, const View& mean, const View& rstd) {
+                                      const View& x, const View& weight, const View& mean, const View& rstd,
+                                      const View& residual) {
   OpScope op(ctx_, "layer_norm_backward");
   require_floating(x.dtype, "layer_norm_backward");
   const auto [rows, cols] = rows_of(x);
@@ -421,7 +422,8 @@ void CudaBackend::layer_norm_backward(const View& dx, const View& dweight, const
   const bool dy_bf16 = dy.dtype == DType::BF16;
   if (dx.data)
     ctx_.check_launch(cuda::launch_layer_norm_backward_input(lc, x.dtype, rows, cols, dx.data, dy.data, dy_bf16,
-                                                             x.data, weight.data, mean.data, rstd.data),
+                                                             x.data, weight.data, mean.data, rstd.data,
+                                                             residual.data),
                       "layer_norm_backward");
   if (!dweight.data && !dbias.data) return;  // frozen: no column sums at all
   Scratch partials(ctx_, cuda::layer_norm_params_scratch_bytes(lc, x.dtype, rows, cols), "layer_norm partial sums");

@@ -91,9 +91,11 @@ cudaError_t launch_index_add_rows(const LaunchContext& ctx, DType dtype, int64_t
 cudaError_t launch_layer_norm_forward(const LaunchContext& ctx, DType dtype, int64_t rows, int64_t cols, void* y,
                                       bool y_bf16, void* mean, void* rstd, const void* x, const void* weight,
                                       const void* bias, double eps);
+// dx = residual (null: none) + the input's gradient.
 cudaError_t launch_layer_norm_backward_input(const LaunchContext& ctx, DType dtype, int64_t rows, int64_t cols,
                                              void* dx, const void* dy, bool dy_bf16, const void* x,
-                                             const void* weight, const void* mean, const void* rstd);
+                                             const void* weight, const void* mean, const void* rstd,
+                                             const void* residual);
 // dweight and dbias (either may be null) are column sums over rows; scratch
 // holds per-chunk partial sums so that the result does not depend on timing.
 size_t layer_norm_params_scratch_bytes(const LaunchContext& ctx, DType dtype, int64_t rows, int64_t cols);

@@ -79,7 +79,7 @@ __global__ void layer_norm_forward_kernel(int64_t rows, int64_t cols, Y* y, T* m
 // G: dy's storage, as Y of the forward.
 template <typename T, typename G>
 __global__ void layer_norm_backward_input_kernel(int64_t rows, int64_t cols, T* dx, const G* dy, const T* x,
-                                                 const T* weight, const T* mean, const T* rstd) {
+                                                 const T* weight, const T* mean, const T* rstd, const T* residual) {
   const int64_t row = warp_row();
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
@@ -95,8 +95,106 @@ __global__ void layer_norm_backward_input_kernel(int64_t rows, int64_t cols, T* 
   }
   const T mean_g = warp_reduce(sum_g, SumOp{}) / T(cols);
   const T mean_g_xhat = warp_reduce(sum_g_xhat, SumOp{}) / T(cols);
-  for (int64_t c = lane; c < cols; c += 32)
-    dxr[c] = rs * (convert<T>(dyr[c]) * weight[c] - mean_g - (xr[c] - mu) * rs * mean_g_xhat);
+  for (int64_t c = lane; c < cols; c += 32) {
+    const T d = product_rn(rs, convert<T>(dyr[c]) * weight[c] - mean_g - (xr[c] - mu) * rs * mean_g_xhat);
+    dxr[c] = residual ? residual[row * cols + c] + d : d;
+  }
+}
+
+// ---- layer norm with the row in registers ----
+// For f32 rows of up to 2048 columns in packs of four on 16-byte boundaries
+// (GPT-2's widths): each lane loads its packs (lane, lane + 32, ...) once,
+// all loads in flight together, and keeps them in registers for both passes
+// of the statistics and for the output; the loop above reloads the row three
+// times, one element at a time. kPacks per lane covers 128 kPacks columns.
+
+// Calls fn(std::integral_constant<int, K>{}) for the first K of a few widths
+// with 32 K >= packs, so that a row takes few more registers than it needs;
+// false when the row is wider than all of them.
+template <typename Fn>
+bool with_packs_per_lane(int64_t packs, Fn&& fn) {
+  return [&]<int... K>(std::integer_sequence<int, K...>) {
+    return ((packs <= 32 * K ? (fn(std::integral_constant<int, K>{}), true) : false) || ...);
+  }(std::integer_sequence<int, 2, 4, 6, 8, 10, 12, 16>{});
+}
+
+template <int kPacks, typename Y>
+__global__ void layer_norm_forward_rows_kernel(int64_t rows, int64_t packs, Y* y, float* mean, float* rstd,
+                                               const float* x, const float* weight, const float* bias, float eps) {
+  const int64_t row = warp_row();
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const auto* xr = reinterpret_cast<const Pack4<float>*>(x) + row * packs;
+  Pack4<float> v[kPacks];
+  float sum = 0;
+#pragma unroll
+  for (int i = 0; i < kPacks; ++i) {
+    v[i] = lane + 32 * i < packs ? xr[lane + 32 * i] : Pack4<float>{};
+    for (float e : v[i].v) sum += e;
+  }
+  const float cols = float(packs * 4);
+  const float mu = warp_reduce(sum, SumOp{}) / cols;
+  float squares = 0;
+#pragma unroll
+  for (int i = 0; i < kPacks; ++i)
+    if (lane + 32 * i < packs)
+      for (float e : v[i].v) squares += (e - mu) * (e - mu);
+  const float rs = 1.0f / sqrtf(warp_reduce(squares, SumOp{}) / cols + eps);  // biased variance, as torch
+#pragma unroll
+  for (int i = 0; i < kPacks; ++i) {
+    const int64_t p = lane + 32 * i;
+    if (p >= packs) continue;
+    const Pack4<float> w = reinterpret_cast<const Pack4<float>*>(weight)[p];
+    const Pack4<float> b = reinterpret_cast<const Pack4<float>*>(bias)[p];
+    Pack4<Y> out;
+    for (int k = 0; k < 4; ++k) out.v[k] = convert<Y>((v[i].v[k] - mu) * rs * w.v[k] + b.v[k]);
+    reinterpret_cast<Pack4<Y>*>(y)[row * packs + p] = out;
+  }
+  if (lane == 0) {
+    mean[row] = mu;
+    rstd[row] = rs;
+  }
+}
+
+template <int kPacks, typename G>
+__global__ void layer_norm_backward_rows_kernel(int64_t rows, int64_t packs, float* dx, const G* dy, const float* x,
+                                                const float* weight, const float* mean, const float* rstd,
+                                                const float* residual) {
+  const int64_t row = warp_row();
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const float mu = mean[row], rs = rstd[row];
+  Pack4<float> xhat[kPacks], g[kPacks];  // (x - mean) * rstd and dy * weight
+  float sum_g = 0, sum_g_xhat = 0;
+#pragma unroll
+  for (int i = 0; i < kPacks; ++i) {
+    const int64_t p = lane + 32 * i;
+    xhat[i] = g[i] = Pack4<float>{};
+    if (p >= packs) continue;
+    const Pack4<float> xv = reinterpret_cast<const Pack4<float>*>(x)[row * packs + p];
+    const Pack4<G> dv = reinterpret_cast<const Pack4<G>*>(dy)[row * packs + p];
+    const Pack4<float> w = reinterpret_cast<const Pack4<float>*>(weight)[p];
+    for (int k = 0; k < 4; ++k) {
+      xhat[i].v[k] = (xv.v[k] - mu) * rs;
+      g[i].v[k] = convert<float>(dv.v[k]) * w.v[k];
+      sum_g += g[i].v[k];
+      sum_g_xhat += g[i].v[k] * xhat[i].v[k];
+    }
+  }
+  const float cols = float(packs * 4);
+  const float mean_g = warp_reduce(sum_g, SumOp{}) / cols;
+  const float mean_g_xhat = warp_reduce(sum_g_xhat, SumOp{}) / cols;
+#pragma unroll
+  for (int i = 0; i < kPacks; ++i) {
+    const int64_t p = lane + 32 * i;
+    if (p >= packs) continue;
+    Pack4<float> out = residual ? reinterpret_cast<const Pack4<float>*>(residual)[row * packs + p] : Pack4<float>{};
+    for (int k = 0; k < 4; ++k) {
+      const float d = product_rn(rs, g[i].v[k] - mean_g - xhat[i].v[k] * mean_g_xhat);
+      out.v[k] = residual ? out.v[k] + d : d;
+    }
+    reinterpret_cast<Pack4<float>*>(dx)[row * packs + p] = out;
+  }
 }
 
 // dweight[c] = sum_r dy * xhat, dbias[c] = sum_r dy: column sums, laid out as
@@ -274,6 +372,18 @@ cudaError_t launch_index_add_rows(const LaunchContext& ctx, DType dtype, int64_t
   return cudaGetLastError();
 }
 
+namespace {
+
+// The rows-in-registers kernels' terms: f32, four-column packs, every pointer on a 16-byte boundary.
+bool rows_fit_registers(DType dtype, int64_t cols, std::initializer_list<const void*> pointers) {
+  if (dtype != DType::F32 || cols % 4 != 0) return false;
+  for (const void* p : pointers)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
+
+}  // namespace
+
 cudaError_t launch_layer_norm_forward(const LaunchContext& ctx, DType dtype, int64_t rows, int64_t cols, void* y,
                                       bool y_bf16, void* mean, void* rstd, const void* x, const void* weight,
                                       const void* bias, double eps) {
@@ -281,6 +391,16 @@ cudaError_t launch_layer_norm_forward(const LaunchContext& ctx, DType dtype, int
   dispatch_layer_norm(dtype, y_bf16, [&](auto zero, auto y_zero) {
     using T = decltype(zero);
     using Y = decltype(y_zero);
+    if constexpr (std::is_same_v<T, float>) {
+      const bool fits = rows_fit_registers(dtype, cols, {y, x, weight, bias}) &&
+                        with_packs_per_lane(cols / 4, [&](auto packs) {
+                          layer_norm_forward_rows_kernel<packs()><<<row_blocks(rows), kThreads, 0, ctx.stream>>>(
+                              rows, cols / 4, static_cast<Y*>(y), static_cast<float*>(mean),
+                              static_cast<float*>(rstd), static_cast<const float*>(x),
+                              static_cast<const float*>(weight), static_cast<const float*>(bias), float(eps));
+                        });
+      if (fits) return;
+    }
     layer_norm_forward_kernel<<<row_blocks(rows), kThreads, 0, ctx.stream>>>(
         rows, cols, static_cast<Y*>(y), static_cast<T*>(mean), static_cast<T*>(rstd), static_cast<const T*>(x),
         static_cast<const T*>(weight), static_cast<const T*>(bias), T(eps));
@@ -290,14 +410,27 @@ cudaError_t launch_layer_norm_forward(const LaunchContext& ctx, DType dtype, int
 
 cudaError_t launch_layer_norm_backward_input(const LaunchContext& ctx, DType dtype, int64_t rows, int64_t cols,
                                              void* dx, const void* dy, bool dy_bf16, const void* x,
-                                             const void* weight, const void* mean, const void* rstd) {
+                                             const void* weight, const void* mean, const void* rstd,
+                                             const void* residual) {
   if (rows == 0) return cudaSuccess;
   dispatch_layer_norm(dtype, dy_bf16, [&](auto zero, auto g_zero) {
     using T = decltype(zero);
     using G = decltype(g_zero);
+    if constexpr (std::is_same_v<T, float>) {
+      const bool fits = rows_fit_registers(dtype, cols, {dx, dy, x, weight, residual}) &&
+                        with_packs_per_lane(cols / 4, [&](auto packs) {
+                          layer_norm_backward_rows_kernel<packs()><<<row_blocks(rows), kThreads, 0, ctx.stream>>>(
+                              rows, cols / 4, static_cast<float*>(dx), static_cast<const G*>(dy),
+                              static_cast<const float*>(x), static_cast<const float*>(weight),
+                              static_cast<const float*>(mean), static_cast<const float*>(rstd),
+                              static_cast<const float*>(residual));
+                        });
+      if (fits) return;
+    }
     layer_norm_backward_input_kernel<<<row_blocks(rows), kThreads, 0, ctx.stream>>>(
         rows, cols, static_cast<T*>(dx), static_cast<const G*>(dy), static_cast<const T*>(x),
-        static_cast<const T*>(weight), static_cast<const T*>(mean), static_cast<const T*>(rstd));
+        static_cast<const T*>(weight), static_cast<const T*>(mean), static_cast<const T*>(rstd),
+        static_cast<const T*>(residual));
   });
   return cudaGetLastError();
 }

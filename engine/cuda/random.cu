@@ -46,11 +46,6 @@ __global__ void fill_normal_kernel(int64_t n, T* out, uint64_t seed, uint64_t of
   }
 }
 
-// x * y rounded on its own, so that nvcc cannot fuse it with the residual's
-// add into an FMA: the CPU (built with -ffp-contract=off) makes none either.
-__device__ __forceinline__ float product_rn(float x, float y) { return __fmul_rn(x, y); }
-__device__ __forceinline__ double product_rn(double x, double y) { return __dmul_rn(x, y); }
-
 // out = residual + dropout(in), the residual optional: element i is kept
 // iff its uniform >= p (the CPU's test, in integers), scaled by 1 / (1 - p)
 // rounded to the compute type C (f32, or f64 for f64), and the sum rounded

@@ -145,13 +145,18 @@ std::vector<Tensor> saved_operands(const Tensor& a, const Tensor& b) {
 }
 
 // The backward of out = a @ b (+ bias, a third input): each gradient in its
-// input's dtype, multiplied at the forward's precision.
+// input's dtype, multiplied at the forward's precision. a's gradient adds
+// what a has received so far in the GEMM's epilogue, rounded once.
 Node::BackwardFn product_backward(DType compute) {
   return [compute](const Tensor& g, const Node& n) {
     const Tensor &a = n.inputs[0], &b = n.inputs[1];
     const bool b_shared = b.dim() == 2;
     std::vector<Tensor> grads(n.inputs.size());
-    if (n.needs_grad(0)) grads[0] = product(g, b.transpose(-1, -2), compute, a.dtype());
+    if (n.needs_grad(0)) {  // a's gradient so far (from its other uses) rides in as the GEMM's addend
+      Epilogue sum;
+      sum.addend = n.take_gradient_so_far(0, a.dtype());
+      grads[0] = product(g, b.transpose(-1, -2), compute, a.dtype(), sum);
+    }
     if (n.needs_grad(1)) {  // the weight-gradient GEMM: skipped for frozen weights
       grads[1] = b_shared && a.dim() > 2 ? product(a.reshape({-1, a.size(-1)}).transpose(0, 1),
                                                    g.reshape({-1, g.size(-1)}), compute, b.dtype())

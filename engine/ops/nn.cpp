@@ -50,13 +50,16 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, dou
   record(y, "layer_norm", {x, weight, bias}, [xc, w, mean, rstd](const Tensor& g, const Node& n) -> std::vector<Tensor> {
     const Tensor dy = g.contiguous();
     const int64_t C = xc.size(-1);
+    // x's gradient so far (the residual stream's, in a transformer) is added in the same pass.
+    const Tensor so_far = n.needs_grad(0) ? n.take_gradient_so_far(0, xc.dtype()) : Tensor();
     Tensor dx = Tensor::empty(xc.shape(), xc.dtype(), xc.device());
     // A frozen weight or bias gets no gradient tensor, and the kernel skips its sum.
     Tensor dweight = n.needs_grad(1) ? Tensor::zeros({C}, w.dtype(), w.device()) : Tensor();
     Tensor dbias = n.needs_grad(2) ? Tensor::zeros({C}, w.dtype(), w.device()) : Tensor();
     if (xc.numel() > 0)
       backend_of(xc).layer_norm_backward(view_of(dx), view_or_none(dweight), view_or_none(dbias), view_of(dy),
-                                         view_of(xc), view_of(w), view_of(mean), view_of(rstd));
+                                         view_of(xc), view_of(w), view_of(mean), view_of(rstd),
+                                         view_or_none(so_far));
     return {n.needs_grad(0) ? dx : Tensor(), dweight, dbias};
   });
   return y;
