@@ -1,7 +1,7 @@
 // The CUDA backend's speed on GPT-2-large shapes: GEMMs through engine::matmul
-// against raw cuBLAS on the same buffers (f32, TF32, bf16), layer norm and
-// AdamW bandwidth, the step's commonest elementwise passes, and attention
-// forward/backward at B=32, H=20, T=256, D=64.
+// against raw cuBLAS on the same buffers (f32, TF32, bf16), a rank-8 adapter's
+// memory-bound products, layer norm and AdamW bandwidth, the step's commonest
+// elementwise passes, and attention forward/backward at B=32, H=20, T=256, D=64.
 // Prints one JSON line per case. Run: build-gpu/bench/bench_cuda
 #include "engine/backend.h"
 #include "engine/cuda/cuda_backend.h"
@@ -82,6 +82,48 @@ void bench_gemm(cublasHandle_t handle, cudaStream_t stream, const char* mode, in
              "\n",
              mode, m, k, n, transpose_b, flops / ours * 1e-12, flops / raw * 1e-12, raw / ours);
   engine::set_allow_tf32(false);
+}
+
+// ---- a rank-8 adapter's products: CURLoRA on gpt2-large's c_attn at 8192 tokens ----
+
+struct ThinProduct {
+  const char* what;
+  int64_t m, k, n;
+  bool trans_a, trans_b, accumulate;  // accumulate: C += A B (the base output as addend)
+  DType c_dtype;
+};
+
+// The engine's product (cuBLASLt, through the backend's gemm) against cublasGemmEx on the same
+// buffers, and the bytes it moves per second: these products are bound by memory, not FLOPs.
+void bench_thin_gemm(cublasHandle_t handle, cudaStream_t stream, const ThinProduct& p) {
+  const Tensor a = p.trans_a ? randn({p.k, p.m}, 1, DType::BF16) : randn({p.m, p.k}, 1, DType::BF16);
+  const Tensor b = p.trans_b ? randn({p.n, p.k}, 2, DType::BF16) : randn({p.k, p.n}, 2, DType::BF16);
+  Tensor c = randn({p.m, p.n}, 3, p.c_dtype);
+  engine::GemmArgs g;
+  g.dtype = DType::BF16, g.c_dtype = p.c_dtype;
+  g.m = p.m, g.n = p.n, g.k = p.k;
+  g.a = a.data_ptr(), g.trans_a = p.trans_a, g.lda = p.trans_a ? p.m : p.k;
+  g.b = b.data_ptr(), g.trans_b = p.trans_b, g.ldb = p.trans_b ? p.k : p.n;
+  g.c = c.data_ptr(), g.ldc = p.n, g.beta = p.accumulate ? 1 : 0;
+  engine::Backend& gpu = engine::backend_for(kGpu);
+  const double ours = median_seconds(5, 20, [&] { gpu.gemm(g); }, engine_sync);
+  const float alpha = 1, beta = float(g.beta);
+  engine_sync();
+  const double raw = median_seconds(
+      5, 20,
+      [&] {
+        cublasGemmEx(handle, p.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, p.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, int(p.n),
+                     int(p.m), int(p.k), &alpha, b.data_ptr(), CUDA_R_16BF, int(g.ldb), a.data_ptr(), CUDA_R_16BF,
+                     int(g.lda), &beta, c.data_ptr(), p.c_dtype == DType::F32 ? CUDA_R_32F : CUDA_R_16BF, int(p.n),
+                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+      },
+      [&] { cudaStreamSynchronize(stream); });
+  const double c_bytes = double(c.numel()) * (p.c_dtype == DType::F32 ? 4 : 2);
+  const double bytes = double(a.numel() + b.numel()) * 2 + c_bytes * (p.accumulate ? 2 : 1);
+  fmt::print(R"({{"bench":"thin_gemm","what":"{}","m":{},"k":{},"n":{},"engine_us":{:.1f},"cublas_us":{:.1f},)"
+             R"("engine_gb_per_s":{:.0f}}})"
+             "\n",
+             p.what, p.m, p.k, p.n, ours * 1e6, raw * 1e6, bytes / ours * 1e-9);
 }
 
 // ---- layer norm and AdamW: bandwidth ----
@@ -258,6 +300,14 @@ int main() {
     bench_gemm(handle, stream, mode, tokens, C, 3 * C, true);
     bench_gemm(handle, stream, mode, 4096, 4096, 4096, false);
   }
+  for (const ThinProduct& p : {ThinProduct{"x C", tokens, C, 8, false, false, false, DType::BF16},
+                               ThinProduct{"t1 U", tokens, 8, 8, false, false, false, DType::BF16},
+                               ThinProduct{"base + t2 R", tokens, 8, 3 * C, false, false, true, DType::BF16},
+                               ThinProduct{"dY R^T", tokens, 3 * C, 8, false, true, false, DType::BF16},
+                               ThinProduct{"dU = t1^T dt2", 8, tokens, 8, true, false, false, DType::F32},
+                               ThinProduct{"dt2 U^T", tokens, 8, 8, false, true, false, DType::BF16},
+                               ThinProduct{"dx + dt1 C^T", tokens, 8, C, false, true, true, DType::BF16}})
+    bench_thin_gemm(handle, stream, p);
   bench_layer_norm(tokens, C);
   bench_adamw(int64_t(36) * C * 3 * C);  // all of gpt2-large's c_attn weights
   bench_adamw_list();
