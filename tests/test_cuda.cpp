@@ -1,7 +1,8 @@
 // CUDA backend parity: every op and every gradient on cuda:0 against the CPU
 // backend, on odd shapes and non-contiguous views; random draws, dropout
 // masks and AdamW steps bit-identical; attention against the CPU kernel;
-// memory counters and error paths. Exits 77 (SKIP in Meson) without a GPU.
+// memory counters and error paths (the fused nn ops: test_cuda_nn.cpp).
+// Exits 77 (SKIP in Meson) without a GPU.
 #define CATCH_CONFIG_RUNNER
 #include <catch2/catch.hpp>
 

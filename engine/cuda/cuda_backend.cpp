@@ -15,14 +15,12 @@
 #include "engine/cuda/op_scope.h"
 #include "engine/cuda/staging.h"
 #include "engine/error.h"
-#include "engine/profiler.h"
 
 #include <array>
 #include <cmath>
 #include <cstring>
 #include <memory>
 #include <mutex>
-#include <optional>
 #include <string>
 #include <vector>
 
