@@ -161,7 +161,8 @@ std::string size_label(const std::string& model) {
 
 // Kernel calls, GFLOP and seconds of one training step or eval forward (the
 // pass), on stderr. On a GPU the seconds are host launch times (kernels run
-// asynchronously) unless CURLORA_CUDA_SYNC=1; calls and FLOPs hold either way.
+// asynchronously) unless CURLORA_CUDA_SYNC=1, which times each op's GPU work
+// by CUDA events and keys GEMMs by shape; calls and FLOPs hold either way.
 void print_profile(const char* pass, const std::function<void()>& step, Device device) {
   engine::Profiler profiler;
   step();
