@@ -156,6 +156,9 @@ __global__ void layer_norm_forward_rows_kernel(int64_t rows, int64_t packs, Y* y
   }
 }
 
+// Keeps only x in registers: the second pass reads dy again (from L2, where
+// the first pass has just brought it) and recomputes g and xhat, which
+// leaves room for twice the warps that keeping g and xhat allowed.
 template <int kPacks, typename G>
 __global__ void layer_norm_backward_rows_kernel(int64_t rows, int64_t packs, float* dx, const G* dy, const float* x,
                                                 const float* weight, const float* mean, const float* rstd,
@@ -164,21 +167,21 @@ __global__ void layer_norm_backward_rows_kernel(int64_t rows, int64_t packs, flo
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
   const float mu = mean[row], rs = rstd[row];
-  Pack4<float> xhat[kPacks], g[kPacks];  // (x - mean) * rstd and dy * weight
+  const auto* w = reinterpret_cast<const Pack4<float>*>(weight);
+  const auto* dy_row = reinterpret_cast<const Pack4<G>*>(dy) + row * packs;
+  Pack4<float> xv[kPacks];
   float sum_g = 0, sum_g_xhat = 0;
 #pragma unroll
   for (int i = 0; i < kPacks; ++i) {
     const int64_t p = lane + 32 * i;
-    xhat[i] = g[i] = Pack4<float>{};
     if (p >= packs) continue;
-    const Pack4<float> xv = reinterpret_cast<const Pack4<float>*>(x)[row * packs + p];
-    const Pack4<G> dv = reinterpret_cast<const Pack4<G>*>(dy)[row * packs + p];
-    const Pack4<float> w = reinterpret_cast<const Pack4<float>*>(weight)[p];
+    xv[i] = reinterpret_cast<const Pack4<float>*>(x)[row * packs + p];
+    const Pack4<G> dv = dy_row[p];
+    const Pack4<float> wv = w[p];
     for (int k = 0; k < 4; ++k) {
-      xhat[i].v[k] = (xv.v[k] - mu) * rs;
-      g[i].v[k] = convert<float>(dv.v[k]) * w.v[k];
-      sum_g += g[i].v[k];
-      sum_g_xhat += g[i].v[k] * xhat[i].v[k];
+      const float g = convert<float>(dv.v[k]) * wv.v[k];
+      sum_g += g;
+      sum_g_xhat += g * ((xv[i].v[k] - mu) * rs);
     }
   }
   const float cols = float(packs * 4);
@@ -189,8 +192,11 @@ __global__ void layer_norm_backward_rows_kernel(int64_t rows, int64_t packs, flo
     const int64_t p = lane + 32 * i;
     if (p >= packs) continue;
     Pack4<float> out = residual ? reinterpret_cast<const Pack4<float>*>(residual)[row * packs + p] : Pack4<float>{};
+    const Pack4<G> dv = dy_row[p];
+    const Pack4<float> wv = w[p];
     for (int k = 0; k < 4; ++k) {
-      const float d = product_rn(rs, g[i].v[k] - mean_g - xhat[i].v[k] * mean_g_xhat);
+      const float g = convert<float>(dv.v[k]) * wv.v[k], xhat = (xv[i].v[k] - mu) * rs;
+      const float d = product_rn(rs, g - mean_g - xhat * mean_g_xhat);
       out.v[k] = residual ? out.v[k] + d : d;
     }
     reinterpret_cast<Pack4<float>*>(dx)[row * packs + p] = out;
