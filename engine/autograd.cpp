@@ -119,7 +119,8 @@ void run_backward(const Tensor& root, const Tensor& seed, bool retain_graph) {
           input_grads.size(), node->inputs.size());
     for (size_t i = 0; i < input_grads.size(); ++i) {
       const Tensor& input = node->inputs[i];
-      if (Tensor& untaken = node->gradient_so_far[i]; untaken.defined()) grads[input.impl().grad_fn.get()] = untaken;
+      if (Tensor& untaken = node->gradient_so_far[i]; untaken.defined())
+        grads[input.impl().grad_fn.get()] = std::move(untaken);
       if (!node->needs_grad(i) || !input_grads[i].defined()) continue;
       check(input_grads[i].shape() == input.shape(), "backward of '{}': gradient {} for input {} of shape {}", node->op,
             shape_str(input_grads[i].shape()), i, shape_str(input.shape()));

@@ -380,9 +380,10 @@ cudaError_t launch_index_add_rows(const LaunchContext& ctx, DType dtype, int64_t
 
 namespace {
 
-// The rows-in-registers kernels' terms: f32, four-column packs, every pointer on a 16-byte boundary.
-bool rows_fit_registers(DType dtype, int64_t cols, std::initializer_list<const void*> pointers) {
-  if (dtype != DType::F32 || cols % 4 != 0) return false;
+// The rows-in-registers kernels' terms for f32 rows: four-column packs, every
+// pointer on a 16-byte boundary.
+bool rows_fit_registers(int64_t cols, std::initializer_list<const void*> pointers) {
+  if (cols % 4 != 0) return false;
   for (const void* p : pointers)
     if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
   return true;
@@ -398,7 +399,7 @@ cudaError_t launch_layer_norm_forward(const LaunchContext& ctx, DType dtype, int
     using T = decltype(zero);
     using Y = decltype(y_zero);
     if constexpr (std::is_same_v<T, float>) {
-      const bool fits = rows_fit_registers(dtype, cols, {y, x, weight, bias}) &&
+      const bool fits = rows_fit_registers(cols, {y, x, weight, bias}) &&
                         with_packs_per_lane(cols / 4, [&](auto packs) {
                           layer_norm_forward_rows_kernel<packs()><<<row_blocks(rows), kThreads, 0, ctx.stream>>>(
                               rows, cols / 4, static_cast<Y*>(y), static_cast<float*>(mean),
@@ -423,7 +424,7 @@ cudaError_t launch_layer_norm_backward_input(const LaunchContext& ctx, DType dty
     using T = decltype(zero);
     using G = decltype(g_zero);
     if constexpr (std::is_same_v<T, float>) {
-      const bool fits = rows_fit_registers(dtype, cols, {dx, dy, x, weight, residual}) &&
+      const bool fits = rows_fit_registers(cols, {dx, dy, x, weight, residual}) &&
                         with_packs_per_lane(cols / 4, [&](auto packs) {
                           layer_norm_backward_rows_kernel<packs()><<<row_blocks(rows), kThreads, 0, ctx.stream>>>(
                               rows, cols / 4, static_cast<float*>(dx), static_cast<const G*>(dy),
