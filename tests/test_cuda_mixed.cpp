@@ -8,6 +8,8 @@
 #include <catch2/catch.hpp>
 
 #include "engine/cuda/cuda_backend.h"
+#include "engine/cuda/cuda_context.h"
+#include "engine/cuda/kernels.h"
 #include "engine/nn/layers.h"
 #include "engine/nn/var_builder.h"
 #include "engine/ops.h"
@@ -210,6 +212,69 @@ TEST_CASE("cuda mixed: packed attention reads GPT-2's strided q, k, v and writes
     REQUIRE(qkv_g.grad().is_contiguous());  // dq, dk, dv written straight into [B, T, 3, H, D]
     compare(qkv_g.grad(), qkv.grad(), [](double, double scale) { return 1e-2 * std::max(scale, 1.0); }, "dqkv");
   }
+}
+
+// The tensor-core backward straight through its launcher: with scratch for
+// one head's dS at a time (the slices a long sequence gets), or asked for
+// some gradients only, it must give the whole backward's very bits: slicing
+// and skipping reorder launches, not sums. Queries and keys of different
+// lengths, a key tile that is all padding, holes and dropout, so that the dQ
+// kernel must read exactly the tiles the dK/dV kernel wrote.
+TEST_CASE("cuda mixed: the tensor-core backward in slices of heads, or for some gradients, is bit for bit the same",
+          "[cuda][precision][attention]") {
+  namespace cuda = engine::cuda;
+  const int64_t B = 2, H = 3, Tq = 70, Tk = 150, D = 64;
+  std::vector<int32_t> keep(size_t(B * Tk), 1);
+  for (int64_t j = 0; j < Tk; ++j) keep[size_t(j)] = j % 5 != 1;  // holes
+  for (int64_t j = 0; j < 64; ++j) keep[size_t(Tk + j)] = 0;      // batch 1's first key tile: all padding
+  const Tensor mask = Tensor::from_vector(keep, {B, Tk}).to(kGpu);
+  auto operand = [&](int64_t T, uint64_t seed) { return random({B, H, T, D}, seed).to(DType::BF16).to(kGpu); };
+  const Tensor q = operand(Tq, 1), k = operand(Tk, 2), v = operand(Tk, 3), dout = operand(Tq, 4);
+  auto strides = [&](int64_t T) { return cuda::HeadStrides{H * T * D, T * D, D}; };
+  cuda::AttentionShape shape;
+  shape.B = B, shape.H = H, shape.Tq = Tq, shape.Tk = Tk, shape.D = D;
+  shape.key_mask = static_cast<const int32_t*>(mask.data_ptr());
+  shape.causal = true, shape.scale = 0.125, shape.dropout_p = 0.2, shape.dropout_seed = 9;
+  shape.strides = {strides(Tq), strides(Tk), strides(Tk), strides(Tq), strides(Tq), strides(Tq), strides(Tk),
+                   strides(Tk)};
+  shape.out_bf16 = shape.grads_bf16 = true;
+  const cuda::LaunchContext ctx = cuda::device_context(0).launch();
+  const Tensor out = Tensor::empty({B, H, Tq, D}, DType::BF16, kGpu), lse = Tensor::empty({B, H, Tq}, DType::F32, kGpu);
+  REQUIRE(cuda::launch_attention_forward(ctx, DType::BF16, shape, out.data_ptr(), static_cast<float*>(lse.data_ptr()),
+                                         q.data_ptr(), k.data_ptr(), v.data_ptr()) == cudaSuccess);
+
+  const size_t full = cuda::attention_backward_scratch_bytes(DType::BF16, shape);
+  const size_t delta = 256 * ((B * H * Tq * 4 + 255) / 256), head = 128 * 192 * 2;  // Tq, Tk padded to tiles
+  REQUIRE(full == delta + B * H * head);  // six heads fit the budget: one slice
+  auto backward = [&](bool want_dq, bool want_dkv, size_t scratch_bytes) {
+    std::vector<Tensor> grads = {Tensor::zeros({B, H, Tq, D}, DType::BF16, kGpu),
+                                 Tensor::zeros({B, H, Tk, D}, DType::BF16, kGpu),
+                                 Tensor::zeros({B, H, Tk, D}, DType::BF16, kGpu)};
+    const Tensor scratch = Tensor::empty({int64_t(scratch_bytes / 4)}, DType::F32, kGpu);
+    REQUIRE(cuda::launch_attention_backward(ctx, DType::BF16, shape, want_dq ? grads[0].data_ptr() : nullptr,
+                                            want_dkv ? grads[1].data_ptr() : nullptr,
+                                            want_dkv ? grads[2].data_ptr() : nullptr, dout.data_ptr(), q.data_ptr(),
+                                            k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                                            static_cast<const float*>(lse.data_ptr()), scratch.data_ptr(),
+                                            scratch_bytes) == cudaSuccess);
+    return grads;
+  };
+  const std::vector<Tensor> whole = backward(true, true, full);
+  const Tensor dq_wide = whole[0].to(DType::F32);
+  REQUIRE(engine::sum(engine::mul(dq_wide, dq_wide)).item() > 0);  // dS reached dQ
+  for (size_t scratch : {delta + head, delta + 4 * head}) {  // six slices of one head; slices of four and two
+    INFO("scratch for " << (scratch - delta) / head << " heads");
+    const std::vector<Tensor> sliced = backward(true, true, scratch);
+    for (size_t i = 0; i < 3; ++i) require_equal(sliced[i], whole[i], "gradient " + std::to_string(i));
+  }
+  require_equal(backward(true, false, delta + head)[0], whole[0], "dq alone");
+  const std::vector<Tensor> dkv = backward(false, true, delta);  // no dQ: no dS, so delta's room is enough
+  require_equal(dkv[1], whole[1], "dk without dq");
+  require_equal(dkv[2], whole[2], "dv without dq");
+  CHECK(cuda::launch_attention_backward(ctx, DType::BF16, shape, whole[0].data_ptr(), nullptr, nullptr,
+                                        dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                                        static_cast<const float*>(lse.data_ptr()), nullptr,
+                                        delta) == cudaErrorInvalidValue);  // dQ without room for one head's dS
 }
 
 TEST_CASE("cuda mixed: GPT-2 with bf16 frozen weights under autocast matches the CPU", "[cuda][precision][gpt2]") {

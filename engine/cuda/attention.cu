@@ -20,8 +20,9 @@
 //             row, scores one key at a time with warp-reduced dot products,
 //             accumulating straight into the output row. Slow but plain.
 // The backward is three kernels: delta_i = rowsum(dO * O), then dQ over
-// query tiles and dK/dV over key tiles, each recomputing P (and dP) on its
-// own, so that no gradient needs atomics and results are deterministic.
+// query tiles and dK/dV over key tiles, so that no gradient needs atomics and
+// results are deterministic. Here each recomputes P (and dP) on its own; the
+// bf16 kernels instead keep dS from dK/dV's pass for dQ's.
 #include "engine/cuda/attention_common.cuh"
 
 namespace engine::cuda {
@@ -500,17 +501,19 @@ cudaError_t launch_attention_forward(const LaunchContext& ctx, DType dtype, cons
 }
 
 size_t attention_backward_scratch_bytes(DType dtype, const AttentionShape& shape) {
+  if (dtype == DType::BF16) return attention::backward_bf16_scratch_bytes(shape);
   return size_t(shape.B * shape.H * shape.Tq) * (dtype == DType::F64 ? 8 : 4);
 }
 
 cudaError_t launch_attention_backward(const LaunchContext& ctx, DType dtype, const AttentionShape& shape, void* dq,
                                       void* dk, void* dv, const void* dout, const void* q, const void* k,
-                                      const void* v, const void* out, const float* lse, void* scratch) {
+                                      const void* v, const void* out, const float* lse, void* scratch,
+                                      size_t scratch_bytes) {
   if (dtype == DType::BF16) {
     using bf16 = __nv_bfloat16;
     return attention::launch_backward_bf16(ctx, shape, dq, dk, dv, static_cast<const bf16*>(dout),
                                            static_cast<const bf16*>(q), static_cast<const bf16*>(k),
-                                           static_cast<const bf16*>(v), out, lse, static_cast<float*>(scratch));
+                                           static_cast<const bf16*>(v), out, lse, scratch, scratch_bytes);
   }
   const Problem p = problem_of(shape);
   const int64_t bh = shape.B * shape.H;

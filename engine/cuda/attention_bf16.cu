@@ -13,6 +13,11 @@
 // registers: the accumulator layout of two 8-column tiles is exactly the
 // operand layout of one 16-deep k-step.
 //
+// The backward makes the scores once: the dK/dV kernel also writes dS (bf16,
+// a slice of heads at a time through the scratch), and dQ's kernel only
+// multiplies it by K. FlashAttention-2 adds dQ up by atomics instead; this way
+// each gradient is a fixed sum, the same on every run.
+//
 // P and dS are rounded to bf16 before they are multiplied, as flash attention
 // does; so the exponentials use the fast ex2.approx, whose few-ulp error is far
 // below bf16's 2^-9. Head dims up to 128 are padded with zeros to DMAX in
@@ -138,7 +143,7 @@ __device__ __forceinline__ void key_row_factors(float (&f)[2][4], const Problem&
 
 // One block per (batch * head, query tile); the online softmax of attention.cu,
 // per warp, with each lane keeping the running max and sum of its two rows.
-// Three blocks per SM, as dq_kernel: 159 registers (D <= 64), no spills.
+// Three blocks per SM: 159 registers (D <= 64), no spills.
 template <int DMAX, typename Out>
 __global__ void __launch_bounds__(kBlockThreads, 3)
     forward_kernel(Problem p, float scale, Out* out, float* lse, const bf16* q, const bf16* k, const bf16* v) {
@@ -259,83 +264,32 @@ __device__ __forceinline__ void softmax_grad(float& s, float& dp, bool visible, 
   dp = scale * prob * (dp * factor - delta);
 }
 
-// dQ for one (batch * head, query tile): dQ = dS K, dS = scale * P * (dP F - delta), dP = dO V^T.
-// Three blocks per SM: left alone, nvcc spends about 240 registers a thread,
-// which leaves room for two; at 168 (D <= 64) nothing spills.
-template <int DMAX, typename Grad>
-__global__ void __launch_bounds__(kBlockThreads, 3)
-    dq_kernel(Problem p, float scale, Grad* dq, const bf16* dout, const bf16* q, const bf16* k, const bf16* v,
-              const float* lse, const float* delta) {
-  extern __shared__ __align__(128) bf16 smem[];
-  bf16 *q_tile = smem, *do_tile = smem + kTileElems<DMAX>;
-  __shared__ bool key_ok[kTile];
-  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
-  const int64_t bh = blockIdx.x, tile0 = query_tile_start(), i0 = tile0 + warp * kRows;
-  const int32_t* mask = p.mask_row(bh);
-  const float scale_log2 = scale * kLog2e;
-  const TileStream<DMAX> kv{smem + 2 * kTileElems<DMAX>, rows_of(p, k, p.strides.k, bh),
-                            rows_of(p, v, p.strides.v, bh), p.Tk};
-  const int64_t key_end = p.key_end(tile0 + kTile);
-  load_tile<DMAX>(q_tile, rows_of(p, q, p.strides.q, bh), tile0, p.Tq, p);
-  load_tile<DMAX>(do_tile, rows_of(p, dout, p.strides.dout, bh), tile0, p.Tq, p);
-  kv.fetch(0, 0, key_end, p);
-  const bf16 *q_rows = q_tile + warp * kRows * kLd<DMAX>, *do_rows = do_tile + warp * kRows * kLd<DMAX>;
-  float row_lse[2], row_delta[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t i = i0 + score_row(lane, 2 * h);
-    row_lse[h] = i < p.Tq ? lse[bh * p.Tq + i] * kLog2e : -INFINITY;
-    row_delta[h] = i < p.Tq ? delta[bh * p.Tq + i] : 0.f;
-  }
-  float acc[DMAX / 8][4];
-  zero<DMAX>(acc);
+// dS^T of a slice of heads, bf16 [heads, Tk, Tq] with both lengths padded to
+// whole tiles: row j holds key j's score gradients against every query, as
+// the dK/dV kernel computes them. dQ's kernel multiplies them by K, so the
+// scores are made once and dQ needs neither atomics nor a second dropout draw.
+struct ScoreGradients {
+  bf16* data;        // null: dQ is not wanted
+  int64_t first_bh;  // the slice's first (batch * head): blockIdx.x counts from it
+  int64_t rows, ld;  // Tk and Tq, padded
+  __device__ Rows<bf16> head(int64_t bh) const { return {data + (bh - first_bh) * rows * ld, ld}; }
+};
 
-  int buffer = 0;
-  for (int64_t j0 = 0; j0 < key_end; j0 += kTile, buffer ^= 1) {
-    __syncthreads();
-    kv.fetch(buffer ^ 1, j0 + kTile, key_end, p);
-    cp_async_wait<1>();
-    const int kept = count_key_flags(key_ok, p, mask, j0);
-    if (kept == 0) continue;
-    const bf16 *k_tile = kv.tile(buffer, 0), *v_tile = kv.tile(buffer, 1);
-    Scores s, dp;
-    warp_scores<DMAX>(s, q_rows, k_tile, lane);
-    warp_scores<DMAX>(dp, do_rows, v_tile, lane);
-    const bool unmasked = tile_unmasked(p, kept == kTile, i0, j0);
-#pragma unroll
-    for (int n = 0; n < kTile / 8; n += 2) {
-      float f[2][4] = {{1.f, 1.f, 1.f, 1.f}, {1.f, 1.f, 1.f, 1.f}};
-      if (p.dropout_p > 0) query_row_factors(f, p, bh, i0 + score_row(lane, 0), j0 + score_col(lane, n, 0), lane);
-#pragma unroll
-      for (int z = 0; z < 2; ++z)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int h = e / 2, r = score_row(lane, e), c = score_col(lane, n + z, e);
-          const bool visible = unmasked || (key_ok[c] && p.in_causal_window(i0 + r, j0 + c));
-          softmax_grad(s[n + z][e], dp[n + z][e], visible, scale_log2, row_lse[h], row_delta[h], scale, f[z][e]);
-        }
-    }
-    warp_accumulate<DMAX>(acc, dp, k_tile, lane);  // dQ += dS K
-  }
-  cp_async_wait<0>();  // no copy outlives the loop, even when it never ran
-  const float one[2] = {1.f, 1.f};
-  if (i0 < p.Tq) store_rows<DMAX>(rows_of(p, dq, p.strides.dq, bh).from(i0), acc, one, p.Tq - i0, p.D, lane);
-}
-
-// dK and dV for one (batch * head, key tile): dV = (P F)^T dO, dK = dS^T Q.
-// Here a warp's rows are keys and its score columns queries: it makes P^T and
-// dS^T directly, as K Q^T and V dO^T.
+// dK and dV for one (batch * head, key tile): dV = (P F)^T dO, dK = dS^T Q;
+// and dS^T into ds, for dQ. Here a warp's rows are keys and its score columns
+// queries: it makes P^T and dS^T directly, as K Q^T and V dO^T.
 template <int DMAX, typename Grad>
 __global__ void __launch_bounds__(kBlockThreads)
-    dkv_kernel(Problem p, float scale, Grad* dk, Grad* dv, const bf16* dout, const bf16* q, const bf16* k,
-               const bf16* v, const float* lse, const float* delta) {
+    dkv_kernel(Problem p, float scale, ScoreGradients ds, Grad* dk, Grad* dv, const bf16* dout, const bf16* q,
+               const bf16* k, const bf16* v, const float* lse, const float* delta) {
   extern __shared__ __align__(128) bf16 smem[];
   bf16 *k_tile = smem, *v_tile = smem + kTileElems<DMAX>;
   __shared__ bool key_ok[kTile];
   __shared__ float tile_lse[kTile], tile_delta[kTile];
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
-  const int64_t bh = blockIdx.x, tile0 = int64_t(blockIdx.y) * kTile, j0 = tile0 + warp * kRows;  // warp's first key
-  const bool need_ds = dk != nullptr;  // dV alone needs only P
+  const int64_t bh = ds.first_bh + blockIdx.x, tile0 = int64_t(blockIdx.y) * kTile;
+  const int64_t j0 = tile0 + warp * kRows;  // the warp's first key
+  const bool need_ds = dk != nullptr || ds.data != nullptr;  // dV alone needs only P
   const float scale_log2 = scale * kLog2e;
   const int32_t* mask = p.mask_row(bh);
   float dk_acc[DMAX / 8][4], dv_acc[DMAX / 8][4];
@@ -383,8 +337,17 @@ __global__ void __launch_bounds__(kBlockThreads)
             softmax_grad(s[n + z][e], dp[n + z][e], visible, scale_log2, tile_lse[c], tile_delta[c], scale, f[z][e]);
           }
       }
-      warp_accumulate<DMAX>(dv_acc, s, do_tile, lane);              // dV += (P F)^T dO
-      if (need_ds) warp_accumulate<DMAX>(dk_acc, dp, q_tile, lane);  // dK += dS^T Q
+      if (ds.data) {  // rounded as dK's product rounds it, so dQ and dK see one dS
+        const Rows<bf16> keys = ds.head(bh).from(j0);
+#pragma unroll
+        for (int n = 0; n < kTile / 8; ++n)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            *reinterpret_cast<uint32_t*>(keys.row(score_row(lane, 2 * h)) + q0 + score_col(lane, n, 0)) =
+                pack_bf16(dp[n][2 * h], dp[n][2 * h + 1]);
+      }
+      if (dv) warp_accumulate<DMAX>(dv_acc, s, do_tile, lane);  // dV += (P F)^T dO
+      if (dk) warp_accumulate<DMAX>(dk_acc, dp, q_tile, lane);  // dK += dS^T Q
     }
     cp_async_wait<0>();  // no copy outlives the loop, even when it never ran
   }
@@ -392,6 +355,50 @@ __global__ void __launch_bounds__(kBlockThreads)
   const float one[2] = {1.f, 1.f};
   if (dk) store_rows<DMAX>(rows_of(p, dk, p.strides.dk, bh).from(j0), dk_acc, one, p.Tk - j0, p.D, lane);
   if (dv) store_rows<DMAX>(rows_of(p, dv, p.strides.dv, bh).from(j0), dv_acc, one, p.Tk - j0, p.D, lane);
+}
+
+// dQ for one (batch * head, query tile): dQ = dS K, with the dS the dK/dV
+// kernel wrote. It reads the key tiles that kernel visited and no others:
+// those with a real key and, under causal masking, in some query's window.
+template <int DMAX, typename Grad>
+__global__ void __launch_bounds__(kBlockThreads) dq_kernel(Problem p, ScoreGradients ds, Grad* dq, const bf16* k) {
+  extern __shared__ __align__(128) bf16 smem[];  // two buffers, each a K tile then a dS^T tile
+  __shared__ bool key_ok[kTile];
+  constexpr int kBuffer = kTileElems<DMAX> + kTileElems<kTile>;
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  const int64_t bh = ds.first_bh + blockIdx.x, tile0 = query_tile_start(), i0 = tile0 + warp * kRows;
+  const int32_t* mask = p.mask_row(bh);
+  const Rows<const bf16> k_rows = rows_of(p, k, p.strides.k, bh), ds_rows{ds.head(bh).base + tile0, ds.ld};
+  const int64_t key_end = p.key_end(tile0 + kTile);
+  auto fetch = [&](int buffer, int64_t j0) {  // closes a cp.async group either way, one per tile
+    if (j0 < key_end) {
+      load_tile<DMAX>(smem + buffer * kBuffer, k_rows, j0, p.Tk, p);
+      load_rows<kTile>(smem + buffer * kBuffer + kTileElems<DMAX>, ds_rows, j0, ds.rows, kTile, true);
+    }
+    cp_async_commit();
+  };
+  fetch(0, 0);
+  float acc[DMAX / 8][4];
+  zero<DMAX>(acc);
+
+  int buffer = 0;
+  for (int64_t j0 = 0; j0 < key_end; j0 += kTile, buffer ^= 1) {
+    __syncthreads();  // every warp is done with the other buffer and with key_ok
+    fetch(buffer ^ 1, j0 + kTile);
+    cp_async_wait<1>();
+    if (count_key_flags(key_ok, p, mask, j0) == 0) continue;  // all padding: dK/dV skipped it, wrote nothing
+    const bf16 *k_tile = smem + buffer * kBuffer, *ds_tile = k_tile + kTileElems<DMAX>;
+#pragma unroll
+    for (int step = 0; step < kTile / 16; ++step) {
+      // The warp's dS [16 queries, 16 keys], read transposed out of the [keys, queries] tile.
+      uint32_t a[4];
+      ldmatrix_transposed(a, ds_tile + (step * 16 + b_row(lane)) * kLd<kTile> + warp * kRows + b_col(lane));
+      accumulate_step<DMAX>(acc, a, k_tile, step, lane);
+    }
+  }
+  cp_async_wait<0>();  // no copy outlives the loop, even when it never ran
+  const float one[2] = {1.f, 1.f};
+  if (i0 < p.Tq) store_rows<DMAX>(rows_of(p, dq, p.strides.dq, bh).from(i0), acc, one, p.Tq - i0, p.D, lane);
 }
 
 // Calls fn(std::integral_constant<int, DMAX>) for the smallest padded head size that holds D.
@@ -434,9 +441,31 @@ cudaError_t launch_forward_bf16(const LaunchContext& ctx, const AttentionShape& 
   return status;
 }
 
+namespace {
+
+size_t score_gradient_bytes_per_head(const AttentionShape& shape) {
+  return size_t(tiles_of(shape.Tk) * kTile) * size_t(tiles_of(shape.Tq) * kTile) * sizeof(bf16);
+}
+
+size_t delta_bytes_aligned(const AttentionShape& shape) {
+  return (size_t(shape.B * shape.H * shape.Tq) * sizeof(float) + 255) / 256 * 256;
+}
+
+// dS for as many heads as this holds, one at least. gpt2-large's training
+// step (640 heads at T 256) needs 84 MB: one slice.
+constexpr size_t kScoreGradientBudget = size_t(256) << 20;
+
+}  // namespace
+
+size_t backward_bf16_scratch_bytes(const AttentionShape& shape) {
+  const size_t head = score_gradient_bytes_per_head(shape);
+  const int64_t heads = head == 0 ? 0 : max64(1, min64(shape.B * shape.H, int64_t(kScoreGradientBudget / head)));
+  return delta_bytes_aligned(shape) + size_t(heads) * head;
+}
+
 cudaError_t launch_backward_bf16(const LaunchContext& ctx, const AttentionShape& shape, void* dq, void* dk, void* dv,
                                  const bf16* dout, const bf16* q, const bf16* k, const bf16* v, const void* out,
-                                 const float* lse, float* delta) {
+                                 const float* lse, void* scratch, size_t scratch_bytes) {
   Problem p = problem_of(shape);
   const AttentionStrides& s = shape.strides;
   p.vector_loads = rows_aligned(q, s.q, p.D) && rows_aligned(k, s.k, p.D) && rows_aligned(v, s.v, p.D) &&
@@ -444,28 +473,44 @@ cudaError_t launch_backward_bf16(const LaunchContext& ctx, const AttentionShape&
   const int64_t bh = shape.B * shape.H, q_tiles = tiles_of(shape.Tq), k_tiles = tiles_of(shape.Tk);
   if (bh == 0 || (!dq && !dk && !dv)) return cudaSuccess;
   if (!grid_fits(bh, q_tiles) || !grid_fits(bh, k_tiles)) return cudaErrorInvalidConfiguration;
+  // The scratch: delta (f32 per query), then dS^T for `heads` heads at a time.
+  float* delta = static_cast<float*>(scratch);
+  const size_t delta_bytes = delta_bytes_aligned(shape), head_bytes = score_gradient_bytes_per_head(shape);
+  const bool need_ds = dq && q_tiles > 0 && k_tiles > 0;
+  const int64_t heads = !need_ds ? bh
+                        : scratch_bytes > delta_bytes ? min64(bh, int64_t((scratch_bytes - delta_bytes) / head_bytes))
+                                                      : 0;
+  if (heads == 0) return cudaErrorInvalidValue;  // no room for even one head's dS
+  bf16* ds_data = need_ds ? reinterpret_cast<bf16*>(static_cast<char*>(scratch) + delta_bytes) : nullptr;
+
   cudaError_t status = cudaSuccess;
   if (dq || dk)  // dV alone needs no delta
     status = shape.out_bf16 ? launch_delta(ctx, p, bh, delta, dout, static_cast<const bf16*>(out))
                             : launch_delta(ctx, p, bh, delta, dout, static_cast<const float*>(out));
   const float scale = float(shape.scale);
-  // The gradients in f32, or in bf16 for bf16 inputs.
+  // The gradients in f32, or in bf16 for bf16 inputs; dK/dV then dQ, a slice of heads at a time.
   auto launch = [&](auto dmax, auto* grad_type) {
     constexpr int DMAX = decltype(dmax)::value;
     using Grad = std::remove_pointer_t<decltype(grad_type)>;
-    const size_t smem = 6 * kTileElems<DMAX> * sizeof(bf16);
-    if (dq && q_tiles > 0 && status == cudaSuccess)
-      status = launch_with_smem(dq_kernel<DMAX, Grad>, dim3{unsigned(bh), unsigned(q_tiles)}, kBlockThreads, smem,
-                                ctx.stream, p, scale, static_cast<Grad*>(dq), dout, q, k, v, lse, delta);
-    if ((dk || dv) && k_tiles > 0 && status == cudaSuccess)
-      status = launch_with_smem(dkv_kernel<DMAX, Grad>, dim3{unsigned(bh), unsigned(k_tiles)}, kBlockThreads, smem,
-                                ctx.stream, p, scale, static_cast<Grad*>(dk), static_cast<Grad*>(dv), dout, q, k, v,
-                                lse, delta);
+    const size_t dkv_smem = 6 * kTileElems<DMAX> * sizeof(bf16);
+    const size_t dq_smem = 2 * (kTileElems<DMAX> + kTileElems<kTile>) * sizeof(bf16);
+    for (int64_t first = 0; first < bh && status == cudaSuccess; first += heads) {
+      const ScoreGradients ds{ds_data, first, k_tiles * kTile, q_tiles * kTile};
+      const unsigned slice = unsigned(min64(heads, bh - first));
+      if (k_tiles > 0)
+        status = launch_with_smem(dkv_kernel<DMAX, Grad>, dim3{slice, unsigned(k_tiles)}, kBlockThreads, dkv_smem,
+                                  ctx.stream, p, scale, ds, static_cast<Grad*>(dk), static_cast<Grad*>(dv), dout, q, k,
+                                  v, lse, delta);
+      if (dq && q_tiles > 0 && status == cudaSuccess)
+        status = launch_with_smem(dq_kernel<DMAX, Grad>, dim3{slice, unsigned(q_tiles)}, kBlockThreads, dq_smem,
+                                  ctx.stream, p, ds, static_cast<Grad*>(dq), k);
+    }
   };
-  by_head_size(shape.D, [&](auto dmax) {
-    if (shape.grads_bf16) launch(dmax, static_cast<bf16*>(nullptr));
-    else launch(dmax, static_cast<float*>(nullptr));
-  });
+  if (status == cudaSuccess)
+    by_head_size(shape.D, [&](auto dmax) {
+      if (shape.grads_bf16) launch(dmax, static_cast<bf16*>(nullptr));
+      else launch(dmax, static_cast<float*>(nullptr));
+    });
   return status;
 }
 

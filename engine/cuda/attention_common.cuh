@@ -137,12 +137,16 @@ cudaError_t launch_with_smem(Kernel kernel, dim3 grid, int threads, size_t smem,
 
 // ---- the bf16 tensor-core family (attention_bf16.cu), head dim D <= 128 ----
 // q, k, v (and dO) bf16 [B, H, T, D]; out f32 or bf16 (shape.out_bf16); dq,
-// dk, dv f32 or bf16 (shape.grads_bf16); all through shape.strides. delta:
-// f32 [B * H * Tq] scratch.
+// dk, dv f32 or bf16 (shape.grads_bf16); all through shape.strides. The
+// backward's scratch holds delta (f32 per query) and dS^T, a slice of heads at
+// a time: backward_bf16_scratch_bytes is enough for it, and the fewest slices
+// its budget allows; with less, each slice holds as many heads as fit.
 cudaError_t launch_forward_bf16(const LaunchContext& ctx, const AttentionShape& shape, void* out, float* lse,
                                 const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v);
 cudaError_t launch_backward_bf16(const LaunchContext& ctx, const AttentionShape& shape, void* dq, void* dk, void* dv,
                                  const __nv_bfloat16* dout, const __nv_bfloat16* q, const __nv_bfloat16* k,
-                                 const __nv_bfloat16* v, const void* out, const float* lse, float* delta);
+                                 const __nv_bfloat16* v, const void* out, const float* lse, void* scratch,
+                                 size_t scratch_bytes);
+size_t backward_bf16_scratch_bytes(const AttentionShape& shape);
 
 }  // namespace engine::cuda::attention

@@ -98,30 +98,37 @@ __device__ __forceinline__ Rows<T> rows_of(const Problem& p, T* data, const Head
   return {data + p.offset(s, bh), s.row};
 }
 
-// Starts copying rows row0 .. row0+63 of a [rows, D] matrix into a [64, DMAX]
-// tile, zero-filled past the last row and past D. Whole block. In 16-byte
-// cp.async chunks when every row starts 16-byte aligned and D is a multiple
-// of 8 (p.vector_loads): the copy lands by cp_async_wait and a barrier.
-// Otherwise element by element, which the barrier alone publishes.
-template <int DMAX>
-__device__ __forceinline__ void load_tile(bf16* tile, Rows<const bf16> src, int64_t row0, int64_t rows,
-                                          const Problem& p) {
-  constexpr int ld = kLd<DMAX>;
-  if (p.vector_loads) {
-    constexpr int chunks = DMAX / 8;
+// Starts copying rows row0 .. row0+63 of a [rows, cols] matrix into a [64, COLS]
+// tile, zero-filled past the last row and past cols. Whole block. In 16-byte
+// cp.async chunks when every row starts 16-byte aligned and cols is a multiple
+// of 8 (`vector`): the copy lands by cp_async_wait and a barrier. Otherwise
+// element by element, which the barrier alone publishes.
+template <int COLS>
+__device__ __forceinline__ void load_rows(bf16* tile, Rows<const bf16> src, int64_t row0, int64_t rows, int64_t cols,
+                                          bool vector) {
+  constexpr int ld = kLd<COLS>;
+  if (vector) {
+    constexpr int chunks = COLS / 8;
     for (int e = threadIdx.x; e < kTile * chunks; e += kBlockThreads) {
       const int r = e / chunks, c = e % chunks * 8;
       const int64_t row = row0 + r;
-      const bool valid = row < rows && c < p.D;
+      const bool valid = row < rows && c < cols;
       cp_async16(tile + r * ld + c, valid ? src.row(row) + c : src.base, valid);
     }
     return;
   }
-  for (int e = threadIdx.x; e < kTile * DMAX; e += kBlockThreads) {
-    const int r = e / DMAX, c = e % DMAX;
+  for (int e = threadIdx.x; e < kTile * COLS; e += kBlockThreads) {
+    const int r = e / COLS, c = e % COLS;
     const int64_t row = row0 + r;
-    tile[r * ld + c] = (row < rows && c < p.D) ? src.row(row)[c] : bf16(0.f);
+    tile[r * ld + c] = (row < rows && c < cols) ? src.row(row)[c] : bf16(0.f);
   }
+}
+
+// The same for a tile of q, k, v or dO: D columns, padded to DMAX.
+template <int DMAX>
+__device__ __forceinline__ void load_tile(bf16* tile, Rows<const bf16> src, int64_t row0, int64_t rows,
+                                          const Problem& p) {
+  load_rows<DMAX>(tile, src, row0, rows, p.D, p.vector_loads);
 }
 
 // The 64-row tiles of two [rows, D] matrices (K and V, or Q and dO), streamed
@@ -166,23 +173,31 @@ __device__ __forceinline__ void warp_scores(Scores& s, const bf16* a_rows, const
   }
 }
 
+// acc [16, DMAX] += A M[16k .. 16k+15] for one 16-deep step: A the warp's
+// [16, 16] operand, M a block tile [64, DMAX].
+template <int DMAX>
+__device__ __forceinline__ void accumulate_step(float (&acc)[DMAX / 8][4], const uint32_t (&a)[4], const bf16* m_tile,
+                                                int k, int lane) {
+  constexpr int ld = kLd<DMAX>;
+#pragma unroll
+  for (int n = 0; n < DMAX / 8; n += 2) {
+    uint32_t b[4];
+    ldmatrix_transposed(b, m_tile + (k * 16 + operand_row(lane)) * ld + n * 8 + operand_col(lane));
+    mma(acc[n], a, b[0], b[1]);
+    mma(acc[n + 1], a, b[2], b[3]);
+  }
+}
+
 // acc [16, DMAX] += W M for the warp's weights W [16, 64] (P or dS, in score
 // layout, rounded to bf16 here) and a block tile M [64, DMAX].
 template <int DMAX>
 __device__ __forceinline__ void warp_accumulate(float (&acc)[DMAX / 8][4], const Scores& w, const bf16* m_tile,
                                                 int lane) {
-  constexpr int ld = kLd<DMAX>;
 #pragma unroll
   for (int k = 0; k < kTile / 16; ++k) {
     const uint32_t a[4] = {pack_bf16(w[2 * k][0], w[2 * k][1]), pack_bf16(w[2 * k][2], w[2 * k][3]),
                            pack_bf16(w[2 * k + 1][0], w[2 * k + 1][1]), pack_bf16(w[2 * k + 1][2], w[2 * k + 1][3])};
-#pragma unroll
-    for (int n = 0; n < DMAX / 8; n += 2) {
-      uint32_t b[4];
-      ldmatrix_transposed(b, m_tile + (k * 16 + operand_row(lane)) * ld + n * 8 + operand_col(lane));
-      mma(acc[n], a, b[0], b[1]);
-      mma(acc[n + 1], a, b[2], b[3]);
-    }
+    accumulate_step<DMAX>(acc, a, m_tile, k, lane);
   }
 }
 

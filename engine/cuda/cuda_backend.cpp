@@ -526,10 +526,11 @@ void CudaBackend::attention_backward(const View& dq, const View& dk, const View&
   }
   const cuda::AttentionShape s = cuda::attention_shape(views, key_mask, args);
   OpScope op(ctx_, "attention_backward", cuda::attention_flops(s, 10));
-  Scratch delta(ctx_, cuda::attention_backward_scratch_bytes(q.dtype, s), "attention_backward rowsum(dO * O)");
+  const size_t scratch_bytes = cuda::attention_backward_scratch_bytes(q.dtype, s);
+  Scratch scratch(ctx_, scratch_bytes, "attention_backward rowsum(dO * O) and score gradients");
   ctx_.check_launch(cuda::launch_attention_backward(ctx_.launch(), q.dtype, s, dq.data, dk.data, dv.data, dout.data,
                                                     q.data, k.data, v.data, out.data, lse.ptr<const float>(),
-                                                    delta.get()),
+                                                    scratch.get(), scratch_bytes),
                     "attention_backward");
 }
 

@@ -148,12 +148,15 @@ struct AttentionShape {
 // out [B, H, Tq, D]; lse f32 [B, H, Tq] (-inf for a query that sees no key).
 cudaError_t launch_attention_forward(const LaunchContext& ctx, DType dtype, const AttentionShape& shape, void* out,
                                      float* lse, const void* q, const void* k, const void* v);
-// Scratch for the per-query rowsum(dO * O).
+// Scratch for the per-query rowsum(dO * O) and, for bf16 inputs, the score
+// gradients dS of as many heads as fit a fixed budget (at least one head).
 size_t attention_backward_scratch_bytes(DType dtype, const AttentionShape& shape);
-// dq, dk, dv may each be null (not wanted).
+// dq, dk, dv may each be null (not wanted). scratch_bytes: what scratch
+// holds; less than attention_backward_scratch_bytes only means more slices.
 cudaError_t launch_attention_backward(const LaunchContext& ctx, DType dtype, const AttentionShape& shape, void* dq,
                                       void* dk, void* dv, const void* dout, const void* q, const void* k,
-                                      const void* v, const void* out, const float* lse, void* scratch);
+                                      const void* v, const void* out, const float* lse, void* scratch,
+                                      size_t scratch_bytes);
 
 // ---- optimiser (optim.cu) ----
 // AdamW's per-step scalars, formed on the host in double exactly as the CPU
