@@ -59,8 +59,7 @@ void gemm_with_f32_epilogue(Backend& backend, const GemmArgs& args) {
   check(args.dtype == DType::BF16 && args.c_dtype == DType::BF16 && args.beta == 0,
         "gemm: an f32 epilogue is for bf16 products into a bf16 C (beta 0), got {} into {}", dtype_name(args.dtype),
         dtype_name(args.c_dtype));
-  check(!args.gelu || (args.ldc == args.n && (args.batch == 1 || args.stride_c == args.m * args.n)),
-        "gemm: a GELU epilogue needs a contiguous C");
+  check(!(args.gelu || args.gelu_grad) || args.c_is_contiguous(), "gemm: a GELU epilogue needs a contiguous C");
   KernelOperands f32(backend);
   GemmArgs wide = args;
   wide.c_dtype = DType::F32;
@@ -69,14 +68,15 @@ void gemm_with_f32_epilogue(Backend& backend, const GemmArgs& args) {
   wide.ldc = args.n;
   wide.stride_c = args.m * args.n;
   if (args.bias) wide.bias = f32.in(View{const_cast<void*>(args.bias), DType::BF16, {args.n}, {1}}, DType::F32).data;
-  if (args.gelu)  // laid out as C
-    wide.pre_gelu = f32.out(View{args.pre_gelu, DType::BF16, {args.batch * args.m * args.n}, {1}}, DType::F32).data;
+  const View pre{args.pre_gelu, DType::BF16, {args.batch * args.m * args.n}, {1}};  // laid out as C
+  if (args.gelu) wide.pre_gelu = f32.out(pre, DType::F32).data;
+  if (args.gelu_grad) wide.pre_gelu = f32.in(pre, DType::F32).data;
   backend.gemm(wide);
   f32.finish();
 }
 
 GemmArgs addend_into_c(Backend& backend, const GemmArgs& args) {
-  check(!args.bias && !args.gelu, "gemm: an addend takes no epilogue");
+  check(!args.bias && !args.gelu && !args.gelu_grad, "gemm: an addend takes no epilogue");
   GemmArgs g = args;
   g.addend = nullptr;
   if (args.addend && args.addend != args.c) {

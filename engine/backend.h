@@ -64,7 +64,14 @@ struct GemmArgs {
   // GPT-2's GELU (gelu_new, the tanh form) last: C = gelu(AB + bias). Then
   // pre_gelu, laid out as C, must be given: it receives AB + bias, which the backward needs.
   bool gelu = false;
+  // Or the GELU's backward (no bias): C = AB * gelu'(pre_gelu), pre_gelu read.
+  // The dX GEMM of a layer whose input is a GELU's output then hands back the
+  // gradient of the GELU's input, without a pass of its own.
+  bool gelu_grad = false;
   void* pre_gelu = nullptr;
+
+  // What a GELU epilogue needs of C (and of pre_gelu, laid out as C): no gaps.
+  bool c_is_contiguous() const { return ldc == n && (batch == 1 || stride_c == m * n); }
 };
 
 // How attention masks, scales and drops its scores. Query i sees key j when the

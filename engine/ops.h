@@ -68,6 +68,11 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias, WeightL
 // gelu_new(linear(x, weight, bias)), with the bias and GELU in the GEMM's epilogue.
 // Under autocast the result is bf16: it feeds the next GEMM (engine/precision.h).
 Tensor linear_gelu(const Tensor& x, const Tensor& weight, const Tensor& bias, WeightLayout layout);
+// linear(linear_gelu(x, w1, b1), w2, b2): a GPT-2 MLP. Its backward also takes
+// the GELU inside a GEMM: the dX GEMM of the second layer hands back the
+// gradient of the GELU's input (rounded once), with no pass of its own.
+Tensor linear_gelu_linear(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2,
+                          WeightLayout layout);
 
 // ---- indexing (ops/index.cpp) ----
 // Indices (and cross_entropy's targets) may be on the host for a GPU source: they are checked on

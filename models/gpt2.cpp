@@ -90,11 +90,21 @@ GPT2MLP::GPT2MLP(const GPT2Config& config, const VarBuilder& vb, engine::Generat
 }
 
 Tensor GPT2MLP::forward(const Tensor& x, const Tensor& residual) {
-  // A plain c_fc takes its GELU in the GEMM's epilogue; an adapter in its place composes the two.
-  const auto* fc = dynamic_cast<const Linear*>(&child("c_fc"));
-  Tensor h = fc && fc->type_name() == "Linear" ? engine::linear_gelu(x, fc->weight, fc->bias, fc->layout)
-                                               : engine::gelu_new(child("c_fc")(x));
-  return dropout_then_add(child("dropout"), child("c_proj")(h), residual);
+  // Plain layers take the GELU inside their GEMMs, forward and backward; an
+  // adapter in either place composes the ops.
+  auto plain = [&](const char* name) {
+    const auto* linear = dynamic_cast<const Linear*>(&child(name));
+    return linear && linear->type_name() == "Linear" ? linear : nullptr;
+  };
+  const Linear *fc = plain("c_fc"), *proj = plain("c_proj");
+  Tensor y;
+  if (fc && proj && fc->layout == proj->layout)
+    y = engine::linear_gelu_linear(x, fc->weight, fc->bias, proj->weight, proj->bias, fc->layout);
+  else if (fc)
+    y = child("c_proj")(engine::linear_gelu(x, fc->weight, fc->bias, fc->layout));
+  else
+    y = child("c_proj")(engine::gelu_new(child("c_fc")(x)));
+  return dropout_then_add(child("dropout"), y, residual);
 }
 
 // ---- block ----

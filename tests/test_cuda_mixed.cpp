@@ -102,6 +102,40 @@ TEST_CASE("cuda mixed: bf16 linear_gelu, in cuBLASLt's epilogue or through f32, 
   }
 }
 
+TEST_CASE("cuda mixed: linear_gelu_linear's GELU backward in cuBLASLt's DGELU epilogue matches the CPU",
+          "[cuda][precision][matmul]") {
+  // N = 16 (the hidden width): cuBLASLt's DGELU reads the saved bf16 pre-activation; N = 12 takes the f32
+  // fallback. In f32 as well as under autocast; frozen weights (dX alone) and trained ones.
+  for (const auto& [N, bf16, frozen] : {std::tuple{16, true, true}, std::tuple{16, true, false},
+                                        std::tuple{12, true, false}, std::tuple{16, false, false}}) {
+    INFO("N " << N << " bf16 " << bf16 << " frozen " << frozen);
+    const int64_t K = 40;
+    Tensor x = random({2, 9, K}, 1), w1 = random({K, N}, 2), b1 = random({N}, 3), w2 = random({N, 24}, 4);
+    Tensor b2 = random({24}, 5);
+    const Tensor up = random({2, 9, 24}, 6);
+    x.set_requires_grad(true);
+    for (Tensor* t : {&w1, &b1, &w2, &b2}) t->set_requires_grad(!frozen);
+    std::vector<Tensor> cpu = {x, w1, b1, w2, b2}, gpu;
+    for (const Tensor& t : cpu) gpu.push_back(gpu_leaf(t));
+    auto mlp = [](const std::vector<Tensor>& in) {
+      return engine::linear_gelu_linear(in[0], in[1], in[2], in[3], in[4], engine::WeightLayout::InOut);
+    };
+    Tensor y, yg;
+    {
+      AutocastGuard autocast(bf16 ? DType::BF16 : DType::F32);
+      y = mlp(cpu);
+      yg = mlp(gpu);
+    }
+    REQUIRE(yg.dtype() == (bf16 ? DType::BF16 : DType::F32));
+    require_near(yg, y, bf16 ? 1.0 / 128 : 64 * kF32Eps, "forward");
+    engine::sum(engine::mul(y.to(DType::F32), up)).backward();
+    engine::sum(engine::mul(yg.to(DType::F32), up.to(kGpu))).backward();
+    const char* names[] = {"dx", "dw1", "db1", "dw2", "db2"};
+    for (size_t i = 0; i < 5; ++i)
+      if (cpu[i].requires_grad()) require_near(gpu[i].grad(), cpu[i].grad(), bf16 ? 1e-2 : 256 * kF32Eps, names[i]);
+  }
+}
+
 TEST_CASE("cuda mixed: layer_norm with a bf16 output and bf16 gradient matches the CPU", "[cuda][precision][nn]") {
   for (bool frozen : {false, true}) {
     INFO("frozen " << frozen);

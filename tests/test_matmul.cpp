@@ -107,6 +107,20 @@ TEST_CASE("linear_gelu equals gelu_new of linear, fused or composed", "[matmul]"
                          1e-6);
 }
 
+TEST_CASE("linear_gelu_linear equals linear of linear_gelu, fused or composed", "[matmul]") {
+  engine::Generator gen(8);
+  const Tensor x = Tensor::rand({3, 4, 6}, gen, -2, 2), w1 = Tensor::rand({6, 5}, gen, -1, 1);
+  const Tensor b1 = Tensor::rand({5}, gen, -1, 1), w2 = Tensor::rand({5, 7}, gen, -1, 1);
+  const Tensor b2 = Tensor::rand({7}, gen, -1, 1);
+  const auto in_out = engine::WeightLayout::InOut;
+  // Fused, and composed where the first or second layer has no bias.
+  for (const auto& [bias1, bias2] : {std::pair{b1, b2}, std::pair{Tensor(), b2}, std::pair{b1, Tensor()}}) {
+    const Tensor want = engine::linear(engine::linear_gelu(x, w1, bias1, in_out), w2, bias2, in_out);
+    testing::require_close(engine::linear_gelu_linear(x, w1, bias1, w2, bias2, in_out), want.to_vector<double>(),
+                           1e-6);
+  }
+}
+
 TEST_CASE("addmm adds c in the GEMM, for batched views, a transposed weight and K = 0, else composes",
           "[matmul]") {
   engine::Generator gen(7);
@@ -146,6 +160,14 @@ TEST_CASE("matmul gradients match finite differences", "[matmul][grad]") {
                   {random_f64({2, 3, 4}, 1), random_f64({5, 4}, 2), random_f64({5}, 3)});
   check_gradients([](V in) { return engine::linear_gelu(in[0], in[1], in[2], engine::WeightLayout::InOut); },
                   {random_f64({2, 3, 4}, 1), random_f64({4, 5}, 2), random_f64({5}, 3)});
+  check_gradients(
+      [](V in) { return engine::linear_gelu_linear(in[0], in[1], in[2], in[3], in[4], engine::WeightLayout::OutIn); },
+      {random_f64({2, 3, 4}, 1), random_f64({5, 4}, 2), random_f64({5}, 3), random_f64({3, 5}, 4),
+       random_f64({3}, 5)});
+  check_gradients(  // frozen weights, as GPT-2's under an adapter: dX alone, through both GEMMs' epilogues
+      [](V in) { return engine::linear_gelu_linear(in[0], in[1], in[2], in[3], in[4], engine::WeightLayout::InOut); },
+      {random_f64({3, 4}, 1), random_f64({4, 5}, 2, false), random_f64({5}, 3, false), random_f64({5, 3}, 4, false),
+       random_f64({3}, 5, false)});
   check_gradients([](V in) { return engine::addmm(in[0], in[1], in[2]); },
                   {random_f64({2, 3, 5}, 1), random_f64({2, 3, 4}, 2), random_f64({4, 5}, 3)});
   check_gradients([](V in) { return engine::addmm(in[0], in[1].permute({1, 0, 2}), in[2].transpose(0, 1)); },

@@ -147,6 +147,32 @@ TEST_CASE("autocast: linear_gelu gives bf16, rounded once, and its bf16 gradient
   require_same_products(x.grad(), dx, 16, "dx");
 }
 
+TEST_CASE("autocast: linear_gelu_linear rounds the gradient through its GELU once", "[precision][matmul]") {
+  Tensor x = random({3, 5, 24}, 30), w = random({24, 16}, 31);
+  const Tensor b = random({16}, 32), w2 = random({16, 6}, 33), b2 = random({6}, 34), up = random({3, 5, 6}, 35);
+  x.set_requires_grad(true);
+  Tensor y;
+  {
+    AutocastGuard autocast(DType::BF16);
+    y = engine::linear_gelu_linear(x, w, b, w2, b2, engine::WeightLayout::InOut);
+  }
+  REQUIRE(y.dtype() == DType::BF16);
+  const Tensor pre = engine::add(engine::matmul(rounded(x), rounded(w)), rounded(b));
+  const Tensor h = rounded(engine::gelu_new(pre));
+  REQUIRE(max_abs_diff(y.to(DType::F32), rounded(engine::add(engine::matmul(h, rounded(w2)), rounded(b2)))) == 0);
+
+  // The GELU's derivative, in f32 at the rounded pre-activation, multiplies
+  // the f32 sum up w2^T before any rounding (linear_gelu then linear would
+  // round that sum to bf16 first); the product is rounded once, for dX's GEMM.
+  engine::sum(engine::mul(y, up)).backward();
+  Tensor pre_r = rounded(pre);
+  pre_r.set_requires_grad(true);
+  const Tensor dh = engine::matmul(rounded(up), rounded(w2).transpose(0, 1));
+  engine::sum(engine::mul(engine::gelu_new(pre_r), dh)).backward();
+  const Tensor dx = engine::matmul(rounded(pre_r.grad()), rounded(w).transpose(0, 1));
+  require_same_products(x.grad(), dx, 16, "dx");
+}
+
 TEST_CASE("layer_norm with a bf16 output rounds the f32 result once, and takes its gradient in bf16",
           "[precision][nn]") {
   Tensor x = engine::add(random({4, 3, 40}, 40), 2.0), w = random({40}, 41), b = random({40}, 42);

@@ -70,7 +70,8 @@ void CpuBackend::gemm(const GemmArgs& g) {
   check(g.c_dtype == g.dtype || mixed, "gemm: {} inputs cannot write a {} output", dtype_name(g.dtype),
         dtype_name(g.c_dtype));
   if (g.addend) return gemm(addend_into_c(*this, g));
-  if (g.c_dtype == DType::BF16 && (g.bias || g.gelu)) return gemm_with_f32_epilogue(*this, g);
+  check(!g.gelu_grad || (!g.bias && !g.gelu), "gemm: GELU's backward epilogue takes no bias and no GELU");
+  if (g.c_dtype == DType::BF16 && (g.bias || g.gelu || g.gelu_grad)) return gemm_with_f32_epilogue(*this, g);
   const CBLAS_TRANSPOSE ta = g.trans_a ? CblasTrans : CblasNoTrans;
   const CBLAS_TRANSPOSE tb = g.trans_b ? CblasTrans : CblasNoTrans;
   for (int64_t i = 0; i < g.batch; ++i) {
@@ -89,14 +90,14 @@ void CpuBackend::gemm(const GemmArgs& g) {
       fail("gemm: the CPU computes in f32, f64 or bf16, got {}", dtype_name(g.dtype));
     }
   }
-  if (!g.bias && !g.gelu) return;
+  if (!g.bias && !g.gelu && !g.gelu_grad) return;
   if (g.bias && g.c_dtype == DType::F32) add_bias<float>(g);
   if (g.bias && g.c_dtype == DType::F64) add_bias<double>(g);
-  if (g.gelu) {
-    check(g.pre_gelu && g.ldc == g.n && (g.batch == 1 || g.stride_c == g.m * g.n),
-          "gemm: a GELU epilogue needs pre_gelu and a contiguous C");
+  if (g.gelu || g.gelu_grad) {
+    check(g.pre_gelu && g.c_is_contiguous(), "gemm: a GELU epilogue needs pre_gelu and a contiguous C");
     const Shape shape{g.batch * g.m * g.n};
     const View c{g.c, g.c_dtype, shape, {1}}, pre{g.pre_gelu, g.c_dtype, shape, {1}};
+    if (g.gelu_grad) return gelu_backward(c, c, pre);
     copy(pre, c);
     gelu_forward(c, pre);
   }

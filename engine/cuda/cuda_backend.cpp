@@ -340,24 +340,30 @@ void CudaBackend::gemm(const GemmArgs& args) {
   const bool by_shape = OpScope::profiling_on_device(ctx_);
   OpScope op(ctx_, "gemm", 2.0 * double(args.m) * double(args.n) * double(args.k) * double(args.batch),
              by_shape ? fmt::format("gemm {}x{}x{}{}{}{}", args.m, args.k, args.n, args.batch > 1 ? " batched" : "",
-                                    args.gelu ? " gelu" : args.bias ? " bias" : "", args.addend ? " addend" : "")
+                                    args.gelu        ? " gelu"
+                                    : args.gelu_grad ? " gelu_grad"
+                                    : args.bias      ? " bias"
+                                                     : "",
+                                    args.addend ? " addend" : "")
                       : std::string());
   if (cuda::gemm_lt(ctx_, args)) return;
   if (args.addend) return gemm(addend_into_c(*this, args));
-  if (args.c_dtype == DType::BF16 && (args.bias || args.gelu)) return gemm_with_f32_epilogue(*this, args);
+  check(!args.gelu_grad || (!args.bias && !args.gelu), "gemm: GELU's backward epilogue takes no bias and no GELU");
+  if (args.c_dtype == DType::BF16 && (args.bias || args.gelu || args.gelu_grad))
+    return gemm_with_f32_epilogue(*this, args);
   GemmArgs plain = args;
   plain.bias = nullptr;
-  plain.gelu = false;
+  plain.gelu = plain.gelu_grad = false;
   cuda::gemm(ctx_, plain);
   if (args.m == 0 || args.n == 0) return;
   const Shape shape{args.batch, args.m, args.n};
   const View c{args.c, args.c_dtype, shape, {args.stride_c, args.ldc, 1}};
   if (args.bias) binary(BinaryOp::Add, c, c, {const_cast<void*>(args.bias), args.c_dtype, shape, {0, 0, 1}});
-  if (args.gelu) {
-    check(args.ldc == args.n && (args.batch == 1 || args.stride_c == args.m * args.n),
-          "gemm on CUDA: a GELU epilogue needs a contiguous C");
+  if (args.gelu || args.gelu_grad) {
+    check(args.c_is_contiguous(), "gemm on CUDA: a GELU epilogue needs a contiguous C");
     const View flat{args.c, args.c_dtype, {args.batch * args.m * args.n}, {1}};
     const View pre{args.pre_gelu, args.c_dtype, flat.shape, {1}};
+    if (args.gelu_grad) return gelu_backward(flat, flat, pre);
     copy(pre, flat);
     gelu_forward(flat, pre);
   }

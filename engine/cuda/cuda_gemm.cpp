@@ -149,12 +149,14 @@ LtAlgoCache lt_algo_cache;
 // The column-major product of gemm() above, C^T = op(B)^T op(A)^T, by
 // cuBLASLt, with the epilogue: cuBLASLt adds a bias vector with one entry per
 // row of its (column-major) output, which is one per column n of our row-major
-// C, and its GELU_AUX epilogues also write the GELU's input to an aux matrix
-// laid out as C (their aux leading dimension must be a multiple of 8). An
+// C; its GELU_AUX epilogues also write the GELU's input to an aux matrix laid
+// out as C, which DGELU reads back (the aux leading dimension must be a
+// multiple of 8). An
 // epilogue needs beta == 0; a plain product may accumulate into C, or add
 // an addend (cuBLASLt's C, with our C as its separate output D).
 bool gemm_lt(DeviceContext& ctx, const GemmArgs& g) {
-  const bool epilogue_fits = (!g.bias && !g.gelu) || (g.beta == 0 && !g.addend && (!g.gelu || g.ldc % 8 == 0));
+  const bool aux = g.gelu || g.gelu_grad;
+  const bool epilogue_fits = (!g.bias && !aux) || (g.beta == 0 && !g.addend && (!aux || g.ldc % 8 == 0));
   const bool types_fit = (g.dtype == DType::F32 && g.c_dtype == DType::F32) ||
                          (g.dtype == DType::BF16 && (g.c_dtype == DType::F32 || g.c_dtype == DType::BF16));
   const bool fits = g.batch == 1 && types_fit && epilogue_fits && g.m > 0 && g.n > 0 && g.k > 0 && fits_int(g.m) &&
@@ -178,13 +180,14 @@ bool gemm_lt(DeviceContext& ctx, const GemmArgs& g) {
   set(CUBLASLT_MATMUL_DESC_TRANSB, op_second);
   cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
   if (g.gelu) epilogue = g.bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
+  else if (g.gelu_grad) epilogue = CUBLASLT_EPILOGUE_DGELU;
   else if (g.bias) epilogue = CUBLASLT_EPILOGUE_BIAS;
   set(CUBLASLT_MATMUL_DESC_EPILOGUE, epilogue);
   if (g.bias) {  // in C's dtype
     set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, g.bias);
     set(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, c_storage);
   }
-  if (g.gelu) {
+  if (aux) {  // written by GELU_AUX, read by DGELU
     set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, g.pre_gelu);
     set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, int64_t(g.ldc));
   }

@@ -58,6 +58,7 @@ Operand operand(Tensor& t) {
 struct Epilogue {
   Tensor bias;      // [N], out's dtype, contiguous: added to every row
   Tensor pre_gelu;  // out's shape, contiguous: receives out before the GELU (defined: apply one)
+  Tensor gelu_grad_of;  // out's shape, contiguous: a GELU's input; out = product * gelu'(it) (defined: apply)
   Tensor addend;    // out's shape and dtype, contiguous: added to the product (GEMM beta 1); alone
 };
 
@@ -76,7 +77,8 @@ void gemm_into(const Tensor& out, Tensor a, Tensor b, int64_t batch, bool b_shar
   g.batch = batch;
   g.bias = epilogue.bias.defined() ? epilogue.bias.data_ptr() : nullptr;
   g.gelu = epilogue.pre_gelu.defined();
-  g.pre_gelu = g.gelu ? epilogue.pre_gelu.data_ptr() : nullptr;
+  g.gelu_grad = epilogue.gelu_grad_of.defined();
+  g.pre_gelu = g.gelu ? epilogue.pre_gelu.data_ptr() : g.gelu_grad ? epilogue.gelu_grad_of.data_ptr() : nullptr;
   if (epilogue.addend.defined()) g.addend = epilogue.addend.data_ptr(), g.beta = 1;
   if (out.numel() == 0) return;
   if (K == 0) {  // an empty sum: C is the bias or addend, or zeros (linear_gelu does not fuse K = 0)
@@ -196,53 +198,118 @@ Tensor addmm(const Tensor& c, const Tensor& a, const Tensor& b) {
 
 namespace {
 
-// linear and linear_gelu as one GEMM with the bias (and GELU) in its
-// epilogue, where the sum is not empty; undefined where they must be composed
-// of separate ops. The bias has the product's dtype, or under autocast is
-// rounded to it, as torch's autocast rounds it.
-Tensor fused_linear(const Tensor& x, const Tensor& weight, const Tensor& bias, WeightLayout layout, bool gelu) {
-  const char* op = gelu ? "linear_gelu" : "linear";
+// A Linear's product x @ w with its bias in the GEMM's epilogue, where the
+// sum is not empty and the bias fits: it has the product's dtype, or under
+// autocast is rounded to it, as torch's autocast rounds it. Otherwise
+// `fused` is false and the layer is composed of separate ops.
+struct LinearPlan {
+  Tensor w;  // [in, out]
+  DType dtype;
+  bool fused;
+};
+
+LinearPlan plan_linear(const Tensor& x, const Tensor& weight, const Tensor& bias, WeightLayout layout, const char* op) {
   check(weight.dim() == 2, "{}: weight must be 2-D, got shape {}", op, shape_str(weight.shape()));
-  const Tensor w = layout == WeightLayout::InOut ? weight : weight.transpose(0, 1);
-  check_chain(x, w);
-  if (!bias.defined()) return Tensor();
-  check(bias.dim() == 1 && bias.size(0) == w.size(1), "{}: bias shape {} for {} outputs", op, shape_str(bias.shape()),
-        w.size(1));
-  const DType dtype = product_dtype(x, w);
-  const bool bias_fits = bias.dtype() == dtype || (autocast_dtype() == dtype && bias.dtype() == DType::F32);
-  if (!bias_fits || bias.device() != x.device() || w.size(0) == 0) return Tensor();
-  Shape out_shape = x.shape();
-  out_shape.back() = w.size(1);
+  LinearPlan plan{layout == WeightLayout::InOut ? weight : weight.transpose(0, 1), DType::F32, false};
+  check_chain(x, plan.w);
+  plan.dtype = product_dtype(x, plan.w);
+  if (!bias.defined()) return plan;
+  check(bias.dim() == 1 && bias.size(0) == plan.w.size(1), "{}: bias shape {} for {} outputs", op,
+        shape_str(bias.shape()), plan.w.size(1));
+  const bool bias_fits = bias.dtype() == plan.dtype || (autocast_dtype() == plan.dtype && bias.dtype() == DType::F32);
+  plan.fused = bias_fits && bias.device() == x.device() && plan.w.size(0) > 0;
+  return plan;
+}
+
+// x @ w + bias as one GEMM, and the GELU after it when pre_gelu (x @ w + bias's
+// shape and dtype) is given to receive its input. Not recorded.
+Tensor fused_product(const Tensor& x, const LinearPlan& plan, const Tensor& bias, const Tensor& pre_gelu = {}) {
   Epilogue epilogue;
-  epilogue.bias = bias.detach().to(dtype).contiguous();
-  if (gelu) epilogue.pre_gelu = Tensor::empty(out_shape, dtype, x.device());
-  Tensor out = product(x, w, dtype, dtype, epilogue);
-  Node::BackwardFn backward = product_backward(dtype);
-  if (gelu) {  // through the GELU first, from the saved pre-activation
-    backward = [backward, pre = epilogue.pre_gelu](const Tensor& g, const Node& n) {
-      Tensor dpre = Tensor::empty(pre.shape(), pre.dtype(), pre.device()), gc = g.to(pre.dtype()).contiguous();
-      detail::backend_of(pre).gelu_backward(view_of(dpre), view_of(gc), view_of(pre));
-      return backward(dpre, n);
-    };
-  }
-  std::vector<Tensor> inputs = saved_operands(x, w);
+  epilogue.bias = bias.detach().to(plan.dtype).contiguous();
+  epilogue.pre_gelu = pre_gelu;
+  return product(x, plan.w, plan.dtype, plan.dtype, epilogue);
+}
+
+std::vector<Tensor> linear_inputs(const Tensor& x, const LinearPlan& plan, const Tensor& bias) {
+  std::vector<Tensor> inputs = saved_operands(x, plan.w);
   inputs.push_back(edge_only(bias));  // its gradient is a sum of g
-  record(out, op, std::move(inputs), std::move(backward));
-  return out;
+  return inputs;
+}
+
+Tensor empty_output(const Tensor& x, const LinearPlan& plan) {
+  Shape shape = x.shape();
+  shape.back() = plan.w.size(1);
+  return Tensor::empty(shape, plan.dtype, x.device());
+}
+
+// Records h = gelu(pre), pre = x @ w + bias, as linear_gelu: the backward goes
+// through the GELU first, from the saved pre-activation.
+void record_linear_gelu(Tensor& h, const Tensor& pre, const Tensor& x, const LinearPlan& plan, const Tensor& bias) {
+  record(h, "linear_gelu", linear_inputs(x, plan, bias),
+         [backward = product_backward(plan.dtype), pre](const Tensor& g, const Node& n) {
+           Tensor dpre = Tensor::empty(pre.shape(), pre.dtype(), pre.device()), gc = g.to(pre.dtype()).contiguous();
+           detail::backend_of(pre).gelu_backward(view_of(dpre), view_of(gc), view_of(pre));
+           return backward(dpre, n);
+         });
 }
 
 }  // namespace
 
 Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias, WeightLayout layout) {
-  if (Tensor out = fused_linear(x, weight, bias, layout, /*gelu=*/false); out.defined()) return out;
-  const Tensor y = matmul(x, layout == WeightLayout::InOut ? weight : weight.transpose(0, 1));
-  if (!bias.defined()) return y;
-  return add(y, autocast_dtype() == y.dtype() ? bias.to(y.dtype()) : bias);  // rounded as the fused bias is
+  const LinearPlan plan = plan_linear(x, weight, bias, layout, "linear");
+  if (!plan.fused) {
+    const Tensor y = matmul(x, plan.w);
+    if (!bias.defined()) return y;
+    return add(y, autocast_dtype() == y.dtype() ? bias.to(y.dtype()) : bias);  // rounded as the fused bias is
+  }
+  Tensor out = fused_product(x, plan, bias);
+  record(out, "linear", linear_inputs(x, plan, bias), product_backward(plan.dtype));
+  return out;
 }
 
 Tensor linear_gelu(const Tensor& x, const Tensor& weight, const Tensor& bias, WeightLayout layout) {
-  if (Tensor out = fused_linear(x, weight, bias, layout, /*gelu=*/true); out.defined()) return out;
-  return gelu_new(linear(x, weight, bias, layout));
+  const LinearPlan plan = plan_linear(x, weight, bias, layout, "linear_gelu");
+  if (!plan.fused) return gelu_new(linear(x, weight, bias, layout));
+  const Tensor pre = empty_output(x, plan);
+  Tensor h = fused_product(x, plan, bias, pre);
+  record_linear_gelu(h, pre, x, plan, bias);
+  return h;
+}
+
+Tensor linear_gelu_linear(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2,
+                          WeightLayout layout) {
+  const LinearPlan fc = plan_linear(x, w1, b1, layout, "linear_gelu_linear");
+  if (!fc.fused) return linear(linear_gelu(x, w1, b1, layout), w2, b2, layout);
+  const Tensor pre = empty_output(x, fc);
+  Tensor h = fused_product(x, fc, b1, pre);
+  const LinearPlan proj = plan_linear(h, w2, b2, layout, "linear_gelu_linear");
+  if (!proj.fused) {
+    record_linear_gelu(h, pre, x, fc, b1);
+    return linear(h, w2, b2, layout);
+  }
+  // Two nodes: pre = x @ w1 + b1, a plain linear's; and out = gelu(pre) @ w2 +
+  // b2, whose backward hands pre its gradient straight from the GEMM.
+  Tensor pre_node = pre;
+  record(pre_node, "linear", linear_inputs(x, fc, b1), product_backward(fc.dtype));
+  Tensor out = fused_product(h, proj, b2);
+  const Tensor h_kept = w2.requires_grad() ? h : Tensor();  // only dW2 reads it
+  std::vector<Tensor> inputs = {pre_node, proj.w, edge_only(b2)};
+  record(out, "linear_gelu_linear", std::move(inputs),
+         [compute = proj.dtype, h_kept](const Tensor& g, const Node& n) {
+           const Tensor &pre = n.inputs[0], &w = n.inputs[1];
+           std::vector<Tensor> grads(3);
+           if (n.needs_grad(0)) {  // dpre = (g w^T) * gelu'(pre), in the GEMM's epilogue
+             Epilogue through_gelu;
+             through_gelu.gelu_grad_of = pre;
+             grads[0] = product(g, w.transpose(0, 1), compute, pre.dtype(), through_gelu);
+           }
+           if (n.needs_grad(1))
+             grads[1] = product(h_kept.reshape({-1, h_kept.size(-1)}).transpose(0, 1), g.reshape({-1, g.size(-1)}),
+                                compute, w.dtype());
+           if (n.needs_grad(2)) grads[2] = sum_to(g.to(n.inputs[2].dtype()), n.inputs[2].shape());
+           return grads;
+         });
+  return out;
 }
 
 }  // namespace engine
