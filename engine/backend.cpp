@@ -56,15 +56,16 @@ void KernelOperands::finish() {
 }
 
 void gemm_with_f32_epilogue(Backend& backend, const GemmArgs& args) {
-  check(args.dtype == DType::BF16 && args.c_dtype == DType::BF16 && args.beta == 0,
-        "gemm: an f32 epilogue is for bf16 products into a bf16 C (beta 0), got {} into {}", dtype_name(args.dtype),
-        dtype_name(args.c_dtype));
+  check(args.dtype == DType::BF16 && args.c_dtype == DType::BF16 && !args.addend,
+        "gemm: an f32 epilogue is for bf16 products into a bf16 C (no addend), got {} into {}",
+        dtype_name(args.dtype), dtype_name(args.c_dtype));
   check(!(args.gelu || args.gelu_grad) || args.c_is_contiguous(), "gemm: a GELU epilogue needs a contiguous C");
   KernelOperands f32(backend);
   GemmArgs wide = args;
   wide.c_dtype = DType::F32;
-  wide.c = f32.out(View{args.c, DType::BF16, {args.batch, args.m, args.n}, {args.stride_c, args.ldc, 1}}, DType::F32)
-               .data;
+  const View c{args.c, DType::BF16, {args.batch, args.m, args.n}, {args.stride_c, args.ldc, 1}};
+  const View wide_c = args.beta != 0 ? f32.in(c, DType::F32) : f32.out(c, DType::F32);  // beta reads C
+  wide.c = wide_c.data;
   wide.ldc = args.n;
   wide.stride_c = args.m * args.n;
   if (args.bias) wide.bias = f32.in(View{const_cast<void*>(args.bias), DType::BF16, {args.n}, {1}}, DType::F32).data;
@@ -72,11 +73,12 @@ void gemm_with_f32_epilogue(Backend& backend, const GemmArgs& args) {
   if (args.gelu) wide.pre_gelu = f32.out(pre, DType::F32).data;
   if (args.gelu_grad) wide.pre_gelu = f32.in(pre, DType::F32).data;
   backend.gemm(wide);
+  if (args.beta != 0) backend.copy(c, wide_c);  // f32.in's copy is not written back by finish
   f32.finish();
 }
 
 GemmArgs addend_into_c(Backend& backend, const GemmArgs& args) {
-  check(!args.bias && !args.gelu && !args.gelu_grad, "gemm: an addend takes no epilogue");
+  check(!args.gelu && !args.gelu_grad, "gemm: an addend takes no GELU epilogue");
   GemmArgs g = args;
   g.addend = nullptr;
   if (args.addend && args.addend != args.c) {

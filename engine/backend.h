@@ -55,11 +55,12 @@ struct GemmArgs {
   int64_t batch = 1;
   double alpha = 1, beta = 0;
   // With beta != 0, what beta scales when it is not C's own contents: laid out
-  // as C, C = alpha AB + beta addend (addmm writes a new tensor this way). No epilogue with it.
+  // as C, C = alpha AB + beta addend (addmm writes a new tensor this way). A
+  // bias may ride with it, a GELU not.
   const void* addend = nullptr;
-  // Epilogue, applied after the product (with beta == 0) to the f32 (or f64)
-  // sums before C is rounded to its dtype; a GPU applies it in the GEMM's own
-  // pass over C where it can:
+  // Epilogue, applied after the product (and the beta term, for a bias) to the
+  // f32 (or f64) sums before C is rounded to its dtype; a GPU applies it in the
+  // GEMM's own pass over C where it can:
   const void* bias = nullptr;  // optional [n] vector in C's dtype, added to every row of C
   // GPT-2's GELU (gelu_new, the tanh form) last: C = gelu(AB + bias). Then
   // pre_gelu, laid out as C, must be given: it receives AB + bias, which the backward needs.

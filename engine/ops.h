@@ -60,7 +60,8 @@ Tensor matmul(const Tensor& a, const Tensor& b);
 // c of the product's shape and dtype; otherwise add(c, matmul(a, b)). Under
 // autocast the sum is rounded to bf16 once, where add(c, matmul(a, b)) would
 // round the product first.
-Tensor addmm(const Tensor& c, const Tensor& a, const Tensor& b);
+// With a bias [N] as well, c + a @ b + bias, the bias in the same epilogue.
+Tensor addmm(const Tensor& c, const Tensor& a, const Tensor& b, const Tensor& bias = {});
 // How a Linear stores its weight: torch.nn.Linear [out, in] or HF Conv1D [in, out].
 enum class WeightLayout { OutIn, InOut };
 // y = x W^T + b (OutIn) or x W + b (InOut); bias may be undefined.

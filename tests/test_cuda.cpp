@@ -412,21 +412,26 @@ TEST_CASE("cuda: linear's bias in the cuBLASLt epilogue, and added after batched
 TEST_CASE("cuda: addmm's addend as cuBLASLt's C, or copied into C before batched and f64 GEMMs", "[cuda][matmul]") {
   for (DType dtype : {DType::F32, DType::F64}) {
     Tensor c = random({3, 40, 17}, 5, dtype), x = random({3, 40, 33}, 1, dtype), w = random({33, 17}, 2, dtype);
-    for (Tensor* t : {&c, &x, &w}) t->set_requires_grad(true);
-    Tensor cg = gpu_leaf(c), xg = gpu_leaf(x), wg = gpu_leaf(w);
+    Tensor bias = random({17}, 6, dtype);
+    for (Tensor* t : {&c, &x, &w, &bias}) t->set_requires_grad(true);
+    Tensor cg = gpu_leaf(c), xg = gpu_leaf(x), wg = gpu_leaf(w), bg = gpu_leaf(bias);
     const Tensor up = random({3, 40, 17}, 4, dtype);
     const double tolerance = (dtype == DType::F32 ? kF32Eps : 1e-16) * 2 * 33;
-    // A contiguous input (one GEMM) and a permuted one (a GEMM per batch entry).
-    for (bool permuted : {false, true}) {
+    // A contiguous input (one GEMM) and a permuted one (a GEMM per batch entry); with and without a bias.
+    for (const auto& [permuted, biased] : {std::pair{false, false}, std::pair{true, false}, std::pair{false, true},
+                                           std::pair{true, true}}) {
+      INFO("permuted " << permuted << " bias " << biased);
       auto view = [&](const Tensor& t) { return permuted ? t.permute({1, 0, 2}) : t; };
-      const Tensor y = engine::addmm(view(c), view(x), w), yg = engine::addmm(view(cg), view(xg), wg);
+      const Tensor y = engine::addmm(view(c), view(x), w, biased ? bias : Tensor());
+      const Tensor yg = engine::addmm(view(cg), view(xg), wg, biased ? bg : Tensor());
       require_near(yg, y, tolerance, "addmm");
-      for (Tensor* t : {&c, &x, &w, &cg, &xg, &wg}) t->zero_grad();
+      for (Tensor* t : {&c, &x, &w, &bias, &cg, &xg, &wg, &bg}) t->zero_grad();
       engine::sum(engine::mul(y, view(up))).backward();
       engine::sum(engine::mul(yg, view(up).to(kGpu))).backward();
       require_near(cg.grad(), c.grad(), 0, "addmm dc");
       require_near(xg.grad(), x.grad(), tolerance, "addmm dx");
       require_near(wg.grad(), w.grad(), tolerance * 8, "addmm dw");
+      if (biased) require_near(bg.grad(), bias.grad(), tolerance * 8, "addmm dbias");
     }
   }
 }

@@ -52,18 +52,20 @@ TEST_CASE("cuda mixed: autocast matmul and its gradients match the CPU's", "[cud
   }
 }
 
-TEST_CASE("cuda mixed: autocast addmm rounds c + a @ b once on both devices", "[cuda][precision]") {
-  for (bool permuted : {false, true}) {  // cuBLASLt reads the addend; or it is copied into C first
-    INFO("permuted " << permuted);
-    Tensor x = random({2, 70, 48}, 1), w = random({48, 40}, 2);
+TEST_CASE("cuda mixed: autocast addmm rounds c + a @ b (+ bias) once on both devices", "[cuda][precision]") {
+  // cuBLASLt reads the addend; or it is copied into C first. The bias as an adapter's base layer gives it.
+  for (const auto& [permuted, biased] : {std::pair{false, false}, std::pair{true, false}, std::pair{false, true},
+                                         std::pair{true, true}}) {
+    INFO("permuted " << permuted << " bias " << biased);
+    Tensor x = random({2, 70, 48}, 1), w = random({48, 40}, 2), bias = biased ? random({40}, 4) : Tensor();
     auto view = [&](const Tensor& t) { return permuted ? t.permute({1, 0, 2}) : t; };
     Tensor c, cg, y, yg;
     {
       AutocastGuard autocast(DType::BF16);
       c = engine::matmul(x, random({48, 40}, 3));  // a bf16 base output, as an adapter's
       cg = c.to(kGpu);
-      y = engine::addmm(view(c), view(x), w);
-      yg = engine::addmm(view(cg), view(x.to(kGpu)), w.to(kGpu));
+      y = engine::addmm(view(c), view(x), w, bias);
+      yg = engine::addmm(view(cg), view(x.to(kGpu)), w.to(kGpu), biased ? bias.to(kGpu) : Tensor());
     }
     REQUIRE(yg.dtype() == DType::BF16);
     require_near(yg, y, 1.0 / 128, "forward");  // one bf16 ulp: f32 sums in different orders, rounded once

@@ -304,15 +304,17 @@ TEST_CASE("under autocast an adapter's two products read its input rounded to bf
     const Tensor xr = x.detach().to(engine::DType::BF16);
     const engine::AutocastGuard autocast(engine::DType::BF16);
     y = lora->forward(x);
-    base = engine::linear(xr, w, b, WeightLayout::InOut);
+    base = engine::matmul(xr, w);
     head = engine::matmul(xr, lora->A) * 0.5;
   }
   REQUIRE(y.dtype() == engine::DType::BF16);
-  // The last product is added to the base's bf16 output in f32 and the sum
-  // rounded once (engine::addmm), not rounded on its own first.
+  // The last product and the bias (rounded to bf16, as autocast rounds it) are
+  // added to the base product's bf16 output in f32, and the sum rounded once
+  // (engine::addmm), not rounded on its own first.
   const auto f32 = engine::DType::F32;
   const Tensor tail = lora->B.detach().to(engine::DType::BF16).to(f32);
-  const Tensor want = engine::add(base.to(f32), engine::matmul(head.to(f32), tail)).to(engine::DType::BF16);
+  const Tensor sum = engine::add(base.to(f32), engine::matmul(head.to(f32), tail));
+  const Tensor want = engine::add(sum, b.to(engine::DType::BF16).to(f32)).to(engine::DType::BF16);
   testing::require_close(y.to(f32), want.to(f32).to_vector<double>(), 0);
   engine::sum(y.to(engine::DType::F32)).backward();
   REQUIRE(x.grad().dtype() == engine::DType::F32);  // the two products' bf16 gradients, summed and widened

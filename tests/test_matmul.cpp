@@ -146,6 +146,12 @@ TEST_CASE("addmm adds c in the GEMM, for batched views, a transposed weight and 
   REQUIRE(engine::addmm(c64, base, w).dtype() == DType::F64);  // promoted, as add promotes
   testing::require_close(engine::addmm(c64, base, w), engine::add(c64, engine::matmul(base, w)).to_vector<double>(),
                          0);
+  // A bias in the same epilogue (after the addend, as the composed sum adds it), and composed for a broadcast c.
+  const Tensor bias = Tensor::rand({5}, gen, -1, 1);
+  for (const Tensor& addend : {c, row})
+    testing::require_close(engine::addmm(addend, base, w, bias),
+                           engine::add(engine::add(addend, engine::matmul(base, w)), bias).to_vector<double>(), 1e-6);
+  REQUIRE_THROWS_WITH(engine::addmm(c, base, w, Tensor::zeros({4})), "addmm: bias shape [4] for 5 outputs");
 }
 
 TEST_CASE("matmul gradients match finite differences", "[matmul][grad]") {
@@ -170,6 +176,8 @@ TEST_CASE("matmul gradients match finite differences", "[matmul][grad]") {
        random_f64({3}, 5, false)});
   check_gradients([](V in) { return engine::addmm(in[0], in[1], in[2]); },
                   {random_f64({2, 3, 5}, 1), random_f64({2, 3, 4}, 2), random_f64({4, 5}, 3)});
+  check_gradients([](V in) { return engine::addmm(in[0], in[1], in[2], in[3]); },
+                  {random_f64({2, 3, 5}, 1), random_f64({2, 3, 4}, 2), random_f64({4, 5}, 3), random_f64({5}, 4)});
   check_gradients([](V in) { return engine::addmm(in[0], in[1].permute({1, 0, 2}), in[2].transpose(0, 1)); },
                   {random_f64({3, 2, 5}, 1), random_f64({2, 3, 4}, 2), random_f64({5, 4}, 3)});
 }

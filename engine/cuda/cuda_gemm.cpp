@@ -151,12 +151,12 @@ LtAlgoCache lt_algo_cache;
 // row of its (column-major) output, which is one per column n of our row-major
 // C; its GELU_AUX epilogues also write the GELU's input to an aux matrix laid
 // out as C, which DGELU reads back (the aux leading dimension must be a
-// multiple of 8). An
-// epilogue needs beta == 0; a plain product may accumulate into C, or add
-// an addend (cuBLASLt's C, with our C as its separate output D).
+// multiple of 8). A GELU epilogue needs beta == 0; a plain or biased product
+// may accumulate into C, or add an addend (cuBLASLt's C, with our C as its
+// separate output D).
 bool gemm_lt(DeviceContext& ctx, const GemmArgs& g) {
   const bool aux = g.gelu || g.gelu_grad;
-  const bool epilogue_fits = (!g.bias && !aux) || (g.beta == 0 && !g.addend && (!aux || g.ldc % 8 == 0));
+  const bool epilogue_fits = !aux || (g.beta == 0 && !g.addend && g.ldc % 8 == 0);
   const bool types_fit = (g.dtype == DType::F32 && g.c_dtype == DType::F32) ||
                          (g.dtype == DType::BF16 && (g.c_dtype == DType::F32 || g.c_dtype == DType::BF16));
   const bool fits = g.batch == 1 && types_fit && epilogue_fits && g.m > 0 && g.n > 0 && g.k > 0 && fits_int(g.m) &&

@@ -81,9 +81,10 @@ void gemm_into(const Tensor& out, Tensor a, Tensor b, int64_t batch, bool b_shar
   g.pre_gelu = g.gelu ? epilogue.pre_gelu.data_ptr() : g.gelu_grad ? epilogue.gelu_grad_of.data_ptr() : nullptr;
   if (epilogue.addend.defined()) g.addend = epilogue.addend.data_ptr(), g.beta = 1;
   if (out.numel() == 0) return;
-  if (K == 0) {  // an empty sum: C is the bias or addend, or zeros (linear_gelu does not fuse K = 0)
-    if (epilogue.bias.defined()) Tensor(out).copy_(epilogue.bias.expand(out.shape()));
-    else if (epilogue.addend.defined()) Tensor(out).copy_(epilogue.addend);
+  if (K == 0) {  // an empty sum: C is the addend plus the bias, either, or zeros (linear_gelu does not fuse K = 0)
+    const Tensor &addend = epilogue.addend, &bias = epilogue.bias;
+    if (addend.defined()) Tensor(out).copy_(bias.defined() ? add(addend, bias) : addend);
+    else if (bias.defined()) Tensor(out).copy_(bias.expand(out.shape()));
     else Tensor(out).fill_(0.0);
     return;
   }
@@ -108,6 +109,21 @@ Tensor product(const Tensor& a, const Tensor& b, DType compute, DType out_dtype,
   }
   gemm_into(out, a_in, b.detach().to(compute), batch, b_shared, epilogue);
   return out;
+}
+
+// Whether a bias can ride in the epilogue of a product in `dtype` on x's
+// device: it has that dtype, or under autocast is rounded to it, as torch's
+// autocast rounds it. `op` names the caller in the shape check.
+bool bias_fits(const Tensor& bias, int64_t outputs, DType dtype, const Tensor& x, const char* op) {
+  check(bias.dim() == 1 && bias.size(0) == outputs, "{}: bias shape {} for {} outputs", op, shape_str(bias.shape()),
+        outputs);
+  const bool dtype_fits = bias.dtype() == dtype || (autocast_dtype() == dtype && bias.dtype() == DType::F32);
+  return dtype_fits && bias.device() == x.device();
+}
+
+// What a composed layer adds its bias as: rounded as the fused epilogue's is.
+Tensor bias_for(const Tensor& y, const Tensor& bias) {
+  return autocast_dtype() == y.dtype() ? bias.to(y.dtype()) : bias;
 }
 
 // The dtype one matmul multiplies in and returns. Under autocast, f32 and
@@ -146,9 +162,10 @@ std::vector<Tensor> saved_operands(const Tensor& a, const Tensor& b) {
   return {b.requires_grad() ? a : edge_only(a), a.requires_grad() ? b : edge_only(b)};
 }
 
-// The backward of out = a @ b (+ bias, a third input): each gradient in its
-// input's dtype, multiplied at the forward's precision. a's gradient adds
-// what a has received so far in the GEMM's epilogue, rounded once.
+// The backward of out = a @ b (+ addend and bias, the inputs after them, whose
+// gradients are g summed to their shapes): each gradient in its input's
+// dtype, multiplied at the forward's precision. a's gradient adds what a has
+// received so far in the GEMM's epilogue, rounded once.
 Node::BackwardFn product_backward(DType compute) {
   return [compute](const Tensor& g, const Node& n) {
     const Tensor &a = n.inputs[0], &b = n.inputs[1];
@@ -164,7 +181,8 @@ Node::BackwardFn product_backward(DType compute) {
                                                    g.reshape({-1, g.size(-1)}), compute, b.dtype())
                                          : product(a.transpose(-1, -2), g, compute, b.dtype());
     }
-    if (n.inputs.size() > 2 && n.needs_grad(2)) grads[2] = sum_to(g.to(n.inputs[2].dtype()), n.inputs[2].shape());
+    for (size_t i = 2; i < n.inputs.size(); ++i)
+      if (n.needs_grad(i)) grads[i] = sum_to(g.to(n.inputs[i].dtype()), n.inputs[i].shape());
     return grads;
   };
 }
@@ -179,19 +197,24 @@ Tensor matmul(const Tensor& a, const Tensor& b) {
   return out;
 }
 
-Tensor addmm(const Tensor& c, const Tensor& a, const Tensor& b) {
+Tensor addmm(const Tensor& c, const Tensor& a, const Tensor& b, const Tensor& bias) {
   check_chain(a, b);
   const DType dtype = product_dtype(a, b);
   Shape out_shape = a.shape();
   out_shape.back() = b.size(-1);
+  const bool with_bias = bias.defined(), fits = !with_bias || bias_fits(bias, b.size(-1), dtype, a, "addmm");
   // One GEMM where c can be its addend as it is; otherwise composed (add broadcasts and promotes).
-  if (b.dim() != 2 || c.shape() != out_shape || c.dtype() != dtype || c.device() != a.device())
-    return add(c, matmul(a, b));
+  if (b.dim() != 2 || c.shape() != out_shape || c.dtype() != dtype || c.device() != a.device() || !fits) {
+    const Tensor sum = add(c, matmul(a, b));
+    return with_bias ? add(sum, bias_for(sum, bias)) : sum;
+  }
   Epilogue epilogue;
   epilogue.addend = c.detach().contiguous();
+  if (with_bias) epilogue.bias = bias.detach().to(dtype).contiguous();
   Tensor out = product(a, b, dtype, dtype, epilogue);
   std::vector<Tensor> inputs = saved_operands(a, b);
   inputs.push_back(edge_only(c));  // its gradient is g itself
+  if (with_bias) inputs.push_back(edge_only(bias));  // a sum of g
   record(out, "addmm", std::move(inputs), product_backward(dtype));
   return out;
 }
@@ -199,9 +222,8 @@ Tensor addmm(const Tensor& c, const Tensor& a, const Tensor& b) {
 namespace {
 
 // A Linear's product x @ w with its bias in the GEMM's epilogue, where the
-// sum is not empty and the bias fits: it has the product's dtype, or under
-// autocast is rounded to it, as torch's autocast rounds it. Otherwise
-// `fused` is false and the layer is composed of separate ops.
+// sum is not empty and the bias fits (bias_fits). Otherwise `fused` is false
+// and the layer is composed of separate ops.
 struct LinearPlan {
   Tensor w;  // [in, out]
   DType dtype;
@@ -213,11 +235,7 @@ LinearPlan plan_linear(const Tensor& x, const Tensor& weight, const Tensor& bias
   LinearPlan plan{layout == WeightLayout::InOut ? weight : weight.transpose(0, 1), DType::F32, false};
   check_chain(x, plan.w);
   plan.dtype = product_dtype(x, plan.w);
-  if (!bias.defined()) return plan;
-  check(bias.dim() == 1 && bias.size(0) == plan.w.size(1), "{}: bias shape {} for {} outputs", op,
-        shape_str(bias.shape()), plan.w.size(1));
-  const bool bias_fits = bias.dtype() == plan.dtype || (autocast_dtype() == plan.dtype && bias.dtype() == DType::F32);
-  plan.fused = bias_fits && bias.device() == x.device() && plan.w.size(0) > 0;
+  plan.fused = bias.defined() && bias_fits(bias, plan.w.size(1), plan.dtype, x, op) && plan.w.size(0) > 0;
   return plan;
 }
 
@@ -259,8 +277,7 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias, WeightL
   const LinearPlan plan = plan_linear(x, weight, bias, layout, "linear");
   if (!plan.fused) {
     const Tensor y = matmul(x, plan.w);
-    if (!bias.defined()) return y;
-    return add(y, autocast_dtype() == y.dtype() ? bias.to(y.dtype()) : bias);  // rounded as the fused bias is
+    return bias.defined() ? add(y, bias_for(y, bias)) : y;
   }
   Tensor out = fused_product(x, plan, bias);
   record(out, "linear", linear_inputs(x, plan, bias), product_backward(plan.dtype));
