@@ -338,13 +338,10 @@ void CudaBackend::argmax_last(const View& out, const View& in) {
 // for a bf16 C.
 void CudaBackend::gemm(const GemmArgs& args) {
   const bool by_shape = OpScope::profiling_on_device(ctx_);
+  const char* epilogue = args.gelu ? " gelu" : args.gelu_grad ? " gelu_grad" : args.bias ? " bias" : "";
   OpScope op(ctx_, "gemm", 2.0 * double(args.m) * double(args.n) * double(args.k) * double(args.batch),
              by_shape ? fmt::format("gemm {}x{}x{}{}{}{}", args.m, args.k, args.n, args.batch > 1 ? " batched" : "",
-                                    args.gelu        ? " gelu"
-                                    : args.gelu_grad ? " gelu_grad"
-                                    : args.bias      ? " bias"
-                                                     : "",
-                                    args.addend ? " addend" : "")
+                                    epilogue, args.addend ? " addend" : "")
                       : std::string());
   if (cuda::gemm_lt(ctx_, args)) return;
   if (args.addend) return gemm(addend_into_c(*this, args));

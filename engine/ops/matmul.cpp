@@ -59,7 +59,7 @@ struct Epilogue {
   Tensor bias;      // [N], out's dtype, contiguous: added to every row
   Tensor pre_gelu;  // out's shape, contiguous: receives out before the GELU (defined: apply one)
   Tensor gelu_grad_of;  // out's shape, contiguous: a GELU's input; out = product * gelu'(it) (defined: apply)
-  Tensor addend;    // out's shape and dtype, contiguous: added to the product (GEMM beta 1); alone
+  Tensor addend;    // out's shape and dtype, contiguous: added to the product (GEMM beta 1); no GELU with it
 };
 
 // out [batch..., M, N] = a [batch..., M, K] @ b [batch..., K, N]; b_shared: b is 2-D.
