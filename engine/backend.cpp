@@ -77,6 +77,13 @@ void gemm_with_f32_epilogue(Backend& backend, const GemmArgs& args) {
   f32.finish();
 }
 
+void Backend::dropout_add_layer_norm(const View& r, const View& in, const View& residual, double p, uint64_t seed,
+                                     uint64_t offset, const View& y, const View& mean, const View& rstd,
+                                     const View& weight, const View& bias, double eps) {
+  dropout(r, in, p, seed, offset, residual);
+  layer_norm_forward(y, mean, rstd, r, weight, bias, eps);
+}
+
 GemmArgs addend_into_c(Backend& backend, const GemmArgs& args) {
   check(!args.gelu && !args.gelu_grad, "gemm: an addend takes no GELU epilogue");
   GemmArgs g = args;

@@ -183,6 +183,11 @@ class Backend {
   // are contiguous, of one dtype or bf16 and f32 either way; the result is rounded to out's once.
   virtual void dropout(const View& out, const View& in, double p, uint64_t seed, uint64_t offset,
                        const View& residual) = 0;
+  // r = residual + dropout(in) as dropout() gives it, then layer_norm_forward(y, mean, rstd, r, ...): the
+  // residual stream and its layer norm in one pass where a backend has a kernel for it, else the two calls.
+  virtual void dropout_add_layer_norm(const View& r, const View& in, const View& residual, double p, uint64_t seed,
+                                      uint64_t offset, const View& y, const View& mean, const View& rstd,
+                                      const View& weight, const View& bias, double eps);
 
   // ---- optimiser ----
   // One AdamW update of every listed parameter, in place, with its moments m

@@ -6,6 +6,7 @@
 #include "engine/tensor.h"
 
 #include <optional>
+#include <utility>
 #include <vector>
 
 namespace engine {
@@ -121,5 +122,11 @@ Tensor dropout(const Tensor& x, double p, bool training, Generator& gen);
 // residual connection's add. With a bf16 x and an f32 residual the dropped x
 // is added unrounded, and x's gradient is dropped straight into bf16.
 Tensor dropout_add(const Tensor& residual, const Tensor& x, double p, bool training, Generator& gen);
+// {r, layer_norm(r, weight, bias, eps, out)} for r = dropout_add(residual, x, ...):
+// a transformer's residual stream and the layer norm that reads it, in one pass
+// where the backend has a kernel for it. Values and gradients are the two ops'.
+std::pair<Tensor, Tensor> dropout_add_layer_norm(const Tensor& residual, const Tensor& x, double p, bool training,
+                                                 Generator& gen, const Tensor& weight, const Tensor& bias,
+                                                 double eps = 1e-5, std::optional<DType> out = std::nullopt);
 
 }  // namespace engine

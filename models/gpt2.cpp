@@ -3,9 +3,12 @@
 
 #include "engine/error.h"
 #include "engine/ops.h"
+#include "engine/precision.h"
 
 #include <cmath>
 #include <filesystem>
+#include <optional>
+#include <tuple>
 
 namespace models {
 
@@ -36,6 +39,20 @@ Tensor dropout_then_add(engine::nn::Module& dropout, const Tensor& y, const Tens
   return residual + dropout(y);
 }
 
+// {residual + dropout(y), norm of it} (no norm: undefined), the norm's output
+// for linear layers when into_linear: one pass where the module is a Dropout.
+std::pair<Tensor, Tensor> dropout_add_then_norm(engine::nn::Module& dropout, const Tensor& y, const Tensor& residual,
+                                                engine::nn::LayerNorm* norm, bool into_linear) {
+  auto* d = dynamic_cast<engine::nn::Dropout*>(&dropout);
+  if (!norm || !d) {
+    const Tensor sum = dropout_then_add(dropout, y, residual);
+    return {sum, !norm ? Tensor() : into_linear ? norm->forward_into_linear(sum) : (*norm)(sum)};
+  }
+  const std::optional<DType> out = into_linear ? engine::autocast_dtype_for(residual.dtype()) : std::nullopt;
+  return engine::dropout_add_layer_norm(residual, y, d->p, d->is_training(), d->generator(), norm->weight,
+                                        norm->bias, norm->eps, out);
+}
+
 }  // namespace
 
 // ---- attention ----
@@ -54,6 +71,10 @@ GPT2Attention::GPT2Attention(const GPT2Config& config, int64_t layer_index, cons
 
 Tensor GPT2Attention::forward(const Tensor& x, const Tensor& key_mask, Tensor* past_key, Tensor* past_value,
                               const Tensor& residual) {
+  return dropout_then_add(child("resid_dropout"), project(x, key_mask, past_key, past_value), residual);
+}
+
+Tensor GPT2Attention::project(const Tensor& x, const Tensor& key_mask, Tensor* past_key, Tensor* past_value) {
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2), D = C / n_head_;
   Tensor qkv = child("c_attn")(x);  // [B, T, 3C]; an adapter may have replaced c_attn
   // In training, attn_pdrop drops attention probabilities inside the fused kernel, as HF does.
@@ -76,7 +97,7 @@ Tensor GPT2Attention::forward(const Tensor& x, const Tensor& key_mask, Tensor* p
     a = engine::scaled_dot_product_attention(q, k, v, key_mask, /*causal=*/true, scale_, dropout_p, &dropout_gen_);
   }
   a = a.permute({0, 2, 1, 3}).reshape({B, T, C});
-  return dropout_then_add(child("resid_dropout"), child("c_proj")(a), residual);
+  return child("c_proj")(a);
 }
 
 // ---- MLP ----
@@ -90,6 +111,10 @@ GPT2MLP::GPT2MLP(const GPT2Config& config, const VarBuilder& vb, engine::Generat
 }
 
 Tensor GPT2MLP::forward(const Tensor& x, const Tensor& residual) {
+  return dropout_then_add(child("dropout"), project(x), residual);
+}
+
+Tensor GPT2MLP::project(const Tensor& x) {
   // Plain layers take the GELU inside their GEMMs, forward and backward; an
   // adapter in either place composes the ops.
   auto plain = [&](const char* name) {
@@ -97,14 +122,10 @@ Tensor GPT2MLP::forward(const Tensor& x, const Tensor& residual) {
     return linear && linear->type_name() == "Linear" ? linear : nullptr;
   };
   const Linear *fc = plain("c_fc"), *proj = plain("c_proj");
-  Tensor y;
   if (fc && proj && fc->layout == proj->layout)
-    y = engine::linear_gelu_linear(x, fc->weight, fc->bias, proj->weight, proj->bias, fc->layout);
-  else if (fc)
-    y = child("c_proj")(engine::linear_gelu(x, fc->weight, fc->bias, fc->layout));
-  else
-    y = child("c_proj")(engine::gelu_new(child("c_fc")(x)));
-  return dropout_then_add(child("dropout"), y, residual);
+    return engine::linear_gelu_linear(x, fc->weight, fc->bias, proj->weight, proj->bias, fc->layout);
+  if (fc) return child("c_proj")(engine::linear_gelu(x, fc->weight, fc->bias, fc->layout));
+  return child("c_proj")(engine::gelu_new(child("c_fc")(x)));
 }
 
 // ---- block ----
@@ -120,8 +141,15 @@ GPT2Block::GPT2Block(const GPT2Config& config, int64_t layer_index, const VarBui
 // ln_1 feeds only c_attn and ln_2 only c_fc (or adapters in their place). The
 // residual adds ride in the sublayers' output dropouts.
 Tensor GPT2Block::forward(const Tensor& x, const Tensor& key_mask, Tensor* past_key, Tensor* past_value) {
-  const Tensor h = attn_->forward(ln_1_->forward_into_linear(x), key_mask, past_key, past_value, /*residual=*/x);
-  return mlp_->forward(ln_2_->forward_into_linear(h), /*residual=*/h);
+  return forward_stream(x, ln_1_->forward_into_linear(x), key_mask, past_key, past_value, nullptr, false).first;
+}
+
+std::pair<Tensor, Tensor> GPT2Block::forward_stream(const Tensor& x, const Tensor& normed, const Tensor& key_mask,
+                                                    Tensor* past_key, Tensor* past_value,
+                                                    engine::nn::LayerNorm* next, bool next_into_linear) {
+  const Tensor a = attn_->project(normed, key_mask, past_key, past_value);
+  const auto [h, h_normed] = dropout_add_then_norm(attn_->child("resid_dropout"), a, x, ln_2_.get(), true);
+  return dropout_add_then_norm(mlp_->child("dropout"), mlp_->project(h_normed), h, next, next_into_linear);
 }
 
 // ---- the transformer body ----
@@ -157,14 +185,23 @@ Tensor GPT2Model::forward(const Tensor& ids, const Tensor& attention_mask, KVCac
 
   // Positions past..past+T-1 are a slice of wpe: no index tensor, no gather.
   Tensor x = child("drop")(wte_->forward(ids) + wpe_->weight.narrow(0, past, T));
+  // Looked up by name, so that a block replaced in the tree takes effect.
+  auto block = [&](int64_t i) {
+    auto* b = dynamic_cast<GPT2Block*>(&child("h").child(std::to_string(i)));
+    check(b != nullptr, "GPT-2: h.{} is not a GPT2Block", i);
+    return b;
+  };
+  auto* ln_f = dynamic_cast<engine::nn::LayerNorm*>(&child("ln_f"));
+  // Each block hands the next its ln_1 (the last, ln_f) of the stream, made in the pass of its last residual add.
+  Tensor normed = config_.n_layer > 0 ? block(0)->ln_1().forward_into_linear(x) : Tensor();
   for (int64_t i = 0; i < config_.n_layer; ++i) {
-    // Looked up by name, so that a block replaced in the tree takes effect.
-    auto* block = dynamic_cast<GPT2Block*>(&child("h").child(std::to_string(i)));
-    check(block != nullptr, "GPT-2: h.{} is not a GPT2Block", i);
-    x = block->forward(x, attention_mask, cache ? &cache->keys[size_t(i)] : nullptr,
-                       cache ? &cache->values[size_t(i)] : nullptr);
+    const bool last = i + 1 == config_.n_layer;
+    std::tie(x, normed) = block(i)->forward_stream(x, normed, attention_mask,
+                                                   cache ? &cache->keys[size_t(i)] : nullptr,
+                                                   cache ? &cache->values[size_t(i)] : nullptr,
+                                                   last ? ln_f : &block(i + 1)->ln_1(), !last);
   }
-  return child("ln_f")(x);
+  return normed.defined() ? normed : child("ln_f")(x);
 }
 
 // ---- the LM head ----

@@ -33,6 +33,8 @@ class GPT2Attention : public engine::nn::Module {
   Tensor forward(const Tensor& x, const Tensor& key_mask, Tensor* past_key, Tensor* past_value,
                  const Tensor& residual = Tensor());
   using engine::nn::Module::forward;  // keeps the one-input form visible (it refuses: a mask is needed)
+  // The attention and c_proj, before resid_dropout.
+  Tensor project(const Tensor& x, const Tensor& key_mask, Tensor* past_key, Tensor* past_value);
 
  private:
   int64_t n_head_;
@@ -48,6 +50,8 @@ class GPT2MLP : public engine::nn::Module {
   Tensor forward(const Tensor& x) override { return forward(x, Tensor()); }
   // residual + forward(x), added in the output dropout's pass (residual may be undefined).
   Tensor forward(const Tensor& x, const Tensor& residual);
+  // c_fc, the GELU and c_proj, before the output dropout.
+  Tensor project(const Tensor& x);
 };
 
 class GPT2Block : public engine::nn::Module {
@@ -57,6 +61,14 @@ class GPT2Block : public engine::nn::Module {
   std::string type_name() const override { return "GPT2Block"; }
   Tensor forward(const Tensor& x, const Tensor& key_mask, Tensor* past_key, Tensor* past_value);
   using engine::nn::Module::forward;  // keeps the one-input form visible (it refuses: a mask is needed)
+  // The block on the residual stream x, given normed = ln_1(x) as forward makes
+  // it: the stream after the block, and `next` of it (undefined for no next;
+  // into_linear: in the autocast dtype, for linear layers). Each sublayer's
+  // dropout, residual add and the layer norm after it take one pass.
+  std::pair<Tensor, Tensor> forward_stream(const Tensor& x, const Tensor& normed, const Tensor& key_mask,
+                                           Tensor* past_key, Tensor* past_value, engine::nn::LayerNorm* next,
+                                           bool next_into_linear);
+  engine::nn::LayerNorm& ln_1() const { return *ln_1_; }
 
  private:
   std::shared_ptr<engine::nn::LayerNorm> ln_1_, ln_2_;

@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 using engine::DType;
@@ -562,6 +563,42 @@ TEST_CASE("dropout_add is residual + dropout in one pass, with the same draws an
   Generator d(19), e(19);
   testing::require_close(engine::dropout_add(row, x32, p, true, d),
                          engine::add(row, engine::dropout(x32, p, true, e)).to_vector<double>(), 0);
+}
+
+TEST_CASE("dropout_add_layer_norm gives dropout_add and layer_norm's values, draws and gradients", "[nn_ops]") {
+  // f32 with a bf16 x and a bf16 output (GPT-2 under autocast), f32 throughout, and eval mode (composed).
+  for (const auto& [x_dtype, out, training] : {std::tuple{DType::BF16, DType::BF16, true},
+                                               std::tuple{DType::F32, DType::F32, true},
+                                               std::tuple{DType::F32, DType::F32, false}}) {
+    INFO(engine::dtype_name(x_dtype) << " into " << engine::dtype_name(out) << " training " << training);
+    auto leaves = [&] {
+      std::vector<Tensor> t = {random_f32({6, 40}, 94), random_f32({6, 40}, 95).to(x_dtype), random_f32({40}, 96),
+                               random_f32({40}, 97)};
+      for (Tensor& leaf : t) leaf.set_requires_grad(true);
+      return t;
+    };
+    std::vector<Tensor> a = leaves(), b = leaves();
+    Generator ga(20), gb(20);
+    const auto [r, y] = engine::dropout_add_layer_norm(a[0], a[1], 0.3, training, ga, a[2], a[3], 1e-5, out);
+    const Tensor r2 = engine::dropout_add(b[0], b[1], 0.3, training, gb);
+    const Tensor y2 = engine::layer_norm(r2, b[2], b[3], 1e-5, out);
+    REQUIRE(ga.offset() == gb.offset());
+    REQUIRE(y.dtype() == out);
+    testing::require_close(r, r2.to_vector<double>(), 0);
+    testing::require_close(y, y2.to_vector<double>(), 0);
+    // Both outputs carry gradients: the stream's own (the next residual add) and the norm's.
+    const Tensor up_r = random_f32({6, 40}, 98), up_y = random_f32({6, 40}, 99);
+    engine::sum(engine::add(engine::mul(r, up_r), engine::mul(y.to(DType::F32), up_y))).backward();
+    engine::sum(engine::add(engine::mul(r2, up_r), engine::mul(y2.to(DType::F32), up_y))).backward();
+    for (size_t i = 0; i < a.size(); ++i) testing::require_close(a[i].grad(), b[i].grad().to_vector<double>(), 0);
+  }
+  check_gradients(  // f64, the mask fixed by a fresh generator in f
+      [](const std::vector<Tensor>& in) {
+        Generator fixed(7);
+        const auto [r, y] = engine::dropout_add_layer_norm(in[0], in[1], 0.5, true, fixed, in[2], in[3]);
+        return engine::add(r, engine::mul(y, 2.0));
+      },
+      {random_f64({4, 6}, 100), random_f64({4, 6}, 101), random_f64({6}, 102), random_f64({6}, 103)});
 }
 
 TEST_CASE("dropout in eval mode or with p = 0 is the identity; bad p is an error", "[nn_ops]") {

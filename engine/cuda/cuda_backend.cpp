@@ -158,6 +158,9 @@ class CudaBackend final : public Backend {
                           const AttentionArgs& args) override;
   void dropout(const View& out, const View& in, double p, uint64_t seed, uint64_t offset,
                const View& residual) override;
+  void dropout_add_layer_norm(const View& r, const View& in, const View& residual, double p, uint64_t seed,
+                              uint64_t offset, const View& y, const View& mean, const View& rstd, const View& weight,
+                              const View& bias, double eps) override;
   void adamw_step(std::span<const AdamWTensors> tensors, const AdamWArgs& args) override;
 
  private:
@@ -538,6 +541,23 @@ void CudaBackend::attention_backward(const View& dq, const View& dk, const View&
 }
 
 // ---- dropout and AdamW ----
+
+void CudaBackend::dropout_add_layer_norm(const View& r, const View& in, const View& residual, double p,
+                                         uint64_t seed, uint64_t offset, const View& y, const View& mean,
+                                         const View& rstd, const View& weight, const View& bias, double eps) {
+  const auto [rows, cols] = rows_of(r);
+  const bool f32 = r.dtype == DType::F32 && residual.dtype == DType::F32 && weight.dtype == DType::F32 &&
+                   bias.dtype == DType::F32;
+  if (!f32 || !cuda::dropout_add_layer_norm_fits(in.dtype, cols, {r.data, in.data, residual.data, y.data,
+                                                                   weight.data, bias.data}))
+    return Backend::dropout_add_layer_norm(r, in, residual, p, seed, offset, y, mean, rstd, weight, bias, eps);
+  OpScope op(ctx_, "dropout_add_layer_norm");
+  ctx_.check_launch(cuda::launch_dropout_add_layer_norm(ctx_.launch(), in.dtype, rows, cols, r.data, in.data,
+                                                        residual.data, p, seed, offset, y.data,
+                                                        y.dtype == DType::BF16, mean.data, rstd.data, weight.data,
+                                                        bias.data, eps),
+                    "dropout_add_layer_norm");
+}
 
 void CudaBackend::dropout(const View& out, const View& in, double p, uint64_t seed, uint64_t offset,
                           const View& residual) {

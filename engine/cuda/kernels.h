@@ -10,6 +10,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <vector>
 
 namespace engine::cuda {
@@ -91,6 +92,15 @@ cudaError_t launch_index_add_rows(const LaunchContext& ctx, DType dtype, int64_t
 cudaError_t launch_layer_norm_forward(const LaunchContext& ctx, DType dtype, int64_t rows, int64_t cols, void* y,
                                       bool y_bf16, void* mean, void* rstd, const void* x, const void* weight,
                                       const void* bias, double eps);
+// r = residual + dropout(in) (launch_dropout's terms), then y = layer_norm(r),
+// in one pass: f32 r, residual, weight and bias, in f32 or bf16, rows that
+// fit the rows-in-registers kernel (dropout_add_layer_norm_fits, given every
+// pointer); the caller runs any other case as the two launches.
+bool dropout_add_layer_norm_fits(DType in_dtype, int64_t cols, std::initializer_list<const void*> pointers);
+cudaError_t launch_dropout_add_layer_norm(const LaunchContext& ctx, DType in_dtype, int64_t rows, int64_t cols,
+                                          void* r, const void* in, const void* residual, double p, uint64_t seed,
+                                          uint64_t offset, void* y, bool y_bf16, void* mean, void* rstd,
+                                          const void* weight, const void* bias, double eps);
 // dx = residual (null: none) + the input's gradient.
 cudaError_t launch_layer_norm_backward_input(const LaunchContext& ctx, DType dtype, int64_t rows, int64_t cols,
                                              void* dx, const void* dy, bool dy_bf16, const void* x,

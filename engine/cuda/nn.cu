@@ -4,6 +4,7 @@
 // f64, as the CPU's layer norm does) but in warp trees, so f32 results agree
 // with the CPU to a few ulps rather than bit for bit.
 #include "engine/cuda/common.cuh"
+#include "engine/rng.h"
 
 namespace engine::cuda {
 
@@ -118,18 +119,47 @@ bool with_packs_per_lane(int64_t packs, Fn&& fn) {
   }(std::integer_sequence<int, 2, 4, 6, 8, 10, 12, 16>{});
 }
 
-template <int kPacks, typename Y>
-__global__ void layer_norm_forward_rows_kernel(int64_t rows, int64_t packs, Y* y, float* mean, float* rstd,
-                                               const float* x, const float* weight, const float* bias, float eps) {
+// Where the rows kernel's input comes from, pack by pack (index into the
+// whole [rows, cols] matrix): x itself ...
+struct PacksOf {
+  const float* x;
+  __device__ Pack4<float> operator()(int64_t pack) const { return reinterpret_cast<const Pack4<float>*>(x)[pack]; }
+};
+
+// ... or r = residual + dropout(in), which it also writes out: the dropout
+// kernel's terms (engine/cuda/random.cu) for elements 4 pack .. 4 pack + 3,
+// one Philox block, so both kernels keep and round the same values.
+template <typename In>
+struct PacksOfDropoutAdd {
+  float* r;
+  const In* in;
+  const float* residual;
+  uint32_t keep_from;
+  float scale;
+  uint64_t seed, offset;
+  __device__ Pack4<float> operator()(int64_t pack) const {
+    const Philox4 block = philox4x32_10(seed, offset + uint64_t(pack));
+    const Pack4<In> x = reinterpret_cast<const Pack4<In>*>(in)[pack];
+    Pack4<float> sum = reinterpret_cast<const Pack4<float>*>(residual)[pack];
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      sum.v[k] += block.v[k] >> 8 >= keep_from ? product_rn(convert<float>(x.v[k]), scale) : 0.f;
+    reinterpret_cast<Pack4<float>*>(r)[pack] = sum;
+    return sum;
+  }
+};
+
+template <int kPacks, typename Y, typename Source>
+__global__ void layer_norm_forward_rows_kernel(int64_t rows, int64_t packs, Y* y, float* mean, float* rstd, Source x,
+                                               const float* weight, const float* bias, float eps) {
   const int64_t row = warp_row();
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
-  const auto* xr = reinterpret_cast<const Pack4<float>*>(x) + row * packs;
   Pack4<float> v[kPacks];
   float sum = 0;
 #pragma unroll
   for (int i = 0; i < kPacks; ++i) {
-    v[i] = lane + 32 * i < packs ? xr[lane + 32 * i] : Pack4<float>{};
+    v[i] = lane + 32 * i < packs ? x(row * packs + lane + 32 * i) : Pack4<float>{};
     for (float e : v[i].v) sum += e;
   }
   const float cols = float(packs * 4);
@@ -403,7 +433,7 @@ cudaError_t launch_layer_norm_forward(const LaunchContext& ctx, DType dtype, int
                         with_packs_per_lane(cols / 4, [&](auto packs) {
                           layer_norm_forward_rows_kernel<packs()><<<row_blocks(rows), kThreads, 0, ctx.stream>>>(
                               rows, cols / 4, static_cast<Y*>(y), static_cast<float*>(mean),
-                              static_cast<float*>(rstd), static_cast<const float*>(x),
+                              static_cast<float*>(rstd), PacksOf{static_cast<const float*>(x)},
                               static_cast<const float*>(weight), static_cast<const float*>(bias), float(eps));
                         });
       if (fits) return;
@@ -412,6 +442,34 @@ cudaError_t launch_layer_norm_forward(const LaunchContext& ctx, DType dtype, int
         rows, cols, static_cast<Y*>(y), static_cast<T*>(mean), static_cast<T*>(rstd), static_cast<const T*>(x),
         static_cast<const T*>(weight), static_cast<const T*>(bias), T(eps));
   });
+  return cudaGetLastError();
+}
+
+bool dropout_add_layer_norm_fits(DType in_dtype, int64_t cols, std::initializer_list<const void*> pointers) {
+  return (in_dtype == DType::F32 || in_dtype == DType::BF16) && rows_fit_registers(cols, pointers) &&
+         with_packs_per_lane(cols / 4, [](auto) {});
+}
+
+cudaError_t launch_dropout_add_layer_norm(const LaunchContext& ctx, DType in_dtype, int64_t rows, int64_t cols,
+                                          void* r, const void* in, const void* residual, double p, uint64_t seed,
+                                          uint64_t offset, void* y, bool y_bf16, void* mean, void* rstd,
+                                          const void* weight, const void* bias, double eps) {
+  if (rows == 0) return cudaSuccess;
+  if (!dropout_add_layer_norm_fits(in_dtype, cols, {r, in, residual, y, weight, bias})) return cudaErrorInvalidValue;
+  auto launch = [&](auto in_zero, auto y_zero) {
+    using In = decltype(in_zero);
+    using Y = decltype(y_zero);
+    const PacksOfDropoutAdd<In> source{static_cast<float*>(r), static_cast<const In*>(in),
+                                       static_cast<const float*>(residual), uniform_threshold(p, 24),
+                                       float(1.0 / (1.0 - p)), seed, offset};
+    return with_packs_per_lane(cols / 4, [&](auto packs) {
+      layer_norm_forward_rows_kernel<packs()><<<row_blocks(rows), kThreads, 0, ctx.stream>>>(
+          rows, cols / 4, static_cast<Y*>(y), static_cast<float*>(mean), static_cast<float*>(rstd), source,
+          static_cast<const float*>(weight), static_cast<const float*>(bias), float(eps));
+    });
+  };
+  if (in_dtype == DType::BF16) y_bf16 ? launch(__nv_bfloat16{}, __nv_bfloat16{}) : launch(__nv_bfloat16{}, float{});
+  else y_bf16 ? launch(float{}, __nv_bfloat16{}) : launch(float{}, float{});
   return cudaGetLastError();
 }
 

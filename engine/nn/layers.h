@@ -77,6 +77,7 @@ class Dropout : public Module {
   Tensor forward_added_to(const Tensor& residual, const Tensor& x) {
     return dropout_add(residual, x, p, is_training(), *gen_);
   }
+  Generator& generator() const { return *gen_; }
 
   double p;
 

@@ -6,6 +6,8 @@
 #include "engine/backend.h"
 #include "engine/ops.h"
 
+#include <optional>
+
 namespace engine::detail {
 
 // Same device (and dtype), or an error naming the op and both sides.
@@ -20,6 +22,14 @@ View broadcast_view(const Tensor& t, const Shape& shape);
 Tensor make_view(const Tensor& t, const Shape& shape, const Shape& strides, int64_t offset);
 
 inline Backend& backend_of(const Tensor& t) { return backend_for(t.device()); }
+
+// layer_norm's pieces (ops/nn.cpp), for an op that computes a layer norm in
+// another op's pass: its checks, which give y's dtype, and the node it records
+// for y = layer_norm(x), with x's contiguous values xc and the statistics saved.
+DType check_layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, std::optional<DType> out);
+void record_layer_norm(Tensor& y, const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& xc,
+                       const Tensor& mean, const Tensor& rstd);
+DType layer_norm_stats_dtype(DType dtype);
 
 // Indices (or targets) made contiguous, checked by `check(backend, view)` with the backend
 // of the device they are on, and brought to `device`. Indices on the host are checked there

@@ -12,18 +12,17 @@ using detail::backend_of;
 
 namespace {
 
-// Saved statistics are f32 (the backend's contract), or f64 for f64 inputs,
-// whose gradient checks need them exact.
-DType stats_dtype(DType dtype) { return dtype == DType::F64 ? DType::F64 : DType::F32; }
-
 View view_or_none(const Tensor& t) { return t.defined() ? view_of(t) : View{}; }
 
 }  // namespace
 
 // ---- layer norm ----
 
-Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps, std::optional<DType> out) {
-  if (is_storage_only(x.dtype())) return layer_norm(x.to(DType::F32), weight, bias, eps, out);
+// Saved statistics are f32 (the backend's contract), or f64 for f64 inputs,
+// whose gradient checks need them exact.
+DType detail::layer_norm_stats_dtype(DType dtype) { return dtype == DType::F64 ? DType::F64 : DType::F32; }
+
+DType detail::check_layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, std::optional<DType> out) {
   detail::check_floating(x, "layer_norm");
   const DType y_dtype = out.value_or(x.dtype());
   check(y_dtype == x.dtype() || (y_dtype == DType::BF16 && x.dtype() == DType::F32),
@@ -37,16 +36,12 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, dou
   check(weight.shape() == Shape{C} && bias.shape() == Shape{C},
         "layer_norm: weight {} and bias {} must both be [{}] for input {}", shape_str(weight.shape()),
         shape_str(bias.shape()), C, shape_str(x.shape()));
-  const Tensor xc = x.detach().contiguous(), w = weight.detach().contiguous(), b = bias.detach().contiguous();
-  const int64_t rows = C == 0 ? 0 : x.numel() / C;
+  return y_dtype;
+}
 
-  Tensor y = Tensor::empty(x.shape(), y_dtype, x.device());
-  Tensor mean = Tensor::empty({rows}, stats_dtype(x.dtype()), x.device());
-  Tensor rstd = Tensor::empty({rows}, stats_dtype(x.dtype()), x.device());
-  if (x.numel() > 0)
-    backend_of(x).layer_norm_forward(view_of(y), view_of(mean), view_of(rstd), view_of(xc), view_of(w), view_of(b),
-                                     eps);
-
+void detail::record_layer_norm(Tensor& y, const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& xc,
+                               const Tensor& mean, const Tensor& rstd) {
+  const Tensor w = weight.detach().contiguous();
   record(y, "layer_norm", {x, weight, bias}, [xc, w, mean, rstd](const Tensor& g, const Node& n) -> std::vector<Tensor> {
     const Tensor dy = g.contiguous();
     const int64_t C = xc.size(-1);
@@ -62,6 +57,20 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, dou
                                          view_or_none(so_far));
     return {n.needs_grad(0) ? dx : Tensor(), dweight, dbias};
   });
+}
+
+Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps, std::optional<DType> out) {
+  if (is_storage_only(x.dtype())) return layer_norm(x.to(DType::F32), weight, bias, eps, out);
+  const DType y_dtype = detail::check_layer_norm(x, weight, bias, out);
+  const Tensor xc = x.detach().contiguous(), w = weight.detach().contiguous(), b = bias.detach().contiguous();
+  const int64_t C = x.size(-1), rows = C == 0 ? 0 : x.numel() / C;
+  Tensor y = Tensor::empty(x.shape(), y_dtype, x.device());
+  Tensor mean = Tensor::empty({rows}, detail::layer_norm_stats_dtype(x.dtype()), x.device());
+  Tensor rstd = Tensor::empty({rows}, detail::layer_norm_stats_dtype(x.dtype()), x.device());
+  if (x.numel() > 0)
+    backend_of(x).layer_norm_forward(view_of(y), view_of(mean), view_of(rstd), view_of(xc), view_of(w), view_of(b),
+                                     eps);
+  detail::record_layer_norm(y, x, weight, bias, xc, mean, rstd);
   return y;
 }
 
