@@ -84,6 +84,13 @@ void Backend::dropout_add_layer_norm(const View& r, const View& in, const View& 
   layer_norm_forward(y, mean, rstd, r, weight, bias, eps);
 }
 
+void Backend::layer_norm_backward_dropout(const View& dx, const View& dy, const View& x, const View& weight,
+                                          const View& mean, const View& rstd, const View& residual,
+                                          const View& dropped, double p, uint64_t seed, uint64_t offset) {
+  layer_norm_backward(dx, View{}, View{}, dy, x, weight, mean, rstd, residual);
+  dropout(dropped, dx, p, seed, offset, View{});
+}
+
 GemmArgs addend_into_c(Backend& backend, const GemmArgs& args) {
   check(!args.gelu && !args.gelu_grad, "gemm: an addend takes no GELU epilogue");
   GemmArgs g = args;

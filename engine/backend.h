@@ -188,6 +188,11 @@ class Backend {
   virtual void dropout_add_layer_norm(const View& r, const View& in, const View& residual, double p, uint64_t seed,
                                       uint64_t offset, const View& y, const View& mean, const View& rstd,
                                       const View& weight, const View& bias, double eps);
+  // Its backward's half: layer_norm_backward's dx (weight and bias frozen), then dropped = dropout(dx) as
+  // dropout() gives it, the gradient the dropout_add hands its input; one pass where a backend can.
+  virtual void layer_norm_backward_dropout(const View& dx, const View& dy, const View& x, const View& weight,
+                                           const View& mean, const View& rstd, const View& residual,
+                                           const View& dropped, double p, uint64_t seed, uint64_t offset);
 
   // ---- optimiser ----
   // One AdamW update of every listed parameter, in place, with its moments m

@@ -97,6 +97,37 @@ TEST_CASE("cuda: dropout_add_layer_norm in one pass is dropout_add then layer_no
   }
 }
 
+TEST_CASE("cuda: under frozen layer norm weights, its backward drops the dropout_add's gradient in the same pass",
+          "[cuda][nn]") {
+  // As in GPT-2: the stream goes on into the next residual add, which hands the layer norm its gradient so far.
+  auto chain = [](bool fused, int64_t* passes) {
+    Tensor res = random({64, 1280}, 1).to(kGpu), x = random({64, 1280}, 2).to(DType::BF16).to(kGpu);
+    const Tensor w = random({1280}, 3).to(kGpu), b = random({1280}, 4).to(kGpu), next = random({64, 1280}, 5).to(kGpu);
+    res.set_requires_grad(true), x.set_requires_grad(true);
+    engine::Generator gen(22);
+    Tensor r, y;
+    if (fused) {
+      std::tie(r, y) = engine::dropout_add_layer_norm(res, x, 0.1, true, gen, w, b, 1e-5, DType::BF16);
+    } else {
+      r = engine::dropout_add(res, x, 0.1, true, gen);
+      y = engine::layer_norm(r, w, b, 1e-5, DType::BF16);
+    }
+    const Tensor stream = engine::dropout_add(r, engine::mul(y, next.to(DType::BF16)), 0.1, true, gen);
+    const Tensor loss = engine::sum(engine::mul(stream, next));
+    engine::Profiler profiler;
+    loss.backward();
+    *passes = profiler.calls("layer_norm_backward_dropout") + profiler.calls("layer_norm_backward") +
+              profiler.calls("dropout");
+    CHECK(profiler.calls("layer_norm_backward_dropout") == (fused ? 1 : 0));
+    return std::vector<Tensor>{res.grad(), x.grad()};
+  };
+  int64_t fused_passes = 0, apart_passes = 0;
+  const std::vector<Tensor> fused = chain(true, &fused_passes), apart = chain(false, &apart_passes);
+  require_equal(fused[0], apart[0], "the residual's gradient");
+  require_equal(fused[1], apart[1], "x's gradient, dropped into bf16");
+  CHECK(fused_passes == apart_passes - 1);  // the dropout_add's own dropout pass is gone
+}
+
 TEST_CASE("cuda: gelu_new, softmax and log_softmax forward and backward", "[cuda][nn]") {
   for (DType dtype : {DType::F32, DType::F64}) {
     // Row sums of up to 50257 exponentials: f32 trees on the GPU, double on

@@ -567,14 +567,17 @@ TEST_CASE("dropout_add is residual + dropout in one pass, with the same draws an
 
 TEST_CASE("dropout_add_layer_norm gives dropout_add and layer_norm's values, draws and gradients", "[nn_ops]") {
   // f32 with a bf16 x and a bf16 output (GPT-2 under autocast), f32 throughout, and eval mode (composed).
-  for (const auto& [x_dtype, out, training] : {std::tuple{DType::BF16, DType::BF16, true},
-                                               std::tuple{DType::F32, DType::F32, true},
-                                               std::tuple{DType::F32, DType::F32, false}}) {
-    INFO(engine::dtype_name(x_dtype) << " into " << engine::dtype_name(out) << " training " << training);
+  // With a frozen weight and bias, the layer norm's backward also drops the gradient for the dropout_add.
+  for (const auto& [x_dtype, out, training, frozen] : {std::tuple{DType::BF16, DType::BF16, true, true},
+                                                       std::tuple{DType::BF16, DType::BF16, true, false},
+                                                       std::tuple{DType::F32, DType::F32, true, true},
+                                                       std::tuple{DType::F32, DType::F32, false, false}}) {
+    INFO(engine::dtype_name(x_dtype) << " into " << engine::dtype_name(out) << " training " << training << " frozen "
+                                     << frozen);
     auto leaves = [&] {
       std::vector<Tensor> t = {random_f32({6, 40}, 94), random_f32({6, 40}, 95).to(x_dtype), random_f32({40}, 96),
                                random_f32({40}, 97)};
-      for (Tensor& leaf : t) leaf.set_requires_grad(true);
+      for (size_t i = 0; i < t.size(); ++i) t[i].set_requires_grad(i < 2 || !frozen);
       return t;
     };
     std::vector<Tensor> a = leaves(), b = leaves();
@@ -590,7 +593,32 @@ TEST_CASE("dropout_add_layer_norm gives dropout_add and layer_norm's values, dra
     const Tensor up_r = random_f32({6, 40}, 98), up_y = random_f32({6, 40}, 99);
     engine::sum(engine::add(engine::mul(r, up_r), engine::mul(y.to(DType::F32), up_y))).backward();
     engine::sum(engine::add(engine::mul(r2, up_r), engine::mul(y2.to(DType::F32), up_y))).backward();
-    for (size_t i = 0; i < a.size(); ++i) testing::require_close(a[i].grad(), b[i].grad().to_vector<double>(), 0);
+    for (size_t i = 0; i < a.size(); ++i)
+      if (a[i].requires_grad()) testing::require_close(a[i].grad(), b[i].grad().to_vector<double>(), 0);
+  }
+  // As in GPT-2: the stream goes on into the next residual add, which hands the layer norm its gradient
+  // so far; the dropout_add then takes the dropped gradient the layer norm made.
+  for (bool frozen : {true, false}) {
+    INFO("frozen " << frozen);
+    auto chain = [&](bool fused) {
+      Tensor res = random_f32({6, 40}, 104), x = random_f32({6, 40}, 105).to(DType::BF16);
+      Tensor w = random_f32({40}, 106), b = random_f32({40}, 107), next = random_f32({6, 40}, 108);
+      res.set_requires_grad(true), x.set_requires_grad(true), w.set_requires_grad(!frozen);
+      Generator gen(21);
+      Tensor r, y;
+      if (fused) {
+        std::tie(r, y) = engine::dropout_add_layer_norm(res, x, 0.2, true, gen, w, b, 1e-5, DType::BF16);
+      } else {
+        r = engine::dropout_add(res, x, 0.2, true, gen);
+        y = engine::layer_norm(r, w, b, 1e-5, DType::BF16);
+      }
+      const Tensor stream = engine::dropout_add(r, engine::mul(y, next.to(DType::BF16)), 0.2, true, gen);
+      engine::sum(engine::mul(stream, next)).backward();
+      return std::vector<Tensor>{res.grad(), x.grad()};
+    };
+    const std::vector<Tensor> fused = chain(true), apart = chain(false);
+    testing::require_close(fused[0], apart[0].to_vector<double>(), 0);
+    testing::require_close(fused[1].to(DType::F32), apart[1].to(DType::F32).to_vector<double>(), 0);
   }
   check_gradients(  // f64, the mask fixed by a fresh generator in f
       [](const std::vector<Tensor>& in) {

@@ -161,6 +161,9 @@ class CudaBackend final : public Backend {
   void dropout_add_layer_norm(const View& r, const View& in, const View& residual, double p, uint64_t seed,
                               uint64_t offset, const View& y, const View& mean, const View& rstd, const View& weight,
                               const View& bias, double eps) override;
+  void layer_norm_backward_dropout(const View& dx, const View& dy, const View& x, const View& weight,
+                                   const View& mean, const View& rstd, const View& residual, const View& dropped,
+                                   double p, uint64_t seed, uint64_t offset) override;
   void adamw_step(std::span<const AdamWTensors> tensors, const AdamWArgs& args) override;
 
  private:
@@ -547,9 +550,8 @@ void CudaBackend::dropout_add_layer_norm(const View& r, const View& in, const Vi
                                          const View& rstd, const View& weight, const View& bias, double eps) {
   const auto [rows, cols] = rows_of(r);
   const bool f32 = r.dtype == DType::F32 && residual.dtype == DType::F32 && weight.dtype == DType::F32 &&
-                   bias.dtype == DType::F32;
-  if (!f32 || !cuda::dropout_add_layer_norm_fits(in.dtype, cols, {r.data, in.data, residual.data, y.data,
-                                                                   weight.data, bias.data}))
+                   bias.dtype == DType::F32 && (in.dtype == DType::F32 || in.dtype == DType::BF16);
+  if (!f32 || !cuda::layer_norm_rows_fit(cols, {r.data, in.data, residual.data, y.data, weight.data, bias.data}))
     return Backend::dropout_add_layer_norm(r, in, residual, p, seed, offset, y, mean, rstd, weight, bias, eps);
   OpScope op(ctx_, "dropout_add_layer_norm");
   ctx_.check_launch(cuda::launch_dropout_add_layer_norm(ctx_.launch(), in.dtype, rows, cols, r.data, in.data,
@@ -557,6 +559,23 @@ void CudaBackend::dropout_add_layer_norm(const View& r, const View& in, const Vi
                                                         y.dtype == DType::BF16, mean.data, rstd.data, weight.data,
                                                         bias.data, eps),
                     "dropout_add_layer_norm");
+}
+
+void CudaBackend::layer_norm_backward_dropout(const View& dx, const View& dy, const View& x, const View& weight,
+                                              const View& mean, const View& rstd, const View& residual,
+                                              const View& dropped, double p, uint64_t seed, uint64_t offset) {
+  const auto [rows, cols] = rows_of(x);
+  auto f32_or_bf16 = [](DType t) { return t == DType::F32 || t == DType::BF16; };
+  const bool f32 = x.dtype == DType::F32 && weight.dtype == DType::F32 && f32_or_bf16(dy.dtype) &&
+                   f32_or_bf16(dropped.dtype) && (!residual.data || residual.dtype == DType::F32);
+  if (!f32 || !cuda::layer_norm_rows_fit(cols, {dx.data, dy.data, x.data, weight.data, residual.data, dropped.data}))
+    return Backend::layer_norm_backward_dropout(dx, dy, x, weight, mean, rstd, residual, dropped, p, seed, offset);
+  OpScope op(ctx_, "layer_norm_backward_dropout");
+  ctx_.check_launch(cuda::launch_layer_norm_backward_dropout(
+                        ctx_.launch(), rows, cols, dx.data, dy.data, dy.dtype == DType::BF16, x.data, weight.data,
+                        mean.data, rstd.data, residual.data, dropped.data, dropped.dtype == DType::BF16, p, seed,
+                        offset),
+                    "layer_norm_backward_dropout");
 }
 
 void CudaBackend::dropout(const View& out, const View& in, double p, uint64_t seed, uint64_t offset,

@@ -92,11 +92,12 @@ cudaError_t launch_index_add_rows(const LaunchContext& ctx, DType dtype, int64_t
 cudaError_t launch_layer_norm_forward(const LaunchContext& ctx, DType dtype, int64_t rows, int64_t cols, void* y,
                                       bool y_bf16, void* mean, void* rstd, const void* x, const void* weight,
                                       const void* bias, double eps);
+// Whether f32 rows of `cols`, through these pointers, fit the layer norm
+// kernels that hold a row in registers, which the two launchers below need.
+bool layer_norm_rows_fit(int64_t cols, std::initializer_list<const void*> pointers);
 // r = residual + dropout(in) (launch_dropout's terms), then y = layer_norm(r),
-// in one pass: f32 r, residual, weight and bias, in f32 or bf16, rows that
-// fit the rows-in-registers kernel (dropout_add_layer_norm_fits, given every
-// pointer); the caller runs any other case as the two launches.
-bool dropout_add_layer_norm_fits(DType in_dtype, int64_t cols, std::initializer_list<const void*> pointers);
+// in one pass: f32 r, residual, weight and bias, and in f32 or bf16. The
+// caller runs any other case as the two launches.
 cudaError_t launch_dropout_add_layer_norm(const LaunchContext& ctx, DType in_dtype, int64_t rows, int64_t cols,
                                           void* r, const void* in, const void* residual, double p, uint64_t seed,
                                           uint64_t offset, void* y, bool y_bf16, void* mean, void* rstd,
@@ -106,6 +107,13 @@ cudaError_t launch_layer_norm_backward_input(const LaunchContext& ctx, DType dty
                                              void* dx, const void* dy, bool dy_bf16, const void* x,
                                              const void* weight, const void* mean, const void* rstd,
                                              const void* residual);
+// The same for f32 rows that fit (layer_norm_rows_fit), writing dropped =
+// dropout(dx) (launch_dropout's terms; f32 or bf16) in the same pass.
+cudaError_t launch_layer_norm_backward_dropout(const LaunchContext& ctx, int64_t rows, int64_t cols, void* dx,
+                                               const void* dy, bool dy_bf16, const void* x, const void* weight,
+                                               const void* mean, const void* rstd, const void* residual,
+                                               void* dropped, bool dropped_bf16, double p, uint64_t seed,
+                                               uint64_t offset);
 // dweight and dbias (either may be null) are column sums over rows; scratch
 // holds per-chunk partial sums so that the result does not depend on timing.
 size_t layer_norm_params_scratch_bytes(const LaunchContext& ctx, DType dtype, int64_t rows, int64_t cols);

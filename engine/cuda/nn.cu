@@ -126,24 +126,43 @@ struct PacksOf {
   __device__ Pack4<float> operator()(int64_t pack) const { return reinterpret_cast<const Pack4<float>*>(x)[pack]; }
 };
 
-// ... or r = residual + dropout(in), which it also writes out: the dropout
-// kernel's terms (engine/cuda/random.cu) for elements 4 pack .. 4 pack + 3,
-// one Philox block, so both kernels keep and round the same values.
+// The dropout kernel's terms (engine/cuda/random.cu) for elements 4 pack ..
+// 4 pack + 3 of a contiguous tensor: one Philox block, the same test and the
+// same rounded product, so a layer norm kernel that drops on the way in or
+// out keeps exactly the values the dropout kernel would.
+struct DropoutTerms {
+  uint32_t keep_from;
+  float scale;
+  uint64_t seed, offset;
+  __device__ Pack4<float> dropped(int64_t pack, const Pack4<float>& v) const {
+    const Philox4 block = philox4x32_10(seed, offset + uint64_t(pack));
+    Pack4<float> out;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) out.v[k] = block.v[k] >> 8 >= keep_from ? product_rn(v.v[k], scale) : 0.f;
+    return out;
+  }
+};
+
+DropoutTerms dropout_terms(double p, uint64_t seed, uint64_t offset) {
+  return {uniform_threshold(p, 24), float(1.0 / (1.0 - p)), seed, offset};
+}
+
+// ... or r = residual + dropout(in), which it also writes out.
 template <typename In>
 struct PacksOfDropoutAdd {
   float* r;
   const In* in;
   const float* residual;
-  uint32_t keep_from;
-  float scale;
-  uint64_t seed, offset;
+  DropoutTerms dropout;
   __device__ Pack4<float> operator()(int64_t pack) const {
-    const Philox4 block = philox4x32_10(seed, offset + uint64_t(pack));
     const Pack4<In> x = reinterpret_cast<const Pack4<In>*>(in)[pack];
+    Pack4<float> wide;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) wide.v[k] = convert<float>(x.v[k]);
+    const Pack4<float> d = dropout.dropped(pack, wide);
     Pack4<float> sum = reinterpret_cast<const Pack4<float>*>(residual)[pack];
 #pragma unroll
-    for (int k = 0; k < 4; ++k)
-      sum.v[k] += block.v[k] >> 8 >= keep_from ? product_rn(convert<float>(x.v[k]), scale) : 0.f;
+    for (int k = 0; k < 4; ++k) sum.v[k] += d.v[k];
     reinterpret_cast<Pack4<float>*>(r)[pack] = sum;
     return sum;
   }
@@ -189,8 +208,33 @@ __global__ void layer_norm_forward_rows_kernel(int64_t rows, int64_t packs, Y* y
 // Keeps only x in registers: the second pass reads dy again (from L2, where
 // the first pass has just brought it) and recomputes g and xhat, which
 // leaves room for twice the warps that keeping g and xhat allowed.
-template <int kPacks, typename G>
-__global__ void layer_norm_backward_rows_kernel(int64_t rows, int64_t packs, float* dx, const G* dy, const float* x,
+// Where the backward rows kernel's dx packs go: dx itself ...
+struct PacksInto {
+  float* dx;
+  __device__ void operator()(int64_t pack, const Pack4<float>& v) const {
+    reinterpret_cast<Pack4<float>*>(dx)[pack] = v;
+  }
+};
+
+// ... and dropout(dx) into `dropped` as well: the gradient that the
+// dropout_add which made x hands its own input (ops/dropout.cpp).
+template <typename Out>
+struct PacksIntoAndDropped {
+  float* dx;
+  Out* dropped;
+  DropoutTerms dropout;
+  __device__ void operator()(int64_t pack, const Pack4<float>& v) const {
+    reinterpret_cast<Pack4<float>*>(dx)[pack] = v;
+    const Pack4<float> d = dropout.dropped(pack, v);
+    Pack4<Out> out;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) out.v[k] = convert<Out>(d.v[k]);
+    reinterpret_cast<Pack4<Out>*>(dropped)[pack] = out;
+  }
+};
+
+template <int kPacks, typename G, typename Sink>
+__global__ void layer_norm_backward_rows_kernel(int64_t rows, int64_t packs, Sink dx, const G* dy, const float* x,
                                                 const float* weight, const float* mean, const float* rstd,
                                                 const float* residual) {
   const int64_t row = warp_row();
@@ -229,7 +273,7 @@ __global__ void layer_norm_backward_rows_kernel(int64_t rows, int64_t packs, flo
       const float d = product_rn(rs, g - mean_g - xhat * mean_g_xhat);
       out.v[k] = residual ? out.v[k] + d : d;
     }
-    reinterpret_cast<Pack4<float>*>(dx)[row * packs + p] = out;
+    dx(row * packs + p, out);
   }
 }
 
@@ -445,9 +489,8 @@ cudaError_t launch_layer_norm_forward(const LaunchContext& ctx, DType dtype, int
   return cudaGetLastError();
 }
 
-bool dropout_add_layer_norm_fits(DType in_dtype, int64_t cols, std::initializer_list<const void*> pointers) {
-  return (in_dtype == DType::F32 || in_dtype == DType::BF16) && rows_fit_registers(cols, pointers) &&
-         with_packs_per_lane(cols / 4, [](auto) {});
+bool layer_norm_rows_fit(int64_t cols, std::initializer_list<const void*> pointers) {
+  return rows_fit_registers(cols, pointers) && with_packs_per_lane(cols / 4, [](auto) {});
 }
 
 cudaError_t launch_dropout_add_layer_norm(const LaunchContext& ctx, DType in_dtype, int64_t rows, int64_t cols,
@@ -455,13 +498,13 @@ cudaError_t launch_dropout_add_layer_norm(const LaunchContext& ctx, DType in_dty
                                           uint64_t offset, void* y, bool y_bf16, void* mean, void* rstd,
                                           const void* weight, const void* bias, double eps) {
   if (rows == 0) return cudaSuccess;
-  if (!dropout_add_layer_norm_fits(in_dtype, cols, {r, in, residual, y, weight, bias})) return cudaErrorInvalidValue;
+  const bool in_fits = in_dtype == DType::F32 || in_dtype == DType::BF16;
+  if (!in_fits || !layer_norm_rows_fit(cols, {r, in, residual, y, weight, bias})) return cudaErrorInvalidValue;
   auto launch = [&](auto in_zero, auto y_zero) {
     using In = decltype(in_zero);
     using Y = decltype(y_zero);
     const PacksOfDropoutAdd<In> source{static_cast<float*>(r), static_cast<const In*>(in),
-                                       static_cast<const float*>(residual), uniform_threshold(p, 24),
-                                       float(1.0 / (1.0 - p)), seed, offset};
+                                       static_cast<const float*>(residual), dropout_terms(p, seed, offset)};
     return with_packs_per_lane(cols / 4, [&](auto packs) {
       layer_norm_forward_rows_kernel<packs()><<<row_blocks(rows), kThreads, 0, ctx.stream>>>(
           rows, cols / 4, static_cast<Y*>(y), static_cast<float*>(mean), static_cast<float*>(rstd), source,
@@ -485,7 +528,7 @@ cudaError_t launch_layer_norm_backward_input(const LaunchContext& ctx, DType dty
       const bool fits = rows_fit_registers(cols, {dx, dy, x, weight, residual}) &&
                         with_packs_per_lane(cols / 4, [&](auto packs) {
                           layer_norm_backward_rows_kernel<packs()><<<row_blocks(rows), kThreads, 0, ctx.stream>>>(
-                              rows, cols / 4, static_cast<float*>(dx), static_cast<const G*>(dy),
+                              rows, cols / 4, PacksInto{static_cast<float*>(dx)}, static_cast<const G*>(dy),
                               static_cast<const float*>(x), static_cast<const float*>(weight),
                               static_cast<const float*>(mean), static_cast<const float*>(rstd),
                               static_cast<const float*>(residual));
@@ -497,6 +540,31 @@ cudaError_t launch_layer_norm_backward_input(const LaunchContext& ctx, DType dty
         static_cast<const T*>(weight), static_cast<const T*>(mean), static_cast<const T*>(rstd),
         static_cast<const T*>(residual));
   });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_layer_norm_backward_dropout(const LaunchContext& ctx, int64_t rows, int64_t cols, void* dx,
+                                               const void* dy, bool dy_bf16, const void* x, const void* weight,
+                                               const void* mean, const void* rstd, const void* residual,
+                                               void* dropped, bool dropped_bf16, double p, uint64_t seed,
+                                               uint64_t offset) {
+  if (rows == 0) return cudaSuccess;
+  if (!layer_norm_rows_fit(cols, {dx, dy, x, weight, residual, dropped})) return cudaErrorInvalidValue;
+  auto launch = [&](auto g_zero, auto out_zero) {
+    using G = decltype(g_zero);
+    using Out = decltype(out_zero);
+    const PacksIntoAndDropped<Out> sink{static_cast<float*>(dx), static_cast<Out*>(dropped),
+                                        dropout_terms(p, seed, offset)};
+    with_packs_per_lane(cols / 4, [&](auto packs) {
+      layer_norm_backward_rows_kernel<packs()><<<row_blocks(rows), kThreads, 0, ctx.stream>>>(
+          rows, cols / 4, sink, static_cast<const G*>(dy), static_cast<const float*>(x),
+          static_cast<const float*>(weight), static_cast<const float*>(mean), static_cast<const float*>(rstd),
+          static_cast<const float*>(residual));
+    });
+  };
+  using bf16 = __nv_bfloat16;
+  if (dy_bf16) dropped_bf16 ? launch(bf16{}, bf16{}) : launch(bf16{}, float{});
+  else dropped_bf16 ? launch(float{}, bf16{}) : launch(float{}, float{});
   return cudaGetLastError();
 }
 

@@ -6,6 +6,7 @@
 #include "engine/backend.h"
 #include "engine/ops.h"
 
+#include <memory>
 #include <optional>
 
 namespace engine::detail {
@@ -23,12 +24,23 @@ Tensor make_view(const Tensor& t, const Shape& shape, const Shape& strides, int6
 
 inline Backend& backend_of(const Tensor& t) { return backend_for(t.device()); }
 
+// What dropout_add_layer_norm's two nodes share: the dropout_add's terms, so
+// that the layer norm's backward can also drop the gradient it computes for
+// x (in the same pass), and that gradient with its dropped copy, which the
+// dropout_add's backward takes when the gradient it receives is that very one.
+struct DropoutHandoff {
+  double p;
+  uint64_t seed, offset;
+  DType dtype;  // of the dropout_add's input
+  Tensor gradient, dropped;
+};
+
 // layer_norm's pieces (ops/nn.cpp), for an op that computes a layer norm in
 // another op's pass: its checks, which give y's dtype, and the node it records
 // for y = layer_norm(x), with x's contiguous values xc and the statistics saved.
 DType check_layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, std::optional<DType> out);
 void record_layer_norm(Tensor& y, const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& xc,
-                       const Tensor& mean, const Tensor& rstd);
+                       const Tensor& mean, const Tensor& rstd, std::shared_ptr<DropoutHandoff> handoff = nullptr);
 DType layer_norm_stats_dtype(DType dtype);
 
 // Indices (or targets) made contiguous, checked by `check(backend, view)` with the backend

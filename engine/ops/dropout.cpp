@@ -29,12 +29,17 @@ Tensor dropped_gradient(const Tensor& g, DType dtype, double p, uint64_t seed, u
   return dx;
 }
 
+// handoff: the layer norm that reads out may have dropped out's gradient
+// already (dropout_add_layer_norm); taken when g is that gradient itself.
 void record_dropout_add(Tensor& out, const Tensor& residual, const Tensor& x, double p, uint64_t seed,
-                        uint64_t offset) {
+                        uint64_t offset, std::shared_ptr<detail::DropoutHandoff> handoff = nullptr) {
   record(out, "dropout_add", {edge_only(residual), edge_only(x)},
-         [p, seed, offset, in = x.dtype()](const Tensor& g, const Node& n) -> std::vector<Tensor> {
-           Tensor dx = n.needs_grad(1) ? dropped_gradient(g, in, p, seed, offset) : Tensor();
-           return {n.needs_grad(0) ? g : Tensor(), dx};
+         [p, seed, offset, in = x.dtype(), handoff](const Tensor& g, const Node& n) -> std::vector<Tensor> {
+           Tensor dx;
+           if (handoff && handoff->gradient.defined() && g.same(handoff->gradient)) dx = handoff->dropped;
+           else if (n.needs_grad(1)) dx = dropped_gradient(g, in, p, seed, offset);
+           if (handoff) handoff->gradient = handoff->dropped = Tensor();
+           return {n.needs_grad(0) ? g : Tensor(), n.needs_grad(1) ? dx : Tensor()};
          });
 }
 
@@ -88,8 +93,9 @@ std::pair<Tensor, Tensor> dropout_add_layer_norm(const Tensor& residual, const T
   Tensor mean = Tensor::empty({rows}, stats, x.device()), rstd = Tensor::empty({rows}, stats, x.device());
   backend_of(x).dropout_add_layer_norm(view_of(r), view_of(xc), view_of(rc), p, seed, offset, view_of(y),
                                        view_of(mean), view_of(rstd), view_of(w), view_of(b), eps);
-  record_dropout_add(r, residual, x, p, seed, offset);
-  detail::record_layer_norm(y, r, weight, bias, r.detach(), mean, rstd);
+  auto handoff = std::make_shared<detail::DropoutHandoff>(detail::DropoutHandoff{p, seed, offset, x.dtype(), {}, {}});
+  record_dropout_add(r, residual, x, p, seed, offset, handoff);
+  detail::record_layer_norm(y, r, weight, bias, r.detach(), mean, rstd, handoff);
   return {r, y};
 }
 

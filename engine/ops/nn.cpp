@@ -40,14 +40,23 @@ DType detail::check_layer_norm(const Tensor& x, const Tensor& weight, const Tens
 }
 
 void detail::record_layer_norm(Tensor& y, const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& xc,
-                               const Tensor& mean, const Tensor& rstd) {
+                               const Tensor& mean, const Tensor& rstd, std::shared_ptr<DropoutHandoff> handoff) {
   const Tensor w = weight.detach().contiguous();
-  record(y, "layer_norm", {x, weight, bias}, [xc, w, mean, rstd](const Tensor& g, const Node& n) -> std::vector<Tensor> {
+  record(y, "layer_norm", {x, weight, bias}, [xc, w, mean, rstd, handoff](const Tensor& g, const Node& n) {
     const Tensor dy = g.contiguous();
     const int64_t C = xc.size(-1);
     // x's gradient so far (the residual stream's, in a transformer) is added in the same pass.
     const Tensor so_far = n.needs_grad(0) ? n.take_gradient_so_far(0, xc.dtype()) : Tensor();
     Tensor dx = Tensor::empty(xc.shape(), xc.dtype(), xc.device());
+    if (handoff && n.needs_grad(0) && !n.needs_grad(1) && !n.needs_grad(2) && xc.numel() > 0) {
+      // Frozen weight and bias: dx, and dx dropped for the dropout_add that made x, in one pass.
+      handoff->dropped = Tensor::empty(xc.shape(), handoff->dtype, xc.device());
+      backend_of(xc).layer_norm_backward_dropout(view_of(dx), view_of(dy), view_of(xc), view_of(w), view_of(mean),
+                                                 view_of(rstd), view_or_none(so_far), view_of(handoff->dropped),
+                                                 handoff->p, handoff->seed, handoff->offset);
+      handoff->gradient = dx;
+      return std::vector<Tensor>{dx, Tensor(), Tensor()};
+    }
     // A frozen weight or bias gets no gradient tensor, and the kernel skips its sum.
     Tensor dweight = n.needs_grad(1) ? Tensor::zeros({C}, w.dtype(), w.device()) : Tensor();
     Tensor dbias = n.needs_grad(2) ? Tensor::zeros({C}, w.dtype(), w.device()) : Tensor();
@@ -55,7 +64,7 @@ void detail::record_layer_norm(Tensor& y, const Tensor& x, const Tensor& weight,
       backend_of(xc).layer_norm_backward(view_of(dx), view_or_none(dweight), view_or_none(dbias), view_of(dy),
                                          view_of(xc), view_of(w), view_of(mean), view_of(rstd),
                                          view_or_none(so_far));
-    return {n.needs_grad(0) ? dx : Tensor(), dweight, dbias};
+    return std::vector<Tensor>{n.needs_grad(0) ? dx : Tensor(), dweight, dbias};
   });
 }
 
