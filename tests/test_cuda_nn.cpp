@@ -11,6 +11,7 @@
 #include "engine/precision.h"
 #include "engine/profiler.h"
 #include "tests/cuda_test_util.h"
+#include "tests/residual_chain.h"
 
 #include <functional>
 #include <optional>
@@ -99,33 +100,23 @@ TEST_CASE("cuda: dropout_add_layer_norm in one pass is dropout_add then layer_no
 
 TEST_CASE("cuda: under frozen layer norm weights, its backward drops the dropout_add's gradient in the same pass",
           "[cuda][nn]") {
-  // As in GPT-2: the stream goes on into the next residual add, which hands the layer norm its gradient so far.
+  // The forward's one pass is dropout_add_layer_norm's; the backward's, layer_norm_backward_dropout.
+  // As in GPT-2 (tests/residual_chain.h), at its width.
   auto chain = [](bool fused, int64_t* passes) {
-    Tensor res = random({64, 1280}, 1).to(kGpu), x = random({64, 1280}, 2).to(DType::BF16).to(kGpu);
-    const Tensor w = random({1280}, 3).to(kGpu), b = random({1280}, 4).to(kGpu), next = random({64, 1280}, 5).to(kGpu);
-    res.set_requires_grad(true), x.set_requires_grad(true);
-    engine::Generator gen(22);
-    Tensor r, y;
-    if (fused) {
-      std::tie(r, y) = engine::dropout_add_layer_norm(res, x, 0.1, true, gen, w, b, 1e-5, DType::BF16);
-    } else {
-      r = engine::dropout_add(res, x, 0.1, true, gen);
-      y = engine::layer_norm(r, w, b, 1e-5, DType::BF16);
-    }
-    const Tensor stream = engine::dropout_add(r, engine::mul(y, next.to(DType::BF16)), 0.1, true, gen);
-    const Tensor loss = engine::sum(engine::mul(stream, next));
     engine::Profiler profiler;
-    loss.backward();
-    *passes = profiler.calls("layer_norm_backward_dropout") + profiler.calls("layer_norm_backward") +
-              profiler.calls("dropout");
+    const std::vector<Tensor> grads = testing::residual_chain(fused, kGpu, 64, 1280, /*frozen_norm=*/true);
+    *passes = 0;  // over the stream, both ways
+    for (const char* op : {"dropout", "layer_norm", "dropout_add_layer_norm", "layer_norm_backward",
+                           "layer_norm_backward_dropout"})
+      *passes += profiler.calls(op);
     CHECK(profiler.calls("layer_norm_backward_dropout") == (fused ? 1 : 0));
-    return std::vector<Tensor>{res.grad(), x.grad()};
+    return grads;
   };
   int64_t fused_passes = 0, apart_passes = 0;
   const std::vector<Tensor> fused = chain(true, &fused_passes), apart = chain(false, &apart_passes);
   require_equal(fused[0], apart[0], "the residual's gradient");
   require_equal(fused[1], apart[1], "x's gradient, dropped into bf16");
-  CHECK(fused_passes == apart_passes - 1);  // the dropout_add's own dropout pass is gone
+  CHECK(fused_passes == apart_passes - 2);  // one pass fewer each way
 }
 
 TEST_CASE("cuda: gelu_new, softmax and log_softmax forward and backward", "[cuda][nn]") {

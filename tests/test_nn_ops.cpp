@@ -5,6 +5,7 @@
 #include "engine/ops.h"
 #include "engine/rng.h"
 #include "tests/gradcheck.h"
+#include "tests/residual_chain.h"
 
 #include <catch2/catch.hpp>
 
@@ -596,27 +597,12 @@ TEST_CASE("dropout_add_layer_norm gives dropout_add and layer_norm's values, dra
     for (size_t i = 0; i < a.size(); ++i)
       if (a[i].requires_grad()) testing::require_close(a[i].grad(), b[i].grad().to_vector<double>(), 0);
   }
-  // As in GPT-2: the stream goes on into the next residual add, which hands the layer norm its gradient
-  // so far; the dropout_add then takes the dropped gradient the layer norm made.
+  // As in GPT-2 (tests/residual_chain.h); with a frozen weight the dropout_add takes the dropped gradient
+  // the layer norm's backward made.
   for (bool frozen : {true, false}) {
     INFO("frozen " << frozen);
-    auto chain = [&](bool fused) {
-      Tensor res = random_f32({6, 40}, 104), x = random_f32({6, 40}, 105).to(DType::BF16);
-      Tensor w = random_f32({40}, 106), b = random_f32({40}, 107), next = random_f32({6, 40}, 108);
-      res.set_requires_grad(true), x.set_requires_grad(true), w.set_requires_grad(!frozen);
-      Generator gen(21);
-      Tensor r, y;
-      if (fused) {
-        std::tie(r, y) = engine::dropout_add_layer_norm(res, x, 0.2, true, gen, w, b, 1e-5, DType::BF16);
-      } else {
-        r = engine::dropout_add(res, x, 0.2, true, gen);
-        y = engine::layer_norm(r, w, b, 1e-5, DType::BF16);
-      }
-      const Tensor stream = engine::dropout_add(r, engine::mul(y, next.to(DType::BF16)), 0.2, true, gen);
-      engine::sum(engine::mul(stream, next)).backward();
-      return std::vector<Tensor>{res.grad(), x.grad()};
-    };
-    const std::vector<Tensor> fused = chain(true), apart = chain(false);
+    const std::vector<Tensor> fused = testing::residual_chain(true, engine::Device::cpu(), 6, 40, frozen);
+    const std::vector<Tensor> apart = testing::residual_chain(false, engine::Device::cpu(), 6, 40, frozen);
     testing::require_close(fused[0], apart[0].to_vector<double>(), 0);
     testing::require_close(fused[1].to(DType::F32), apart[1].to(DType::F32).to_vector<double>(), 0);
   }
