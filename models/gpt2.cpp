@@ -192,6 +192,7 @@ Tensor GPT2Model::forward(const Tensor& ids, const Tensor& attention_mask, KVCac
     return b;
   };
   auto* ln_f = dynamic_cast<engine::nn::LayerNorm*>(&child("ln_f"));
+  if (ln_f && ln_f->type_name() != "LayerNorm") ln_f = nullptr;  // a subclass keeps its own forward
   // Each block hands the next its ln_1 (the last, ln_f) of the stream, made in the pass of its last residual add.
   Tensor normed = config_.n_layer > 0 ? block(0)->ln_1().forward_into_linear(x) : Tensor();
   for (int64_t i = 0; i < config_.n_layer; ++i) {

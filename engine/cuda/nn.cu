@@ -1,5 +1,6 @@
 // CUDA kernels of the fused nn ops: index validation, row gather and
-// scatter-add (embedding, index_select), layer norm and gelu_new. Same
+// scatter-add (embedding, index_select), layer norm (also with the dropout
+// and residual add before it, both ways) and gelu_new. Same
 // formulas as engine/cpu/cpu_nn.cpp; sums run in the tensor's type (f32 or
 // f64, as the CPU's layer norm does) but in warp trees, so f32 results agree
 // with the CPU to a few ulps rather than bit for bit.

@@ -1,4 +1,5 @@
-// Inverted dropout, and dropout added to a residual in the same pass. The
+// Inverted dropout; dropout added to a residual in the same pass; and that
+// with the layer norm which reads the sum, one pass each way. The
 // keep mask is a pure function of (seed, offset, element index) through
 // Philox, so no mask is stored: the backward asks the same kernel to drop the
 // same elements of the gradient.
