@@ -43,6 +43,12 @@ View KernelOperands::in(const View& v, DType dtype) {
   return copy;
 }
 
+View KernelOperands::inout(const View& v, DType dtype) {
+  const View copy = in(v, dtype);
+  if (copy.data != v.data) results_.emplace_back(v, copy);
+  return copy;
+}
+
 View KernelOperands::out(const View& v, DType dtype) {
   if (fits(v, dtype)) return v;
   const View written = scratch(v, dtype);
@@ -64,8 +70,7 @@ void gemm_with_f32_epilogue(Backend& backend, const GemmArgs& args) {
   GemmArgs wide = args;
   wide.c_dtype = DType::F32;
   const View c{args.c, DType::BF16, {args.batch, args.m, args.n}, {args.stride_c, args.ldc, 1}};
-  const View wide_c = args.beta != 0 ? f32.in(c, DType::F32) : f32.out(c, DType::F32);  // beta reads C
-  wide.c = wide_c.data;
+  wide.c = (args.beta != 0 ? f32.inout(c, DType::F32) : f32.out(c, DType::F32)).data;  // beta reads C
   wide.ldc = args.n;
   wide.stride_c = args.m * args.n;
   if (args.bias) wide.bias = f32.in(View{const_cast<void*>(args.bias), DType::BF16, {args.n}, {1}}, DType::F32).data;
@@ -73,7 +78,6 @@ void gemm_with_f32_epilogue(Backend& backend, const GemmArgs& args) {
   if (args.gelu) wide.pre_gelu = f32.out(pre, DType::F32).data;
   if (args.gelu_grad) wide.pre_gelu = f32.in(pre, DType::F32).data;
   backend.gemm(wide);
-  if (args.beta != 0) backend.copy(c, wide_c);  // f32.in's copy is not written back by finish
   f32.finish();
 }
 

@@ -220,6 +220,7 @@ class KernelOperands {
   }
   View in(const View& v, DType dtype);
   View out(const View& v, DType dtype);
+  View inout(const View& v, DType dtype);  // read and written: copied in, and back at finish
   void finish();
 
  private:

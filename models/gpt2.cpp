@@ -194,13 +194,15 @@ Tensor GPT2Model::forward(const Tensor& ids, const Tensor& attention_mask, KVCac
   auto* ln_f = dynamic_cast<engine::nn::LayerNorm*>(&child("ln_f"));
   if (ln_f && ln_f->type_name() != "LayerNorm") ln_f = nullptr;  // a subclass keeps its own forward
   // Each block hands the next its ln_1 (the last, ln_f) of the stream, made in the pass of its last residual add.
-  Tensor normed = config_.n_layer > 0 ? block(0)->ln_1().forward_into_linear(x) : Tensor();
+  GPT2Block* current = config_.n_layer > 0 ? block(0) : nullptr;
+  Tensor normed = current ? current->ln_1().forward_into_linear(x) : Tensor();
   for (int64_t i = 0; i < config_.n_layer; ++i) {
-    const bool last = i + 1 == config_.n_layer;
-    std::tie(x, normed) = block(i)->forward_stream(x, normed, attention_mask,
-                                                   cache ? &cache->keys[size_t(i)] : nullptr,
-                                                   cache ? &cache->values[size_t(i)] : nullptr,
-                                                   last ? ln_f : &block(i + 1)->ln_1(), !last);
+    GPT2Block* next = i + 1 < config_.n_layer ? block(i + 1) : nullptr;
+    std::tie(x, normed) = current->forward_stream(x, normed, attention_mask,
+                                                  cache ? &cache->keys[size_t(i)] : nullptr,
+                                                  cache ? &cache->values[size_t(i)] : nullptr,
+                                                  next ? &next->ln_1() : ln_f, next != nullptr);
+    current = next;
   }
   return normed.defined() ? normed : child("ln_f")(x);
 }

@@ -162,6 +162,14 @@ std::vector<Tensor> saved_operands(const Tensor& a, const Tensor& b) {
   return {b.requires_grad() ? a : edge_only(a), a.requires_grad() ? b : edge_only(b)};
 }
 
+// The weight gradient of out = a @ b, dB = a^T g: one GEMM over every row of
+// the batch for a shared 2-D b, else a batched one.
+Tensor weight_gradient(const Tensor& a, const Tensor& b, const Tensor& g, DType compute) {
+  if (b.dim() == 2 && a.dim() > 2)
+    return product(a.reshape({-1, a.size(-1)}).transpose(0, 1), g.reshape({-1, g.size(-1)}), compute, b.dtype());
+  return product(a.transpose(-1, -2), g, compute, b.dtype());
+}
+
 // The backward of out = a @ b (+ addend and bias, the inputs after them, whose
 // gradients are g summed to their shapes): each gradient in its input's
 // dtype, multiplied at the forward's precision. a's gradient adds what a has
@@ -169,18 +177,13 @@ std::vector<Tensor> saved_operands(const Tensor& a, const Tensor& b) {
 Node::BackwardFn product_backward(DType compute) {
   return [compute](const Tensor& g, const Node& n) {
     const Tensor &a = n.inputs[0], &b = n.inputs[1];
-    const bool b_shared = b.dim() == 2;
     std::vector<Tensor> grads(n.inputs.size());
     if (n.needs_grad(0)) {  // a's gradient so far (from its other uses) rides in as the GEMM's addend
       Epilogue sum;
       sum.addend = n.take_gradient_so_far(0, a.dtype());
       grads[0] = product(g, b.transpose(-1, -2), compute, a.dtype(), sum);
     }
-    if (n.needs_grad(1)) {  // the weight-gradient GEMM: skipped for frozen weights
-      grads[1] = b_shared && a.dim() > 2 ? product(a.reshape({-1, a.size(-1)}).transpose(0, 1),
-                                                   g.reshape({-1, g.size(-1)}), compute, b.dtype())
-                                         : product(a.transpose(-1, -2), g, compute, b.dtype());
-    }
+    if (n.needs_grad(1)) grads[1] = weight_gradient(a, b, g, compute);  // skipped for frozen weights
     for (size_t i = 2; i < n.inputs.size(); ++i)
       if (n.needs_grad(i)) grads[i] = sum_to(g.to(n.inputs[i].dtype()), n.inputs[i].shape());
     return grads;
@@ -320,9 +323,7 @@ Tensor linear_gelu_linear(const Tensor& x, const Tensor& w1, const Tensor& b1, c
              through_gelu.gelu_grad_of = pre;
              grads[0] = product(g, w.transpose(0, 1), compute, pre.dtype(), through_gelu);
            }
-           if (n.needs_grad(1))
-             grads[1] = product(h_kept.reshape({-1, h_kept.size(-1)}).transpose(0, 1), g.reshape({-1, g.size(-1)}),
-                                compute, w.dtype());
+           if (n.needs_grad(1)) grads[1] = weight_gradient(h_kept, w, g, compute);
            if (n.needs_grad(2)) grads[2] = sum_to(g.to(n.inputs[2].dtype()), n.inputs[2].shape());
            return grads;
          });
