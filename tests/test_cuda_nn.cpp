@@ -19,11 +19,7 @@
 #include <tuple>
 #include <vector>
 
-using engine::Device;
-using engine::DType;
-using engine::Shape;
-using engine::Tensor;
-using namespace cuda_test;
+using namespace cuda_test;  // Device, DType, Shape, Tensor and the helpers
 
 int main(int argc, char** argv) { return run_or_skip(argc, argv); }
 
