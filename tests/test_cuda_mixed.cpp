@@ -1,8 +1,9 @@
 // Mixed precision on CUDA against the CPU (engine/precision.h): autocast
-// matmul and its gradients, addmm, bf16 linear_gelu, layer norm into bf16,
-// the tensor-core attention kernels for every head size, padding and
-// dropout, and a GPT-2 with bf16 frozen weights. The CPU multiplies the same
-// bf16-rounded operands in f32, so it is the reference.
+// matmul and its gradients, addmm, bf16 linear_gelu (and its GEMMs' tuning),
+// layer norm into bf16, the
+// tensor-core attention kernels for every head size, padding and dropout, and
+// a GPT-2 with bf16 frozen weights. The CPU multiplies the same bf16-rounded
+// operands in f32, so it is the reference.
 // Exits 77 (SKIP in Meson) without a GPU.
 #define CATCH_CONFIG_RUNNER
 #include <catch2/catch.hpp>
@@ -133,6 +134,33 @@ TEST_CASE("cuda mixed: linear_gelu_linear's GELU backward in cuBLASLt's DGELU ep
     for (size_t i = 0; i < 5; ++i)
       if (cpu[i].requires_grad()) require_near(gpu[i].grad(), cpu[i].grad(), bf16 ? 1e-2 : 256 * kF32Eps, names[i]);
   }
+}
+
+TEST_CASE("cuda mixed: GELU-epilogue GEMMs timed for their fastest algorithm give the first pick's bits",
+          "[cuda][precision][matmul]") {
+  // gpt2-large's MLP over 2048 tokens, frozen weights: c_fc in GELU_AUX, c_proj's dX in DGELU. Tuning
+  // chooses among candidates that add up each sum in one pass, so every output bit must match.
+  const int64_t C = 1280;
+  const Tensor x = random({32, 64, C}, 1).to(kGpu), w1 = random({C, 4 * C}, 2, DType::F32, -0.03, 0.03).to(kGpu);
+  const Tensor b1 = random({4 * C}, 3).to(kGpu), w2 = random({4 * C, C}, 4, DType::F32, -0.03, 0.03).to(kGpu);
+  const Tensor b2 = random({C}, 5).to(kGpu), up = random({32, 64, C}, 6).to(kGpu);
+  auto run = [&](bool tuned) {
+    engine::set_gelu_gemm_tuning(tuned);
+    Tensor in = x.detach();
+    in.set_requires_grad(true);
+    Tensor y;
+    {
+      AutocastGuard autocast(DType::BF16);
+      y = engine::linear_gelu_linear(in, w1, b1, w2, b2, engine::WeightLayout::InOut);
+    }
+    engine::sum(engine::mul(y.to(DType::F32), up)).backward();
+    return std::pair{y, in.grad()};
+  };
+  const auto [y_first, dx_first] = run(false);
+  const auto [y_tuned, dx_tuned] = run(true);
+  require_equal(y_tuned, y_first, "forward");
+  require_equal(dx_tuned, dx_first, "dx");
+  CHECK(engine::gelu_gemm_tuned());  // left on, the default
 }
 
 TEST_CASE("cuda mixed: layer_norm with a bf16 output and bf16 gradient matches the CPU", "[cuda][precision][nn]") {

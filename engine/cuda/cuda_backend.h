@@ -1,6 +1,6 @@
 // The CUDA backend: engine::Backend on NVIDIA GPUs, with GEMMs on cuBLAS and
 // our kernels (engine/cuda/*.cu) for the rest. Compiled only when the 'cuda'
-// option finds nvcc; also here: memory counters and the TF32 switch.
+// option finds nvcc; also here: memory counters, and the TF32 and GEMM tuning switches.
 #pragma once
 
 #include "engine/backend.h"
@@ -33,5 +33,12 @@ void cuda_synchronize(int index = 0);
 // default, as torch.backends.cuda.matmul.allow_tf32. Process-wide.
 void set_allow_tf32(bool allow);
 bool allow_tf32();
+
+// Whether a GEMM with a GELU epilogue (GELU_AUX, DGELU) times cuBLASLt's
+// candidates on the first call of each shape and keeps the fastest, instead
+// of the heuristic's first pick. Only candidates that add up each sum in one
+// pass are timed, so the results are the same either way. On by default. Process-wide.
+void set_gelu_gemm_tuning(bool on);
+bool gelu_gemm_tuned();
 
 }  // namespace engine

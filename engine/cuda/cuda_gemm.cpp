@@ -14,18 +14,23 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
+#include <cmath>
 #include <map>
 #include <mutex>
 #include <optional>
+#include <vector>
 
 namespace engine {
 
 namespace {
 std::atomic<bool> tf32_allowed{false};
+std::atomic<bool> gelu_gemm_tuning{true};
 }  // namespace
 
 void set_allow_tf32(bool allow) { tf32_allowed = allow; }
 bool allow_tf32() { return tf32_allowed; }
+void set_gelu_gemm_tuning(bool on) { gelu_gemm_tuning = on; }
+bool gelu_gemm_tuned() { return gelu_gemm_tuning; }
 
 namespace cuda {
 
@@ -115,6 +120,7 @@ struct LtKey {
   cublasLtEpilogue_t epilogue;
   bool bias;
   uint32_t align_a, align_b, align_c, align_d;  // bytes, a power of two up to 256
+  bool tuned;                                    // the fastest candidate by the clock, not the first
   auto operator<=>(const LtKey&) const = default;
 };
 
@@ -143,6 +149,47 @@ class LtAlgoCache {
 };
 
 LtAlgoCache lt_algo_cache;
+
+// Whether an algorithm makes each sum in one pass over k, as the heuristic's
+// usual pick does: no split-K, no reduction of partial sums. Such algorithms
+// differ in tiles and scheduling, not in the order each sum is added up, so
+// they write the same bits (checked for GPT-2's shapes in test_cuda_mixed).
+bool one_pass(const cublasLtMatmulAlgo_t& algo) {
+  int32_t splits = 1;
+  uint32_t reduction = CUBLASLT_REDUCTION_SCHEME_NONE;
+  size_t written = 0;
+  cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splits, sizeof(splits), &written);
+  cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &reduction, sizeof(reduction),
+                                       &written);
+  return splits == 1 && reduction == CUBLASLT_REDUCTION_SCHEME_NONE;
+}
+
+// Of the heuristic's one-pass candidates, the fastest by the clock: each runs
+// once to warm up, then kReps times between two events. `run` may repeat:
+// a GELU epilogue's GEMM only writes C and its aux (beta is 0).
+template <typename Run>
+cublasLtMatmulAlgo_t fastest(DeviceContext& ctx, const std::vector<cublasLtMatmulHeuristicResult_t>& candidates,
+                             Run&& run) {
+  constexpr int kReps = 5;
+  cudaEvent_t start, stop;
+  check_cuda(cudaEventCreate(&start), ctx.index(), "gemm tuning");
+  check_cuda(cudaEventCreate(&stop), ctx.index(), "gemm tuning");
+  cublasLtMatmulAlgo_t best = candidates[0].algo;
+  float best_ms = INFINITY;
+  for (const cublasLtMatmulHeuristicResult_t& candidate : candidates) {
+    if (!one_pass(candidate.algo) || run(candidate.algo) != CUBLAS_STATUS_SUCCESS) continue;
+    check_cuda(cudaEventRecord(start, ctx.stream()), ctx.index(), "gemm tuning");
+    for (int r = 0; r < kReps; ++r) run(candidate.algo);
+    check_cuda(cudaEventRecord(stop, ctx.stream()), ctx.index(), "gemm tuning");
+    check_cuda(cudaEventSynchronize(stop), ctx.index(), "gemm tuning");
+    float ms = 0;
+    check_cuda(cudaEventElapsedTime(&ms, start, stop), ctx.index(), "gemm tuning");
+    if (ms < best_ms) best_ms = ms, best = candidate.algo;
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  return best;
+}
 
 }  // namespace
 
@@ -202,9 +249,19 @@ bool gemm_lt(DeviceContext& ctx, const GemmArgs& g) {
   const size_t workspace = DeviceContext::kGemmWorkspaceBytes;
   // A view may start anywhere in its tensor: the algorithm must suit the pointers' alignment.
   const void* addend = g.addend ? g.addend : g.c;
+  const float alpha = float(g.alpha), beta = float(g.beta);
+  auto run = [&](const cublasLtMatmulAlgo_t& algo) {
+    return cublasLtMatmul(ctx.cublas_lt(), lt.desc, &alpha, g.b, lt.a, g.a, lt.b, &beta, addend, lt.c, g.c, lt.c,
+                          &algo, ctx.gemm_workspace(), workspace, ctx.stream());
+  };
+  // For a GELU epilogue the heuristic's first pick is often not the fastest
+  // (gpt2-large's c_proj dX with DGELU: 170 us, its 8th candidate 147), so
+  // those GEMMs time the one-pass candidates on first use: speed may then
+  // differ from run to run, the results not.
+  const bool tune = aux && gelu_gemm_tuned();
   const LtKey key{index, types.storage, c_storage, types.compute, op_first, op_second, m, n, k, g.ldb, g.lda, g.ldc,
                   epilogue, g.bias != nullptr, alignment_of(g.b), alignment_of(g.a), alignment_of(addend),
-                  alignment_of(g.c)};
+                  alignment_of(g.c), tune};
   const std::optional<cublasLtMatmulAlgo_t> algo = lt_algo_cache.get(key, [&]() -> std::optional<cublasLtMatmulAlgo_t> {
     check_cublas(cublasLtMatmulPreferenceCreate(&lt.preference), index, "gemm (cuBLASLt)");
     auto prefer = [&](cublasLtMatmulPreferenceAttributes_t attribute, const auto& value) {
@@ -216,18 +273,18 @@ bool gemm_lt(DeviceContext& ctx, const GemmArgs& g) {
     prefer(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, key.align_b);
     prefer(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, key.align_c);
     prefer(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, key.align_d);
-    cublasLtMatmulHeuristicResult_t heuristic{};
+    std::vector<cublasLtMatmulHeuristicResult_t> candidates(tune ? 8 : 1);
     int found = 0;
-    if (cublasLtMatmulAlgoGetHeuristic(ctx.cublas_lt(), lt.desc, lt.a, lt.b, lt.c, lt.c, lt.preference, 1, &heuristic,
-                                       &found) != CUBLAS_STATUS_SUCCESS ||
+    if (cublasLtMatmulAlgoGetHeuristic(ctx.cublas_lt(), lt.desc, lt.a, lt.b, lt.c, lt.c, lt.preference,
+                                       int(candidates.size()), candidates.data(), &found) != CUBLAS_STATUS_SUCCESS ||
         found == 0)
       return std::nullopt;
-    return heuristic.algo;
+    candidates.resize(size_t(found));
+    if (candidates.size() == 1 || !one_pass(candidates[0].algo)) return candidates[0].algo;
+    return fastest(ctx, candidates, run);
   });
   if (!algo) return false;
-  const float alpha = float(g.alpha), beta = float(g.beta);
-  const cublasStatus_t status = cublasLtMatmul(ctx.cublas_lt(), lt.desc, &alpha, g.b, lt.a, g.a, lt.b, &beta, addend,
-                                               lt.c, g.c, lt.c, &*algo, ctx.gemm_workspace(), workspace, ctx.stream());
+  const cublasStatus_t status = run(*algo);
   if (status == CUBLAS_STATUS_NOT_SUPPORTED) return false;  // cublasGemmEx takes it
   check_cublas(status, index, "gemm (cuBLASLt)");
   return true;
