@@ -28,6 +28,10 @@ struct View {
 
   int64_t numel() const { return engine::numel(shape); }
   bool is_contiguous() const;
+  // How far apart its rows start, in elements, for a view whose last dim is
+  // contiguous and whose other dims fold into rows that far apart (a layer
+  // norm's output may leave room after each row: engine::layer_norm). Throws otherwise.
+  int64_t row_stride() const;
   template <typename T> T* ptr() const { return static_cast<T*>(data); }
 };
 
@@ -147,7 +151,8 @@ class Backend {
 
   // ---- fused neural-network kernels (contiguous, rows x cols over the last dim) ----
   // mean/rstd are f32 [rows] (f64 for f64 input), saved for the backward. y has
-  // x's dtype, or bf16 for f32 x (rounded once); dy then has y's dtype.
+  // x's dtype, or bf16 for f32 x (rounded once); dy then has y's dtype. The
+  // forwards' y rows may start further apart than cols (View::row_stride).
   virtual void layer_norm_forward(const View& y, const View& mean, const View& rstd, const View& x, const View& weight,
                                   const View& bias, double eps) = 0;
   // dweight/dbias may have data == nullptr: then they are not computed (frozen);

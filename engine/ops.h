@@ -86,8 +86,11 @@ Tensor embedding(const Tensor& weight, const Tensor& ids);                // wei
 // Over the last dim, in x's dtype (f32 for bf16 x, as torch's autocast). `out`
 // bf16 rounds the result once in the kernel: for an output that only feeds
 // linear layers under autocast, which would round it anyway, a cast pass saved.
+// room > 0 stores each row of the result that many columns apart from the
+// next, the spare columns marked for a consumer that appends columns to its
+// input: the values are the same either way.
 Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps = 1e-5,
-                  std::optional<DType> out = {});
+                  std::optional<DType> out = {}, int64_t room = 0);
 Tensor gelu_new(const Tensor& x);  // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
 Tensor softmax(const Tensor& x, int64_t dim = -1);
 Tensor log_softmax(const Tensor& x, int64_t dim = -1);
@@ -122,11 +125,12 @@ Tensor dropout(const Tensor& x, double p, bool training, Generator& gen);
 // residual connection's add. With a bf16 x and an f32 residual the dropped x
 // is added unrounded, and x's gradient is dropped straight into bf16.
 Tensor dropout_add(const Tensor& residual, const Tensor& x, double p, bool training, Generator& gen);
-// {r, layer_norm(r, weight, bias, eps, out)} for r = dropout_add(residual, x, ...):
+// {r, layer_norm(r, weight, bias, eps, out, room)} for r = dropout_add(residual, x, ...):
 // a transformer's residual stream and the layer norm that reads it, in one pass
 // where the backend has a kernel for it. Values and gradients are the two ops'.
 std::pair<Tensor, Tensor> dropout_add_layer_norm(const Tensor& residual, const Tensor& x, double p, bool training,
                                                  Generator& gen, const Tensor& weight, const Tensor& bias,
-                                                 double eps = 1e-5, std::optional<DType> out = std::nullopt);
+                                                 double eps = 1e-5, std::optional<DType> out = std::nullopt,
+                                                 int64_t room = 0);
 
 }  // namespace engine

@@ -38,6 +38,9 @@ struct TensorImpl {
   bool requires_grad = false;
   std::shared_ptr<TensorImpl> grad;  // accumulated by backward() on leaves
   std::shared_ptr<Node> grad_fn;     // the op that produced this tensor, if recorded
+  // Columns of storage after each row that no tensor uses: left by the op that
+  // made this tensor for a consumer that appends columns (engine::layer_norm's room).
+  int64_t room = 0;
 };
 
 class Tensor {

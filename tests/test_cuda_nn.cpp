@@ -61,13 +61,16 @@ TEST_CASE("cuda: layer_norm forward and backward, with and without frozen weight
 }
 
 TEST_CASE("cuda: dropout_add_layer_norm in one pass is dropout_add then layer_norm, bit for bit", "[cuda][nn]") {
-  // GPT-2's case (bf16 x, bf16 output, 1280 wide) and f32 rows held in registers take the one-pass
-  // kernel; widths that are no multiple of 4, or past 2048, take the two launches.
-  for (const auto& [shape, x_dtype, out] : {std::tuple{Shape{1000, 1280}, DType::BF16, DType::BF16},
-                                            std::tuple{Shape{7, 36}, DType::F32, DType::F32},
-                                            std::tuple{Shape{5, 6}, DType::BF16, DType::BF16},
-                                            std::tuple{Shape{3, 2052}, DType::F32, DType::F32}}) {
-    INFO(engine::shape_str(shape) << " x " << engine::dtype_name(x_dtype) << " into " << engine::dtype_name(out));
+  // GPT-2's case (bf16 x, bf16 output, 1280 wide, with a rank-8 adapter's room) and f32 rows held in
+  // registers take the one-pass kernel; widths or output rows that are no multiple of 4 wide, or rows past
+  // 2048, take the two launches.
+  for (const auto& [shape, x_dtype, out, room] : {std::tuple{Shape{1000, 1280}, DType::BF16, DType::BF16, 8},
+                                                  std::tuple{Shape{7, 36}, DType::F32, DType::F32, 0},
+                                                  std::tuple{Shape{7, 36}, DType::F32, DType::F32, 1},
+                                                  std::tuple{Shape{5, 6}, DType::BF16, DType::BF16, 2},
+                                                  std::tuple{Shape{3, 2052}, DType::F32, DType::F32, 0}}) {
+    INFO(engine::shape_str(shape) << " x " << engine::dtype_name(x_dtype) << " into " << engine::dtype_name(out)
+                                  << " room " << room);
     const int64_t C = shape.back();
     auto leaves = [&] {
       std::vector<Tensor> t = {engine::add(random(shape, 1), 3.0), random(shape, 2).to(x_dtype), random({C}, 3),
@@ -80,11 +83,13 @@ TEST_CASE("cuda: dropout_add_layer_norm in one pass is dropout_add then layer_no
     Tensor r, y;
     {
       engine::Profiler profiler;
-      std::tie(r, y) = engine::dropout_add_layer_norm(fused[0], fused[1], 0.1, true, a, fused[2], fused[3], 1e-5, out);
-      CHECK(profiler.calls("dropout_add_layer_norm") == (C % 4 == 0 && C <= 2048 ? 1 : 0));
+      std::tie(r, y) =
+          engine::dropout_add_layer_norm(fused[0], fused[1], 0.1, true, a, fused[2], fused[3], 1e-5, out, room);
+      CHECK(profiler.calls("dropout_add_layer_norm") == (C % 4 == 0 && room % 4 == 0 && C <= 2048 ? 1 : 0));
     }
+    CHECK(y.strides()[0] == C + room);
     const Tensor r2 = engine::dropout_add(apart[0], apart[1], 0.1, true, b);
-    const Tensor y2 = engine::layer_norm(r2, apart[2], apart[3], 1e-5, out);
+    const Tensor y2 = engine::layer_norm(r2, apart[2], apart[3], 1e-5, out, room);  // the same kernel for y's rows
     require_equal(r, r2, "the residual stream");
     require_equal(y, y2, "its layer norm");  // the same row kernel, fed the same sums
     const Tensor up_r = random(shape, 5).to(kGpu), up_y = random(shape, 6).to(kGpu);

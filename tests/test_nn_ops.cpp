@@ -583,11 +583,13 @@ TEST_CASE("dropout_add_layer_norm gives dropout_add and layer_norm's values, dra
     };
     std::vector<Tensor> a = leaves(), b = leaves();
     Generator ga(20), gb(20);
-    const auto [r, y] = engine::dropout_add_layer_norm(a[0], a[1], 0.3, training, ga, a[2], a[3], 1e-5, out);
+    // With two columns of room after each row of y: the same values.
+    const auto [r, y] = engine::dropout_add_layer_norm(a[0], a[1], 0.3, training, ga, a[2], a[3], 1e-5, out, 2);
     const Tensor r2 = engine::dropout_add(b[0], b[1], 0.3, training, gb);
     const Tensor y2 = engine::layer_norm(r2, b[2], b[3], 1e-5, out);
     REQUIRE(ga.offset() == gb.offset());
     REQUIRE(y.dtype() == out);
+    REQUIRE(y.strides() == engine::Shape{42, 1});
     testing::require_close(r, r2.to_vector<double>(), 0);
     testing::require_close(y, y2.to_vector<double>(), 0);
     // Both outputs carry gradients: the stream's own (the next residual add) and the norm's.

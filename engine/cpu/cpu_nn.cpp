@@ -111,14 +111,14 @@ void CpuBackend::layer_norm_forward(const View& y, const View& mean, const View&
     return;
   }
   const RowShape shape = rows_of(x);
-  const int64_t rows = shape.rows, cols = shape.cols;  // plain locals: lambdas capture them
+  const int64_t rows = shape.rows, cols = shape.cols, y_ld = y.row_stride();  // plain locals: lambdas capture them
   cpu::dispatch_floating(x.dtype, "layer_norm", [&](auto zero) {
     using T = decltype(zero);
     const T *px = x.ptr<T>(), *w = weight.ptr<T>(), *b = bias.ptr<T>();
     T *py = y.ptr<T>(), *pmean = mean.ptr<T>(), *prstd = rstd.ptr<T>();
     cpu::parallel_for(rows, cols, [&](int64_t r) {
       const T* xr = px + r * cols;
-      T* yr = py + r * cols;
+      T* yr = py + r * y_ld;
       // The mean is summed in f64: an f32 running sum of a row with a large
       // mean loses digits at every step unless the loop happens to vectorise.
       double sum = 0;

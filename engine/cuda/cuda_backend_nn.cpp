@@ -16,7 +16,7 @@ void CudaBackend::layer_norm_forward(const View& y, const View& mean, const View
   OpScope op(ctx_, "layer_norm");
   require_floating(x.dtype, "layer_norm");
   const auto [rows, cols] = rows_of(x);
-  ctx_.check_launch(cuda::launch_layer_norm_forward(ctx_.launch(), x.dtype, rows, cols, y.data,
+  ctx_.check_launch(cuda::launch_layer_norm_forward(ctx_.launch(), x.dtype, rows, cols, y.data, y.row_stride(),
                                                     y.dtype == DType::BF16, mean.data, rstd.data, x.data, weight.data,
                                                     bias.data, eps),
                     "layer_norm");
@@ -154,11 +154,13 @@ void CudaBackend::dropout_add_layer_norm(const View& r, const View& in, const Vi
   const auto [rows, cols] = rows_of(r);
   const bool f32 = r.dtype == DType::F32 && residual.dtype == DType::F32 && weight.dtype == DType::F32 &&
                    bias.dtype == DType::F32 && (in.dtype == DType::F32 || in.dtype == DType::BF16);
-  if (!f32 || !cuda::layer_norm_rows_fit(cols, {r.data, in.data, residual.data, y.data, weight.data, bias.data}))
+  const int64_t y_ld = y.row_stride();
+  if (!f32 || y_ld % 4 != 0 ||
+      !cuda::layer_norm_rows_fit(cols, {r.data, in.data, residual.data, y.data, weight.data, bias.data}))
     return Backend::dropout_add_layer_norm(r, in, residual, p, seed, offset, y, mean, rstd, weight, bias, eps);
   OpScope op(ctx_, "dropout_add_layer_norm");
   ctx_.check_launch(cuda::launch_dropout_add_layer_norm(ctx_.launch(), in.dtype, rows, cols, r.data, in.data,
-                                                        residual.data, p, seed, offset, y.data,
+                                                        residual.data, p, seed, offset, y.data, y_ld,
                                                         y.dtype == DType::BF16, mean.data, rstd.data, weight.data,
                                                         bias.data, eps),
                     "dropout_add_layer_norm");

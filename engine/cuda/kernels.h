@@ -89,9 +89,10 @@ cudaError_t launch_index_add_rows(const LaunchContext& ctx, DType dtype, int64_t
 // ---- fused nn kernels over contiguous [rows, cols] (nn.cu) ----
 // Layer norm computes in `dtype` (f32 or f64); for f32, y (forward) and dy
 // (backward) may be bf16 instead (y_bf16, dy_bf16): rounded once, read widened.
+// The forward's y rows start y_ld >= cols elements apart (room after each row).
 cudaError_t launch_layer_norm_forward(const LaunchContext& ctx, DType dtype, int64_t rows, int64_t cols, void* y,
-                                      bool y_bf16, void* mean, void* rstd, const void* x, const void* weight,
-                                      const void* bias, double eps);
+                                      int64_t y_ld, bool y_bf16, void* mean, void* rstd, const void* x,
+                                      const void* weight, const void* bias, double eps);
 // Whether f32 rows of `cols`, through these pointers, fit the layer norm
 // kernels that hold a row in registers, which the two launchers below need.
 bool layer_norm_rows_fit(int64_t cols, std::initializer_list<const void*> pointers);
@@ -100,8 +101,8 @@ bool layer_norm_rows_fit(int64_t cols, std::initializer_list<const void*> pointe
 // caller runs any other case as the two launches.
 cudaError_t launch_dropout_add_layer_norm(const LaunchContext& ctx, DType in_dtype, int64_t rows, int64_t cols,
                                           void* r, const void* in, const void* residual, double p, uint64_t seed,
-                                          uint64_t offset, void* y, bool y_bf16, void* mean, void* rstd,
-                                          const void* weight, const void* bias, double eps);
+                                          uint64_t offset, void* y, int64_t y_ld, bool y_bf16, void* mean,
+                                          void* rstd, const void* weight, const void* bias, double eps);
 // dx = residual (null: none) + the input's gradient.
 cudaError_t launch_layer_norm_backward_input(const LaunchContext& ctx, DType dtype, int64_t rows, int64_t cols,
                                              void* dx, const void* dy, bool dy_bf16, const void* x,

@@ -57,13 +57,13 @@ inline unsigned row_blocks(int64_t rows) { return unsigned((rows + kRowsPerBlock
 
 // Y: the output's storage, T or (for f32) bf16, rounded once.
 template <typename T, typename Y>
-__global__ void layer_norm_forward_kernel(int64_t rows, int64_t cols, Y* y, T* mean, T* rstd, const T* x,
-                                          const T* weight, const T* bias, T eps) {
+__global__ void layer_norm_forward_kernel(int64_t rows, int64_t cols, Y* y, int64_t y_ld, T* mean, T* rstd,
+                                          const T* x, const T* weight, const T* bias, T eps) {
   const int64_t row = warp_row();
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
   const T* xr = x + row * cols;
-  Y* yr = y + row * cols;
+  Y* yr = y + row * y_ld;
   T sum = 0;
   for (int64_t c = lane; c < cols; c += 32) sum += xr[c];
   const T mu = warp_reduce(sum, SumOp{}) / T(cols);
@@ -170,8 +170,9 @@ struct PacksOfDropoutAdd {
 };
 
 template <int kPacks, typename Y, typename Source>
-__global__ void layer_norm_forward_rows_kernel(int64_t rows, int64_t packs, Y* y, float* mean, float* rstd, Source x,
-                                               const float* weight, const float* bias, float eps) {
+__global__ void layer_norm_forward_rows_kernel(int64_t rows, int64_t packs, Y* y, int64_t y_ld, float* mean,
+                                               float* rstd, Source x, const float* weight, const float* bias,
+                                               float eps) {
   const int64_t row = warp_row();
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
@@ -198,7 +199,7 @@ __global__ void layer_norm_forward_rows_kernel(int64_t rows, int64_t packs, Y* y
     const Pack4<float> b = reinterpret_cast<const Pack4<float>*>(bias)[p];
     Pack4<Y> out;
     for (int k = 0; k < 4; ++k) out.v[k] = convert<Y>((v[i].v[k] - mu) * rs * w.v[k] + b.v[k]);
-    reinterpret_cast<Pack4<Y>*>(y)[row * packs + p] = out;
+    reinterpret_cast<Pack4<Y>*>(y + row * y_ld)[p] = out;
   }
   if (lane == 0) {
     mean[row] = mu;
@@ -467,24 +468,24 @@ bool rows_fit_registers(int64_t cols, std::initializer_list<const void*> pointer
 }  // namespace
 
 cudaError_t launch_layer_norm_forward(const LaunchContext& ctx, DType dtype, int64_t rows, int64_t cols, void* y,
-                                      bool y_bf16, void* mean, void* rstd, const void* x, const void* weight,
-                                      const void* bias, double eps) {
+                                      int64_t y_ld, bool y_bf16, void* mean, void* rstd, const void* x,
+                                      const void* weight, const void* bias, double eps) {
   if (rows == 0) return cudaSuccess;
   dispatch_layer_norm(dtype, y_bf16, [&](auto zero, auto y_zero) {
     using T = decltype(zero);
     using Y = decltype(y_zero);
     if constexpr (std::is_same_v<T, float>) {
-      const bool fits = rows_fit_registers(cols, {y, x, weight, bias}) &&
+      const bool fits = rows_fit_registers(cols, {y, x, weight, bias}) && y_ld % 4 == 0 &&
                         with_packs_per_lane(cols / 4, [&](auto packs) {
                           layer_norm_forward_rows_kernel<packs()><<<row_blocks(rows), kThreads, 0, ctx.stream>>>(
-                              rows, cols / 4, static_cast<Y*>(y), static_cast<float*>(mean),
+                              rows, cols / 4, static_cast<Y*>(y), y_ld, static_cast<float*>(mean),
                               static_cast<float*>(rstd), PacksOf{static_cast<const float*>(x)},
                               static_cast<const float*>(weight), static_cast<const float*>(bias), float(eps));
                         });
       if (fits) return;
     }
     layer_norm_forward_kernel<<<row_blocks(rows), kThreads, 0, ctx.stream>>>(
-        rows, cols, static_cast<Y*>(y), static_cast<T*>(mean), static_cast<T*>(rstd), static_cast<const T*>(x),
+        rows, cols, static_cast<Y*>(y), y_ld, static_cast<T*>(mean), static_cast<T*>(rstd), static_cast<const T*>(x),
         static_cast<const T*>(weight), static_cast<const T*>(bias), T(eps));
   });
   return cudaGetLastError();
@@ -496,11 +497,12 @@ bool layer_norm_rows_fit(int64_t cols, std::initializer_list<const void*> pointe
 
 cudaError_t launch_dropout_add_layer_norm(const LaunchContext& ctx, DType in_dtype, int64_t rows, int64_t cols,
                                           void* r, const void* in, const void* residual, double p, uint64_t seed,
-                                          uint64_t offset, void* y, bool y_bf16, void* mean, void* rstd,
-                                          const void* weight, const void* bias, double eps) {
+                                          uint64_t offset, void* y, int64_t y_ld, bool y_bf16, void* mean,
+                                          void* rstd, const void* weight, const void* bias, double eps) {
   if (rows == 0) return cudaSuccess;
   const bool in_fits = in_dtype == DType::F32 || in_dtype == DType::BF16;
-  if (!in_fits || !layer_norm_rows_fit(cols, {r, in, residual, y, weight, bias})) return cudaErrorInvalidValue;
+  if (!in_fits || !layer_norm_rows_fit(cols, {r, in, residual, y, weight, bias}) || y_ld % 4 != 0)
+    return cudaErrorInvalidValue;
   auto launch = [&](auto in_zero, auto y_zero) {
     using In = decltype(in_zero);
     using Y = decltype(y_zero);
@@ -508,7 +510,7 @@ cudaError_t launch_dropout_add_layer_norm(const LaunchContext& ctx, DType in_dty
                                        static_cast<const float*>(residual), dropout_terms(p, seed, offset)};
     return with_packs_per_lane(cols / 4, [&](auto packs) {
       layer_norm_forward_rows_kernel<packs()><<<row_blocks(rows), kThreads, 0, ctx.stream>>>(
-          rows, cols / 4, static_cast<Y*>(y), static_cast<float*>(mean), static_cast<float*>(rstd), source,
+          rows, cols / 4, static_cast<Y*>(y), y_ld, static_cast<float*>(mean), static_cast<float*>(rstd), source,
           static_cast<const float*>(weight), static_cast<const float*>(bias), float(eps));
     });
   };

@@ -55,9 +55,10 @@ class LayerNorm : public Module {
   Tensor forward(const Tensor& x) override { return layer_norm(x, weight, bias, eps); }
   // For a caller that feeds the output only to linear layers: under autocast
   // it comes in the autocast dtype, rounded in the kernel (a cast pass saved).
-  // f64, which autocast leaves alone, stays f64.
-  Tensor forward_into_linear(const Tensor& x) {
-    return layer_norm(x, weight, bias, eps, autocast_dtype_for(x.dtype()));
+  // f64, which autocast leaves alone, stays f64. `room`: what the layer asks
+  // for after each row (Module::input_room).
+  Tensor forward_into_linear(const Tensor& x, int64_t room = 0) {
+    return layer_norm(x, weight, bias, eps, autocast_dtype_for(x.dtype()), room);
   }
 
   Tensor weight, bias;

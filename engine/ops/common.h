@@ -21,6 +21,9 @@ View broadcast_view(const Tensor& t, const Shape& shape);
 
 // A new tensor sharing t's storage with the given layout (no autograd).
 Tensor make_view(const Tensor& t, const Shape& shape, const Shape& strides, int64_t offset);
+// An uninitialised tensor of `shape` whose rows (over the last dim) are `room`
+// columns longer in storage, those columns marked spare (TensorImpl::room).
+Tensor empty_with_room(const Shape& shape, DType dtype, Device device, int64_t room);
 
 inline Backend& backend_of(const Tensor& t) { return backend_for(t.device()); }
 

@@ -76,13 +76,13 @@ Tensor dropout_add(const Tensor& residual, const Tensor& x, double p, bool train
 
 std::pair<Tensor, Tensor> dropout_add_layer_norm(const Tensor& residual, const Tensor& x, double p, bool training,
                                                  Generator& gen, const Tensor& weight, const Tensor& bias, double eps,
-                                                 std::optional<DType> out) {
+                                                 std::optional<DType> out, int64_t room) {
   check(p >= 0 && p < 1, "dropout_add: p must be in [0, 1), got {}", p);
   detail::check_floating(x, "dropout_add");
   const bool fused = training && p > 0 && dropout_add_fits(residual, x) && residual.numel() > 0;
   if (!fused) {
     const Tensor r = dropout_add(residual, x, p, training, gen);
-    return {r, layer_norm(r, weight, bias, eps, out)};
+    return {r, layer_norm(r, weight, bias, eps, out, room)};
   }
   const DType y_dtype = detail::check_layer_norm(residual, weight, bias, out);  // r has the residual's shape and dtype
   const Tensor xc = x.detach().contiguous(), rc = residual.detach().contiguous();
@@ -90,7 +90,8 @@ std::pair<Tensor, Tensor> dropout_add_layer_norm(const Tensor& residual, const T
   const uint64_t seed = gen.seed(), offset = gen.reserve(uint64_t(x.numel()));  // as dropout_add draws
   const int64_t rows = residual.numel() / residual.size(-1);
   const DType stats = detail::layer_norm_stats_dtype(residual.dtype());
-  Tensor r = Tensor::empty(x.shape(), residual.dtype(), x.device()), y = Tensor::empty(x.shape(), y_dtype, x.device());
+  Tensor r = Tensor::empty(x.shape(), residual.dtype(), x.device());
+  Tensor y = detail::empty_with_room(x.shape(), y_dtype, x.device(), room);
   Tensor mean = Tensor::empty({rows}, stats, x.device()), rstd = Tensor::empty({rows}, stats, x.device());
   backend_of(x).dropout_add_layer_norm(view_of(r), view_of(xc), view_of(rc), p, seed, offset, view_of(y),
                                        view_of(mean), view_of(rstd), view_of(w), view_of(b), eps);

@@ -44,6 +44,17 @@ Tensor make_view(const Tensor& t, const Shape& shape, const Shape& strides, int6
   return Tensor(std::move(impl));
 }
 
+Tensor empty_with_room(const Shape& shape, DType dtype, Device device, int64_t room) {
+  check(room >= 0 && !shape.empty(), "room: {} columns after rows of shape {}", room, shape_str(shape));
+  if (room == 0) return Tensor::empty(shape, dtype, device);
+  Shape wide = shape;
+  wide.back() += room;
+  const Tensor rows = Tensor::empty(wide, dtype, device);
+  Tensor t = make_view(rows, shape, rows.strides(), 0);
+  t.impl().room = room;
+  return t;
+}
+
 }  // namespace detail
 
 using detail::backend_of;

@@ -68,12 +68,13 @@ void detail::record_layer_norm(Tensor& y, const Tensor& x, const Tensor& weight,
   });
 }
 
-Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps, std::optional<DType> out) {
-  if (is_storage_only(x.dtype())) return layer_norm(x.to(DType::F32), weight, bias, eps, out);
+Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps, std::optional<DType> out,
+                  int64_t room) {
+  if (is_storage_only(x.dtype())) return layer_norm(x.to(DType::F32), weight, bias, eps, out, room);
   const DType y_dtype = detail::check_layer_norm(x, weight, bias, out);
   const Tensor xc = x.detach().contiguous(), w = weight.detach().contiguous(), b = bias.detach().contiguous();
   const int64_t C = x.size(-1), rows = C == 0 ? 0 : x.numel() / C;
-  Tensor y = Tensor::empty(x.shape(), y_dtype, x.device());
+  Tensor y = detail::empty_with_room(x.shape(), y_dtype, x.device(), room);
   Tensor mean = Tensor::empty({rows}, detail::layer_norm_stats_dtype(x.dtype()), x.device());
   Tensor rstd = Tensor::empty({rows}, detail::layer_norm_stats_dtype(x.dtype()), x.device());
   if (x.numel() > 0)
