@@ -1,7 +1,8 @@
 // The CUDA backend's speed on GPT-2-large shapes: GEMMs through engine::matmul
 // against raw cuBLAS on the same buffers (f32, TF32, bf16), a rank-8 adapter's
-// memory-bound products, layer norm and AdamW bandwidth, the step's commonest
-// elementwise passes, and attention forward/backward at B=32, H=20, T=256, D=64.
+// memory-bound products and where its update rides in c_attn's GEMM, layer
+// norm and AdamW bandwidth, the step's commonest elementwise passes, and
+// attention forward/backward at B=32, H=20, T=256, D=64.
 // Prints one JSON line per case. Run: build-gpu/bench/bench_cuda
 #include "engine/backend.h"
 #include "engine/cuda/cuda_backend.h"
@@ -124,6 +125,44 @@ void bench_thin_gemm(cublasHandle_t handle, cudaStream_t stream, const ThinProdu
              R"("engine_gb_per_s":{:.0f}}})"
              "\n",
              p.what, p.m, p.k, p.n, ours * 1e6, raw * 1e6, bytes / ours * 1e-9);
+}
+
+// CURLoRA's update in c_attn's GEMM (gpt2-large, 8192 tokens, bf16): the
+// plain product, with its bias, with the update as 8 more columns of K
+// (engine::concat_linear: [x | t2] [W; R] + b), and the update GEMM that
+// concat_linear otherwise adds (base + t2 R + b); then the backward's dX
+// without and with R's 8 rows, which is why the backward keeps dY R^T apart.
+struct LayoutCase {
+  const char* what;
+  int64_t m, k, n;
+  bool trans_b, bias, addend;
+};
+
+void bench_adapter_layouts() {
+  const int64_t M = 32 * 256, C = 1280, N = 3 * C;
+  const Tensor a = randn({M, C + 8}, 1, DType::BF16), w = randn({C + 8, N}, 2, DType::BF16);
+  const Tensor bias = randn({N}, 3, DType::BF16), addend = randn({M, N}, 4, DType::BF16);
+  Tensor out = Tensor::empty({M, N}, DType::BF16, kGpu);
+  engine::Backend& gpu = engine::backend_for(kGpu);
+  for (const LayoutCase& c : {LayoutCase{"x W", M, C, N, false, false, false},
+                              LayoutCase{"x W + b", M, C, N, false, true, false},
+                              LayoutCase{"[x | t2] [W; R] + b", M, C + 8, N, false, true, false},
+                              LayoutCase{"base + t2 R + b", M, 8, N, false, true, true},
+                              LayoutCase{"dY W^T", M, N, C, true, false, false},
+                              LayoutCase{"dY [W; R]^T", M, N, C + 8, true, false, false}}) {
+    engine::GemmArgs g;
+    g.dtype = DType::BF16, g.c_dtype = DType::BF16;
+    g.m = c.m, g.n = c.n, g.k = c.k;
+    g.a = a.data_ptr(), g.lda = c.k;
+    g.b = w.data_ptr(), g.trans_b = c.trans_b, g.ldb = c.trans_b ? c.k : c.n;
+    g.c = out.data_ptr(), g.ldc = c.n;
+    if (c.bias) g.bias = bias.data_ptr();
+    if (c.addend) g.addend = addend.data_ptr(), g.beta = 1;
+    const double t = median_seconds(5, 20, [&] { gpu.gemm(g); }, engine_sync);
+    fmt::print(R"({{"bench":"adapter_layout","what":"{}","m":{},"k":{},"n":{},"us":{:.1f}}})"
+               "\n",
+               c.what, c.m, c.k, c.n, t * 1e6);
+  }
 }
 
 // ---- layer norm and AdamW: bandwidth ----
@@ -308,6 +347,7 @@ int main() {
                                ThinProduct{"dt2 U^T", tokens, 8, 8, false, true, false, DType::BF16},
                                ThinProduct{"dx + dt1 C^T", tokens, 8, C, false, true, true, DType::BF16}})
     bench_thin_gemm(handle, stream, p);
+  bench_adapter_layouts();
   bench_layer_norm(tokens, C);
   bench_adamw(int64_t(36) * C * 3 * C);  // all of gpt2-large's c_attn weights
   bench_adamw_list();

@@ -75,6 +75,15 @@ Tensor linear_gelu(const Tensor& x, const Tensor& weight, const Tensor& bias, We
 // gradient of the GELU's input (rounded once), with no pass of its own.
 Tensor linear_gelu_linear(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2,
                           WeightLayout layout);
+// cat(x, extra, -1) @ cat(w, w_extra, 0) + bias, i.e. x w + extra w_extra + bias,
+// for w [K1, N] and w_extra [K2, N]: a layer with K2 more inputs (a low-rank
+// adapter's update is one). One GEMM over K1 + K2 when nothing needs a copy:
+// x has K2 columns of room (layer_norm's room), which extra is written into,
+// and w_extra's rows follow w's in memory, all in the product's dtype. The sum
+// is then rounded once. Otherwise addmm(x @ w, extra, w_extra) with the bias
+// in one of the two GEMMs; the values agree up to that rounding.
+Tensor concat_linear(const Tensor& x, const Tensor& extra, const Tensor& w, const Tensor& w_extra,
+                     const Tensor& bias = {});
 
 // ---- indexing (ops/index.cpp) ----
 // Indices (and cross_entropy's targets) may be on the host for a GPU source: they are checked on
@@ -88,7 +97,7 @@ Tensor embedding(const Tensor& weight, const Tensor& ids);                // wei
 // linear layers under autocast, which would round it anyway, a cast pass saved.
 // room > 0 stores each row of the result that many columns apart from the
 // next, the spare columns marked for a consumer that appends columns to its
-// input: the values are the same either way.
+// input (concat_linear): the values are the same either way.
 Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps = 1e-5,
                   std::optional<DType> out = {}, int64_t room = 0);
 Tensor gelu_new(const Tensor& x);  // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))

@@ -1,6 +1,6 @@
 // Mixed precision on CUDA against the CPU (engine/precision.h): autocast
 // matmul and its gradients, addmm, bf16 linear_gelu (and its GEMMs' tuning),
-// layer norm into bf16, the
+// concat_linear over a layer norm's room, layer norm into bf16, the
 // tensor-core attention kernels for every head size, padding and dropout, and
 // a GPT-2 with bf16 frozen weights. The CPU multiplies the same bf16-rounded
 // operands in f32, so it is the reference.
@@ -14,6 +14,7 @@
 #include "engine/nn/layers.h"
 #include "engine/nn/var_builder.h"
 #include "engine/ops.h"
+#include "engine/profiler.h"
 #include "engine/precision.h"
 #include "models/gpt2.h"
 #include "tests/cuda_test_util.h"
@@ -161,6 +162,35 @@ TEST_CASE("cuda mixed: GELU-epilogue GEMMs timed for their fastest algorithm giv
   require_equal(y_tuned, y_first, "forward");
   require_equal(dx_tuned, dx_first, "dx");
   CHECK(engine::gelu_gemm_tuned());  // left on, the default
+}
+
+TEST_CASE("cuda mixed: concat_linear's one GEMM over a layer norm's room matches the CPU's", "[cuda][precision]") {
+  // CURLoRA's c_attn under autocast: ln_1 writes bf16 rows with r columns of room, the update goes into
+  // them, and [W; R] (bf16, one buffer) multiplies both in one GEMM, the bias in its epilogue.
+  const int64_t C = 64, N = 96, r = 8;
+  Tensor x = engine::add(random({4, 16, C}, 1), 2.0), extra = random({4, 16, r}, 2);
+  x.set_requires_grad(true), extra.set_requires_grad(true);
+  const Tensor ln_w = random({C}, 3), ln_b = random({C}, 4), stacked = random({C + r, N}, 5).to(DType::BF16);
+  const Tensor bias = random({N}, 6).to(DType::BF16), up = random({4, 16, N}, 7);
+  Tensor xg = gpu_leaf(x), extra_g = gpu_leaf(extra);
+  const Tensor ln_wg = ln_w.to(kGpu), ln_bg = ln_b.to(kGpu), stacked_g = stacked.to(kGpu), bias_g = bias.to(kGpu);
+  auto layer = [&](const Tensor& in, const Tensor& e, const Tensor& w, const Tensor& lw, const Tensor& lb,
+                   const Tensor& b) {
+    AutocastGuard autocast(DType::BF16);
+    engine::Profiler profiler;
+    const Tensor normed = engine::layer_norm(in, lw, lb, 1e-5, DType::BF16, r);
+    const Tensor y = engine::concat_linear(normed, e, w.narrow(0, 0, C), w.narrow(0, C, r), b);
+    if (in.device().is_cuda()) CHECK(profiler.calls("gemm") == 1);  // (the CPU counts its f32 epilogue's too)
+    return y;
+  };
+  const Tensor y = layer(x, extra, stacked, ln_w, ln_b, bias);
+  const Tensor yg = layer(xg, extra_g, stacked_g, ln_wg, ln_bg, bias_g);
+  REQUIRE(yg.dtype() == DType::BF16);
+  require_near(yg, y, 1.0 / 64, "forward");
+  engine::sum(engine::mul(y.to(DType::F32), up)).backward();
+  engine::sum(engine::mul(yg.to(DType::F32), up.to(kGpu))).backward();
+  require_near(xg.grad(), x.grad(), 1e-2, "dx");
+  require_near(extra_g.grad(), extra.grad(), 1e-2, "dextra");
 }
 
 TEST_CASE("cuda mixed: layer_norm with a bf16 output and bf16 gradient matches the CPU", "[cuda][precision][nn]") {

@@ -1,6 +1,7 @@
-// matmul, linear and addmm: forward against a naive triple loop (2-D,
-// batched, shared weights, transposed views), backward against finite differences.
+// matmul, linear, addmm and concat_linear: forward against a naive triple loop
+// (2-D, batched, shared weights, transposed views), backward against finite differences.
 #include "engine/ops.h"
+#include "engine/profiler.h"
 #include "tests/gradcheck.h"
 
 #include <catch2/catch.hpp>
@@ -152,6 +153,53 @@ TEST_CASE("addmm adds c in the GEMM, for batched views, a transposed weight and 
     testing::require_close(engine::addmm(addend, base, w, bias),
                            engine::add(engine::add(addend, engine::matmul(base, w)), bias).to_vector<double>(), 1e-6);
   REQUIRE_THROWS_WITH(engine::addmm(c, base, w, Tensor::zeros({4})), "addmm: bias shape [4] for 5 outputs");
+}
+
+TEST_CASE("concat_linear is one GEMM over x's room and stacked weights, otherwise two, with the same values",
+          "[matmul]") {
+  engine::Generator gen(11);
+  const Tensor x0 = Tensor::rand({2, 3, 6}, gen, -1, 1), ln_w = Tensor::rand({6}, gen, -1, 1);
+  const Tensor ln_b = Tensor::rand({6}, gen, -1, 1), extra = Tensor::rand({2, 3, 2}, gen, -1, 1);
+  const Tensor stacked = Tensor::rand({8, 5}, gen, -1, 1), bias = Tensor::rand({5}, gen, -1, 1);
+  const Tensor w = stacked.narrow(0, 0, 6), w_extra = stacked.narrow(0, 6, 2);
+  const Tensor roomy = engine::layer_norm(x0, ln_w, ln_b, 1e-5, {}, 2), plain = engine::layer_norm(x0, ln_w, ln_b);
+  REQUIRE(roomy.strides() == Shape{24, 8, 1});  // rows 6 + 2 apart
+  testing::require_close(roomy, plain.to_vector<double>(), 0);
+  std::vector<double> want = naive_matmul(plain, w);
+  const std::vector<double> update = naive_matmul(extra, w_extra), b = bias.to_vector<double>();
+  for (size_t i = 0; i < want.size(); ++i) want[i] += update[i] + b[i % 5];
+  // x with room and [w; w_extra] in one buffer: one GEMM. No room, or the weights apart: two.
+  for (const auto& [x, w1, one_gemm] : {std::tuple{roomy, w, true}, std::tuple{plain, w, false},
+                                        std::tuple{roomy, w.contiguous().clone(), false}}) {
+    engine::Profiler profiler;
+    testing::require_close(engine::concat_linear(x, extra, w1, w_extra, bias), want, 1e-5);
+    CHECK((profiler.calls("gemm") == 1) == one_gemm);  // (an addend counts twice on the CPU: copy, then GEMM)
+  }
+  const Tensor no_bias = engine::concat_linear(roomy, extra, w, w_extra);
+  const Tensor sum = engine::add(engine::matmul(plain, w), engine::matmul(extra, w_extra));
+  testing::require_close(no_bias, sum.to_vector<double>(), 1e-5);
+  REQUIRE_THROWS_WITH(engine::concat_linear(roomy, extra, w, Tensor::zeros({2, 4})),
+                      "concat_linear: weights of shapes [6, 5] and [2, 4] do not stack");
+  REQUIRE_THROWS_WITH(engine::concat_linear(roomy, Tensor::zeros({3, 2}), w, w_extra),
+                      "concat_linear: inputs of shapes [2, 3, 6] and [3, 2] do not sit side by side");
+}
+
+TEST_CASE("concat_linear gradients match finite differences, in one GEMM or two", "[matmul][grad]") {
+  using V = const std::vector<Tensor>&;
+  const Tensor ln_w = random_f64({6}, 5, false), ln_b = random_f64({6}, 6, false);
+  for (const int64_t room : {2, 0}) {
+    INFO("room " << room);
+    const Tensor stacked = random_f64({8, 5}, 3, false);
+    Tensor w = stacked.narrow(0, 0, 6).detach(), w_extra = stacked.narrow(0, 6, 2).detach();
+    w.set_requires_grad(true);
+    w_extra.set_requires_grad(true);
+    check_gradients(
+        [&](V in) {
+          return engine::concat_linear(engine::layer_norm(in[0], ln_w, ln_b, 1e-5, {}, room), in[1], in[2], in[3],
+                                       in[4]);
+        },
+        {random_f64({2, 3, 6}, 1), random_f64({2, 3, 2}, 2), w, w_extra, random_f64({5}, 4)});
+  }
 }
 
 TEST_CASE("matmul gradients match finite differences", "[matmul][grad]") {
