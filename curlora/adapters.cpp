@@ -62,14 +62,14 @@ Tensor AdapterLinear::forward(const Tensor& x) {
   const std::optional<DType> autocast = engine::autocast_dtype_for(x.dtype());
   const Tensor input = autocast && !merged_ ? x.to(*autocast) : x;
   if (merged_) return child("base_layer")(input);
-  if (!autocast) return engine::addmm(child("base_layer")(input), update_head(input), update_tail());
-  // In bf16 the base layer's bias rides in the update's GEMM, which passes
-  // over the output anyway, rather than in the large product's epilogue, where
-  // it costs cuBLASLt more (gpt2-large's c_attn: 4.85 against 4.5 ms a step).
+  // x W + b + head(x) tail: W's product with r more inputs. Where x has room
+  // for them and the tail is stored after W (CurLoRALinear's R), one GEMM.
   const Linear& base = base_layer();
-  const Tensor y = engine::linear(input, base.weight, Tensor(), base.layout);
-  return engine::addmm(y, update_head(input), update_tail(), base.bias);
+  const Tensor w = base.layout == WeightLayout::InOut ? base.weight : base.weight.transpose(0, 1);
+  return engine::concat_linear(input, update_head(input), w, update_tail(), base.bias);
 }
+
+int64_t AdapterLinear::input_room() const { return merged_ ? 0 : rank(); }
 
 void AdapterLinear::merge() {
   check(!merged_, "{}: already merged", type_name());
@@ -106,6 +106,34 @@ CurLoRALinear::CurLoRALinear(std::shared_ptr<Linear> base, CurSelection selectio
   C = register_buffer("C", gather_columns(w, selection_.cols));
   R = register_buffer("R", gather_rows(w, selection_.rows));
   U = register_parameter("U", Tensor::zeros({r, r}, master_dtype(w), w.device()));
+  stack_tail();
+}
+
+namespace {
+
+// Points t's data at `place` (same shape and dtype), as Module::to does:
+// every handle to t follows.
+void move_into(Tensor& t, const Tensor& place) {
+  engine::TensorImpl& impl = t.impl();
+  impl.storage = place.impl().storage;
+  impl.strides = place.strides();
+  impl.offset = place.offset();
+}
+
+}  // namespace
+
+void CurLoRALinear::stack_tail() {
+  Tensor& w = base_layer().weight;
+  const bool stackable = base_layer().layout == WeightLayout::InOut && w.dtype() == R.dtype() &&
+                         w.device() == R.device() && w.is_contiguous() && R.is_contiguous();
+  if (!stackable) return;
+  engine::NoGradGuard no_grad;
+  const Tensor stacked = Tensor::empty({w.size(0) + R.size(0), w.size(1)}, w.dtype(), w.device());
+  const Tensor w_rows = stacked.narrow(0, 0, w.size(0)), r_rows = stacked.narrow(0, w.size(0), R.size(0));
+  Tensor(w_rows).copy_(w);
+  Tensor(r_rows).copy_(R);
+  move_into(w, w_rows);
+  move_into(R, r_rows);
 }
 
 // x ΔW = (α (x C)) U, then R; or for [out, in] (α (x R^T)) U^T, then C^T.
@@ -162,6 +190,9 @@ int64_t store_frozen_weights(engine::nn::Module& root, DType dtype) {
     converted += chosen;
     return chosen;
   });
+  if (auto* cur = dynamic_cast<CurLoRALinear*>(&root)) cur->stack_tail();  // converted one by one: stacked again
+  for (const auto& [name, module] : root.named_modules())
+    if (auto* cur = dynamic_cast<CurLoRALinear*>(module.get())) cur->stack_tail();
   return converted;
 }
 

@@ -24,7 +24,11 @@ class AdapterLinear : public engine::nn::Module {
 
   // base(x) + x ΔW; once merged, base(x) alone (ΔW is inside the weight).
   // Merged adapters are for inference: U (or A, B) gets no gradient then.
+  // Unmerged, it is engine::concat_linear(x, update_head(x), W, update_tail()).
   Tensor forward(const Tensor& x) override;
+  // The columns of room after x's rows that let the forward's product run as
+  // one GEMM (engine::concat_linear): the rank, unmerged. A model asks its layer norm for them.
+  int64_t input_room() const override;
 
   Linear& base_layer() const;
   double alpha() const { return alpha_; }
@@ -85,6 +89,12 @@ class CurLoRALinear : public AdapterLinear {
 
   Tensor U;     // [r, r], trainable
   Tensor C, R;  // [rows of W, r] and [r, cols of W], buffers
+
+  // Stores R's rows right after the base weight's, in one buffer, so that the
+  // forward's one GEMM reads [W; R] (engine::concat_linear); values, names and
+  // dtypes stay. Only for a Conv1D ([in, out]) weight of R's dtype and device;
+  // the constructor and store_frozen_weights call it.
+  void stack_tail();
 
  private:
   CurSelection selection_;

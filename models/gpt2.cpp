@@ -40,17 +40,18 @@ Tensor dropout_then_add(engine::nn::Module& dropout, const Tensor& y, const Tens
 }
 
 // {residual + dropout(y), norm of it} (no norm: undefined), the norm's output
-// for linear layers when into_linear: one pass where the module is a Dropout.
+// for linear layers when into_linear, with `room` after its rows (see
+// LayerNorm::forward_into_linear): one pass where the module is a Dropout.
 std::pair<Tensor, Tensor> dropout_add_then_norm(engine::nn::Module& dropout, const Tensor& y, const Tensor& residual,
-                                                engine::nn::LayerNorm* norm, bool into_linear) {
+                                                engine::nn::LayerNorm* norm, bool into_linear, int64_t room = 0) {
   auto* d = dynamic_cast<engine::nn::Dropout*>(&dropout);
   if (!norm || !d) {
     const Tensor sum = dropout_then_add(dropout, y, residual);
-    return {sum, !norm ? Tensor() : into_linear ? norm->forward_into_linear(sum) : (*norm)(sum)};
+    return {sum, !norm ? Tensor() : into_linear ? norm->forward_into_linear(sum, room) : (*norm)(sum)};
   }
   const std::optional<DType> out = into_linear ? engine::autocast_dtype_for(residual.dtype()) : std::nullopt;
   return engine::dropout_add_layer_norm(residual, y, d->p, d->is_training(), d->generator(), norm->weight,
-                                        norm->bias, norm->eps, out);
+                                        norm->bias, norm->eps, out, into_linear ? room : 0);
 }
 
 }  // namespace
@@ -141,16 +142,21 @@ GPT2Block::GPT2Block(const GPT2Config& config, int64_t layer_index, const VarBui
 // ln_1 feeds only c_attn and ln_2 only c_fc (or adapters in their place). The
 // residual adds ride in the sublayers' output dropouts.
 Tensor GPT2Block::forward(const Tensor& x, const Tensor& key_mask, Tensor* past_key, Tensor* past_value) {
-  return forward_stream(x, ln_1_->forward_into_linear(x), key_mask, past_key, past_value, nullptr, false).first;
+  return forward_stream(x, ln_1_->forward_into_linear(x, ln_1_room()), key_mask, past_key, past_value, nullptr, false)
+      .first;
 }
 
 std::pair<Tensor, Tensor> GPT2Block::forward_stream(const Tensor& x, const Tensor& normed, const Tensor& key_mask,
                                                     Tensor* past_key, Tensor* past_value,
-                                                    engine::nn::LayerNorm* next, bool next_into_linear) {
+                                                    engine::nn::LayerNorm* next, bool next_into_linear,
+                                                    int64_t next_room) {
   const Tensor a = attn_->project(normed, key_mask, past_key, past_value);
-  const auto [h, h_normed] = dropout_add_then_norm(attn_->child("resid_dropout"), a, x, ln_2_.get(), true);
-  return dropout_add_then_norm(mlp_->child("dropout"), mlp_->project(h_normed), h, next, next_into_linear);
+  const auto [h, h_normed] = dropout_add_then_norm(attn_->child("resid_dropout"), a, x, ln_2_.get(), true,
+                                                   mlp_->child("c_fc").input_room());
+  return dropout_add_then_norm(mlp_->child("dropout"), mlp_->project(h_normed), h, next, next_into_linear, next_room);
 }
+
+int64_t GPT2Block::ln_1_room() const { return attn_->child("c_attn").input_room(); }
 
 // ---- the transformer body ----
 
@@ -195,13 +201,14 @@ Tensor GPT2Model::forward(const Tensor& ids, const Tensor& attention_mask, KVCac
   if (ln_f && ln_f->type_name() != "LayerNorm") ln_f = nullptr;  // a subclass keeps its own forward
   // Each block hands the next its ln_1 (the last, ln_f) of the stream, made in the pass of its last residual add.
   GPT2Block* current = config_.n_layer > 0 ? block(0) : nullptr;
-  Tensor normed = current ? current->ln_1().forward_into_linear(x) : Tensor();
+  Tensor normed = current ? current->ln_1().forward_into_linear(x, current->ln_1_room()) : Tensor();
   for (int64_t i = 0; i < config_.n_layer; ++i) {
     GPT2Block* next = i + 1 < config_.n_layer ? block(i + 1) : nullptr;
     std::tie(x, normed) = current->forward_stream(x, normed, attention_mask,
                                                   cache ? &cache->keys[size_t(i)] : nullptr,
                                                   cache ? &cache->values[size_t(i)] : nullptr,
-                                                  next ? &next->ln_1() : ln_f, next != nullptr);
+                                                  next ? &next->ln_1() : ln_f, next != nullptr,
+                                                  next ? next->ln_1_room() : 0);
     current = next;
   }
   return normed.defined() ? normed : child("ln_f")(x);

@@ -63,12 +63,14 @@ class GPT2Block : public engine::nn::Module {
   using engine::nn::Module::forward;  // keeps the one-input form visible (it refuses: a mask is needed)
   // The block on the residual stream x, given normed = ln_1(x) as forward makes
   // it: the stream after the block, and `next` of it (undefined for no next;
-  // into_linear: in the autocast dtype, for linear layers). Each sublayer's
-  // dropout, residual add and the layer norm after it take one pass.
+  // into_linear: in the autocast dtype, for linear layers, with next_room
+  // columns of room). Each sublayer's dropout, residual add and the layer norm
+  // after it take one pass.
   std::pair<Tensor, Tensor> forward_stream(const Tensor& x, const Tensor& normed, const Tensor& key_mask,
                                            Tensor* past_key, Tensor* past_value, engine::nn::LayerNorm* next,
-                                           bool next_into_linear);
+                                           bool next_into_linear, int64_t next_room = 0);
   engine::nn::LayerNorm& ln_1() const { return *ln_1_; }
+  int64_t ln_1_room() const;  // the room c_attn asks of its input (an adapter's rank)
 
  private:
   std::shared_ptr<engine::nn::LayerNorm> ln_1_, ln_2_;

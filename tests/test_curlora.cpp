@@ -349,6 +349,34 @@ TEST_CASE("store_frozen_weights stores the base and CURLoRA's C and R in bf16, a
   testing::require_close(cur->forward(x).to(engine::DType::F32), before.to(engine::DType::F32).to_vector<double>(), 0);
 }
 
+TEST_CASE("CurLoRALinear stores R after W's rows, so that an input with room runs W's product and R's as one GEMM",
+          "[curlora][layer][profiler]") {
+  engine::Generator gen(9);
+  auto base = std::make_shared<Linear>(Tensor::randn({8, 12}, gen), Tensor::randn({12}, gen), WeightLayout::InOut);
+  auto cur = std::make_shared<CurLoRALinear>(base, curlora::CurSelection{{1, 2}, {3, 4}}, 2.0);
+  fill_normal(cur->U, 10, 1.0);
+  auto r_follows_w = [&] {
+    const Tensor &w = base->weight, &r = cur->R;
+    return r.impl().storage == w.impl().storage && r.offset() == w.offset() + w.numel();
+  };
+  CHECK(r_follows_w());
+  REQUIRE(cur->input_room() == 2);
+  const Tensor x = Tensor::randn({4, 6, 8}, gen), ln_w = Tensor::randn({8}, gen), ln_b = Tensor::randn({8}, gen);
+  const Tensor plain = engine::layer_norm(x, ln_w, ln_b);
+  const Tensor roomy = engine::layer_norm(x, ln_w, ln_b, 1e-5, {}, cur->input_room());
+  const Tensor want = engine::add((*base)(plain), cur->update(plain));
+  {
+    engine::Profiler profiler;
+    testing::require_close(cur->forward(roomy), want.to_vector<double>(), 1e-5);
+    CHECK(profiler.calls("gemm") == 3);  // x C, then t1 U, then [x | t2] [W; R] + b
+  }
+  testing::require_close(cur->forward(plain), want.to_vector<double>(), 1e-5);  // two GEMMs in place of the last
+  curlora::store_frozen_weights(*cur, engine::DType::BF16);  // converted one by one, then stacked again
+  CHECK(r_follows_w());
+  cur->merge();
+  CHECK(cur->input_room() == 0);  // merged: the base layer alone
+}
+
 TEST_CASE("adapter gradients match finite differences (f64)", "[curlora][layer][gradcheck]") {
   for (WeightLayout layout : {WeightLayout::InOut, WeightLayout::OutIn}) {
     const engine::Shape shape = layout == WeightLayout::InOut ? engine::Shape{5, 8} : engine::Shape{8, 5};

@@ -38,6 +38,9 @@ class Module {
   // children through child("name") so that replace_module takes effect.
   virtual Tensor forward(const Tensor& input);
   Tensor operator()(const Tensor& input) { return forward(input); }
+  // Columns of room after each row of its input that let forward() skip a
+  // copy (engine::layer_norm's room, engine::concat_linear); 0 for most.
+  virtual int64_t input_room() const { return 0; }
 
   // ---- the tree, by dotted name ("h.3.attn.c_attn.weight") ----
   // Parameters and buffers of this module and its descendants, in registration
