@@ -69,8 +69,6 @@ Tensor AdapterLinear::forward(const Tensor& x) {
   return engine::concat_linear(input, update_head(input), w, update_tail(), base.bias);
 }
 
-int64_t AdapterLinear::input_room() const { return merged_ ? 0 : rank(); }
-
 void AdapterLinear::merge() {
   check(!merged_, "{}: already merged", type_name());
   engine::NoGradGuard no_grad;
@@ -121,6 +119,11 @@ void move_into(Tensor& t, const Tensor& place) {
 }
 
 }  // namespace
+
+bool CurLoRALinear::tail_stacked() const {
+  const Tensor& w = base_layer().weight;
+  return R.impl().storage == w.impl().storage && w.is_contiguous() && R.offset() == w.offset() + w.numel();
+}
 
 void CurLoRALinear::stack_tail() {
   Tensor& w = base_layer().weight;

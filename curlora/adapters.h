@@ -26,9 +26,6 @@ class AdapterLinear : public engine::nn::Module {
   // Merged adapters are for inference: U (or A, B) gets no gradient then.
   // Unmerged, it is engine::concat_linear(x, update_head(x), W, update_tail()).
   Tensor forward(const Tensor& x) override;
-  // The columns of room after x's rows that let the forward's product run as
-  // one GEMM (engine::concat_linear): the rank, unmerged. A model asks its layer norm for them.
-  int64_t input_room() const override;
 
   Linear& base_layer() const;
   double alpha() const { return alpha_; }
@@ -86,6 +83,10 @@ class CurLoRALinear : public AdapterLinear {
   Tensor update_head(const Tensor& x) const override;
   Tensor update_tail() const override;
   std::vector<std::pair<std::string, Tensor>> trainable_tensors() const override { return {{"U", U}}; }
+  // The columns of room after x's rows that let the forward's products run
+  // as one GEMM (engine::concat_linear): the rank, while unmerged and R is
+  // stacked. A model asks the layer norm that feeds this layer for them.
+  int64_t input_room() const override { return !merged() && tail_stacked() ? rank() : 0; }
 
   Tensor U;     // [r, r], trainable
   Tensor C, R;  // [rows of W, r] and [r, cols of W], buffers
@@ -95,6 +96,7 @@ class CurLoRALinear : public AdapterLinear {
   // dtypes stay. Only for a Conv1D ([in, out]) weight of R's dtype and device;
   // the constructor and store_frozen_weights call it.
   void stack_tail();
+  bool tail_stacked() const;  // whether R's rows follow W's
 
  private:
   CurSelection selection_;

@@ -360,6 +360,7 @@ TEST_CASE("CurLoRALinear stores R after W's rows, so that an input with room run
     return r.impl().storage == w.impl().storage && r.offset() == w.offset() + w.numel();
   };
   CHECK(r_follows_w());
+  CHECK(cur->tail_stacked());
   REQUIRE(cur->input_room() == 2);
   const Tensor x = Tensor::randn({4, 6, 8}, gen), ln_w = Tensor::randn({8}, gen), ln_b = Tensor::randn({8}, gen);
   const Tensor plain = engine::layer_norm(x, ln_w, ln_b);
@@ -375,6 +376,8 @@ TEST_CASE("CurLoRALinear stores R after W's rows, so that an input with room run
   CHECK(r_follows_w());
   cur->merge();
   CHECK(cur->input_room() == 0);  // merged: the base layer alone
+  engine::Generator lora_gen(10);
+  CHECK(LoRALinear(base, 2, 1.0, lora_gen).input_room() == 0);  // its trained B is never stacked
 }
 
 TEST_CASE("adapter gradients match finite differences (f64)", "[curlora][layer][gradcheck]") {

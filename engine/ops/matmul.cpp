@@ -384,16 +384,17 @@ Tensor concat_linear(const Tensor& x, const Tensor& extra, const Tensor& w, cons
   check_chain(x, w);
   check_chain(extra, w_extra);
   const DType dtype = product_dtype(x, w);
-  const bool with_bias = bias.defined(), bias_fused = !with_bias || bias_fits(bias, w.size(1), dtype, x,
-                                                                              "concat_linear");
-  const Tensor joint_w = bias_fused && product_dtype(extra, w_extra) == dtype ? joint_weight(w, w_extra, dtype)
-                                                                                : Tensor();
+  const bool with_bias = bias.defined();
+  const bool fits = (!with_bias || bias_fits(bias, w.size(1), dtype, x, "concat_linear")) &&
+                    product_dtype(extra, w_extra) == dtype;
+  const Tensor joint_w = fits ? joint_weight(w, w_extra, dtype) : Tensor();
   const Tensor joint_x = joint_w.defined() ? joint_input(x, extra, dtype) : Tensor();
   if (!joint_x.defined()) {
     // Under autocast the bias rides in the second GEMM, which passes over the output anyway: cuBLASLt's
     // bias epilogue costs the large one more (gpt2-large's c_attn: 4.85 against 4.5 ms a step).
-    if (autocast_dtype_for(x.dtype())) return addmm(linear(x, w, Tensor(), WeightLayout::InOut), extra, w_extra, bias);
-    return addmm(linear(x, w, bias, WeightLayout::InOut), extra, w_extra);
+    const bool bias_last = autocast_dtype_for(x.dtype()).has_value();
+    const Tensor y = linear(x, w, bias_last ? Tensor() : bias, WeightLayout::InOut);
+    return addmm(y, extra, w_extra, bias_last ? bias : Tensor());
   }
   Epilogue epilogue;
   if (with_bias) epilogue.bias = bias.detach().to(dtype).contiguous();
