@@ -45,8 +45,8 @@ Tensor make_view(const Tensor& t, const Shape& shape, const Shape& strides, int6
 }
 
 Tensor empty_with_room(const Shape& shape, DType dtype, Device device, int64_t room) {
-  check(room >= 0 && !shape.empty(), "room: {} columns after rows of shape {}", room, shape_str(shape));
   if (room == 0) return Tensor::empty(shape, dtype, device);
+  check(room > 0 && !shape.empty(), "room: {} columns after rows of shape {}", room, shape_str(shape));
   Shape wide = shape;
   wide.back() += room;
   const Tensor rows = Tensor::empty(wide, dtype, device);
