@@ -95,8 +95,8 @@ Tensor embedding(const Tensor& weight, const Tensor& ids);                // wei
 // Over the last dim, in x's dtype (f32 for bf16 x, as torch's autocast). `out`
 // bf16 rounds the result once in the kernel: for an output that only feeds
 // linear layers under autocast, which would round it anyway, a cast pass saved.
-// room > 0 stores each row of the result that many columns apart from the
-// next, the spare columns marked for a consumer that appends columns to its
+// room > 0 leaves that many spare columns after each row of the result (its
+// rows lie C + room apart), marked for a consumer that appends columns to its
 // input (concat_linear): the values are the same either way.
 Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps = 1e-5,
                   std::optional<DType> out = {}, int64_t room = 0);

@@ -1,7 +1,8 @@
 // Matrix multiply and Linear. Transposed views reach the GEMM as flags, so
 // x @ W.T costs no copy; a 2-D weight shared across a batch is folded into
 // one large GEMM; a Linear's bias (and linear_gelu's GELU) ride in the GEMM's
-// epilogue, and addmm's addend in its beta. The backward skips dW entirely
+// epilogue, and addmm's addend in its beta; concat_linear's extra inputs
+// join x's columns in one GEMM where they fit. The backward skips dW entirely
 // when W is frozen. Under autocast (engine/precision.h) the GEMMs multiply
 // and return bf16; each gradient comes back in its input's dtype.
 #include "engine/ops/common.h"
