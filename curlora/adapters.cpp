@@ -107,19 +107,6 @@ CurLoRALinear::CurLoRALinear(std::shared_ptr<Linear> base, CurSelection selectio
   stack_tail();
 }
 
-namespace {
-
-// Points t's data at `place` (same shape and dtype), as Module::to does:
-// every handle to t follows.
-void move_into(Tensor& t, const Tensor& place) {
-  engine::TensorImpl& impl = t.impl();
-  impl.storage = place.impl().storage;
-  impl.strides = place.strides();
-  impl.offset = place.offset();
-}
-
-}  // namespace
-
 bool CurLoRALinear::tail_stacked() const {
   const Tensor& w = base_layer().weight;
   return R.impl().storage == w.impl().storage && w.is_contiguous() && R.offset() == w.offset() + w.numel();
@@ -135,8 +122,8 @@ void CurLoRALinear::stack_tail() {
   const Tensor w_rows = stacked.narrow(0, 0, w.size(0)), r_rows = stacked.narrow(0, w.size(0), R.size(0));
   Tensor(w_rows).copy_(w);
   Tensor(r_rows).copy_(R);
-  move_into(w, w_rows);
-  move_into(R, r_rows);
+  w.set_data(w_rows);  // every handle to W and R follows
+  R.set_data(r_rows);
 }
 
 // x ΔW = (α (x C)) U, then R; or for [out, in] (α (x R^T)) U^T, then C^T.

@@ -23,19 +23,25 @@ bool View::is_contiguous() const {
   return true;
 }
 
-int64_t View::row_stride() const {
+std::optional<int64_t> View::even_row_stride() const {
   const size_t dims = shape.size();
   const int64_t cols = dims == 0 ? 1 : shape.back();
   if (dims < 2 || numel() == 0) return cols;
-  check(strides.back() == 1 || cols == 1, "rows of shape {}: the last dim is not contiguous", shape_str(shape));
+  if (strides.back() != 1 && cols != 1) return std::nullopt;
   const int64_t ld = shape[dims - 2] == 1 ? cols : strides[dims - 2];
   int64_t expected = ld * shape[dims - 2];
   for (size_t d = dims - 2; d-- > 0;) {
-    check(shape[d] == 1 || strides[d] == expected, "rows of shape {} (strides {}): not evenly spaced",
-          shape_str(shape), shape_str(strides));
+    if (shape[d] != 1 && strides[d] != expected) return std::nullopt;
     expected *= shape[d];
   }
   return ld;
+}
+
+int64_t View::row_stride() const {
+  const std::optional<int64_t> ld = even_row_stride();
+  check(ld.has_value(), "rows of shape {} (strides {}): not evenly spaced with a contiguous last dim",
+        shape_str(shape), shape_str(strides));
+  return *ld;
 }
 
 View view_of(const Tensor& t) { return View{t.data_ptr(), t.dtype(), t.shape(), t.strides()}; }

@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <span>
 
 namespace engine {
@@ -30,7 +31,9 @@ struct View {
   bool is_contiguous() const;
   // How far apart its rows start, in elements, for a view whose last dim is
   // contiguous and whose other dims fold into rows that far apart (a layer
-  // norm's output may leave room after each row: engine::layer_norm). Throws otherwise.
+  // norm's output may leave room after each row: engine::layer_norm); nothing
+  // for other views. row_stride() throws for them.
+  std::optional<int64_t> even_row_stride() const;
   int64_t row_stride() const;
   template <typename T> T* ptr() const { return static_cast<T*>(data); }
 };

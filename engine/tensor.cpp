@@ -126,6 +126,16 @@ void Tensor::set_grad(const Tensor& grad) const {
 
 void Tensor::backward(const Tensor& grad, bool retain_graph) const { run_backward(*this, grad, retain_graph); }
 
+void Tensor::set_data(const Tensor& source) const {
+  TensorImpl& impl = *impl_;
+  const TensorImpl& from = source.impl();
+  impl.storage = from.storage;
+  impl.shape = from.shape;
+  impl.strides = from.strides;
+  impl.offset = from.offset;
+  impl.dtype = from.dtype;
+}
+
 Tensor Tensor::detach() const {
   auto impl = std::make_shared<TensorImpl>(*impl_);
   impl->requires_grad = false;

@@ -100,6 +100,10 @@ class Tensor {
   void backward(const Tensor& grad = Tensor(), bool retain_graph = false) const;
   // Same data, cut from the graph.
   Tensor detach() const;
+  // Points this tensor at `source`'s data (storage, shape, strides, dtype), as
+  // torch's `t.data = source`: every handle to it follows, its autograd
+  // fields stay. For moving parameters and buffers in place.
+  void set_data(const Tensor& source) const;
 
   // ---- views and copies (autograd-aware; defined in ops/shape.cpp) ----
   Tensor reshape(const Shape& shape) const;

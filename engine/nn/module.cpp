@@ -247,15 +247,8 @@ void Module::convert_tensors(const std::function<Tensor(const std::string&, cons
   auto swap_data = [&](const std::string& name, const Tensor& t) {
     Tensor converted = convert(name, t);
     if (converted.same(t)) return;
-    // Overwrite the impl's data fields rather than the handle, so every alias
-    // follows; autograd fields (requires_grad) stay as they were.
+    t.set_data(converted);  // every alias follows; requires_grad stays
     TensorImpl& impl = t.impl();
-    const TensorImpl& from = converted.impl();
-    impl.storage = from.storage;
-    impl.shape = from.shape;
-    impl.strides = from.strides;
-    impl.offset = from.offset;
-    impl.dtype = from.dtype;
     if (impl.grad) impl.grad = convert(name, Tensor(impl.grad)).impl_ptr();
   };
   visit_tensors(false, swap_data);

@@ -95,17 +95,7 @@ void gemm_into(const Tensor& out, Tensor a, Tensor b, int64_t batch, bool b_shar
 // Whether a's batch dims fold into its rows as a view: every row one row
 // stride after the last, across the batch (contiguous, or a layer norm's
 // output with room after its rows).
-bool rows_fold(const Tensor& a) {
-  if (a.is_contiguous()) return true;
-  const int64_t dims = a.dim(), rows = a.size(-2), row_stride = a.strides()[size_t(dims - 2)];
-  if (a.strides().back() != 1 || rows < 2) return false;
-  int64_t expected = rows * row_stride;
-  for (int64_t d = dims - 3; d >= 0; --d) {
-    if (a.size(d) != 1 && a.strides()[size_t(d)] != expected) return false;
-    expected *= a.size(d);
-  }
-  return true;
-}
+bool rows_fold(const Tensor& a) { return a.is_contiguous() || (a.size(-2) > 1 && view_of(a).even_row_stride()); }
 
 // a @ b, then the epilogue, computed in `compute` (the operands converted to
 // it outside autograd; Tensor::to leaves a tensor already in it as it is) and
