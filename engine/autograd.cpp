@@ -1,5 +1,6 @@
 #include "engine/autograd.h"
 
+#include "engine/backend.h"
 #include "engine/ops.h"
 
 #include <unordered_map>
@@ -32,10 +33,11 @@ void record(Tensor& output, std::string op, std::vector<Tensor> inputs, Node::Ba
   output.impl().requires_grad = true;
 }
 
-Tensor Node::take_gradient_so_far(size_t i, DType dtype) const {
-  if (i >= gradient_so_far.size()) return Tensor();
+Tensor Node::take_gradient_so_far(size_t i, DType dtype, bool spaced_rows) const {
+  if (!has_gradient_so_far(i)) return Tensor();
   Tensor& so_far = gradient_so_far[i];
-  if (!so_far.defined() || so_far.dtype() != dtype || !so_far.is_contiguous()) return Tensor();
+  const bool fits = so_far.is_contiguous() || (spaced_rows && view_of(so_far).even_row_stride());
+  if (so_far.dtype() != dtype || !fits) return Tensor();
   return std::move(so_far);
 }
 

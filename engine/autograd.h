@@ -25,12 +25,14 @@ struct Node {
   bool needs_grad(size_t i) const { return inputs[i].defined() && inputs[i].requires_grad(); }
 
   // While the backward runs: the gradient that input i has received so far
-  // from the nodes run before this one, if it is contiguous and of `dtype`,
-  // and undefined otherwise. A backward that takes it must return input i's
+  // from the nodes run before this one, if it is of `dtype` and contiguous
+  // (or, with spaced_rows, has evenly spaced rows: View::even_row_stride), and
+  // undefined otherwise. A backward that takes it must return input i's
   // gradient with it added: so the sum of a residual stream's gradients
   // rides in a kernel the backward runs anyway (layer norm's, a GEMM's
   // addend) instead of a separate add, which reads and writes it all again.
-  Tensor take_gradient_so_far(size_t i, DType dtype) const;
+  Tensor take_gradient_so_far(size_t i, DType dtype, bool spaced_rows = false) const;
+  bool has_gradient_so_far(size_t i) const { return i < gradient_so_far.size() && gradient_so_far[i].defined(); }
 
   // Filled by run_backward for the backward's duration (mutable: the backward gets a const Node).
   mutable std::vector<Tensor> gradient_so_far;

@@ -121,9 +121,9 @@ GemmArgs addend_into_c(Backend& backend, const GemmArgs& args) {
   GemmArgs g = args;
   g.addend = nullptr;
   if (args.addend && args.addend != args.c) {
-    const Shape shape{args.batch, args.m, args.n}, strides{args.stride_c, args.ldc, 1};
-    backend.copy(View{args.c, args.c_dtype, shape, strides},
-                 View{const_cast<void*>(args.addend), args.c_dtype, shape, strides});
+    const Shape shape{args.batch, args.m, args.n};
+    backend.copy(View{args.c, args.c_dtype, shape, {args.stride_c, args.ldc, 1}},
+                 View{const_cast<void*>(args.addend), args.c_dtype, shape, {args.stride_c, args.ld_addend, 1}});
   }
   return g;
 }

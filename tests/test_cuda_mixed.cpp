@@ -165,32 +165,34 @@ TEST_CASE("cuda mixed: GELU-epilogue GEMMs timed for their fastest algorithm giv
 }
 
 TEST_CASE("cuda mixed: concat_linear's one GEMM over a layer norm's room matches the CPU's", "[cuda][precision]") {
-  // CURLoRA's c_attn under autocast: ln_1 writes bf16 rows with r columns of room, the update goes into
-  // them, and [W; R] (bf16, one buffer) multiplies both in one GEMM, the bias in its epilogue.
+  // CURLoRA's c_attn under autocast: ln_1 writes bf16 rows with r columns of room, t2 = (x C) U goes into
+  // them, and [W; R] (bf16, one buffer) multiplies both in one GEMM, the bias in its epilogue. The backward's
+  // [dx | dt2] = g [W; R]^T is one GEMM too, and x C's backward adds dt1 C^T to dx's spaced rows in its own.
   const int64_t C = 64, N = 96, r = 8;
-  Tensor x = engine::add(random({4, 16, C}, 1), 2.0), extra = random({4, 16, r}, 2);
-  x.set_requires_grad(true), extra.set_requires_grad(true);
+  Tensor x = engine::add(random({4, 16, C}, 1), 2.0), u = random({r, r}, 2);
+  x.set_requires_grad(true), u.set_requires_grad(true);
   const Tensor ln_w = random({C}, 3), ln_b = random({C}, 4), stacked = random({C + r, N}, 5).to(DType::BF16);
-  const Tensor bias = random({N}, 6).to(DType::BF16), up = random({4, 16, N}, 7);
-  Tensor xg = gpu_leaf(x), extra_g = gpu_leaf(extra);
-  const Tensor ln_wg = ln_w.to(kGpu), ln_bg = ln_b.to(kGpu), stacked_g = stacked.to(kGpu), bias_g = bias.to(kGpu);
-  auto layer = [&](const Tensor& in, const Tensor& e, const Tensor& w, const Tensor& lw, const Tensor& lb,
-                   const Tensor& b) {
+  const Tensor bias = random({N}, 6).to(DType::BF16), up = random({4, 16, N}, 7), c = random({C, r}, 8);
+  Tensor xg = gpu_leaf(x), ug = gpu_leaf(u);
+  auto layer = [&](const Tensor& in, const Tensor& core, Device device) {
     AutocastGuard autocast(DType::BF16);
     engine::Profiler profiler;
-    const Tensor normed = engine::layer_norm(in, lw, lb, 1e-5, DType::BF16, r);
-    const Tensor y = engine::concat_linear(normed, e, w.narrow(0, 0, C), w.narrow(0, C, r), b);
-    if (in.device().is_cuda()) CHECK(profiler.calls("gemm") == 1);  // (the CPU counts its f32 epilogue's too)
+    const Tensor normed = engine::layer_norm(in, ln_w.to(device), ln_b.to(device), 1e-5, DType::BF16, r);
+    const Tensor t2 = engine::matmul(engine::matmul(normed, c.to(DType::BF16).to(device)), core);
+    const Tensor w = stacked.to(device);
+    const Tensor y = engine::concat_linear(normed, t2, w.narrow(0, 0, C), w.narrow(0, C, r), bias.to(device));
+    if (device.is_cuda()) CHECK(profiler.calls("gemm") == 3);  // (the CPU counts its f32 epilogue's too)
     return y;
   };
-  const Tensor y = layer(x, extra, stacked, ln_w, ln_b, bias);
-  const Tensor yg = layer(xg, extra_g, stacked_g, ln_wg, ln_bg, bias_g);
+  const Tensor y = layer(x, u, kCpu), yg = layer(xg, ug, kGpu);
   REQUIRE(yg.dtype() == DType::BF16);
   require_near(yg, y, 1.0 / 64, "forward");
   engine::sum(engine::mul(y.to(DType::F32), up)).backward();
+  engine::Profiler profiler;
   engine::sum(engine::mul(yg.to(DType::F32), up.to(kGpu))).backward();
+  CHECK(profiler.calls("gemm") == 4);  // [dx | dt2], dt2 U^T, dU, dx + dt1 C^T (a copy first would count twice)
   require_near(xg.grad(), x.grad(), 1e-2, "dx");
-  require_near(extra_g.grad(), extra.grad(), 1e-2, "dextra");
+  require_near(ug.grad(), u.grad(), 1e-2, "du");
 }
 
 TEST_CASE("cuda mixed: layer_norm with a bf16 output and bf16 gradient matches the CPU", "[cuda][precision][nn]") {

@@ -372,6 +372,17 @@ TEST_CASE("CurLoRALinear stores R after W's rows, so that an input with room run
     CHECK(profiler.calls("gemm") == 3);  // x C, then t1 U, then [x | t2] [W; R] + b
   }
   testing::require_close(cur->forward(plain), want.to_vector<double>(), 1e-5);  // two GEMMs in place of the last
+  // The backward joins them too: [dx | dt2] = g [W; R]^T. Then dt2 U^T, dU, and dx + dt1 C^T, whose addend
+  // the CPU copies in first (two calls): 5 against 6, with the same gradient.
+  auto input_gradient = [&](int64_t room, int gemms) {
+    const Tensor trained = x.detach().set_requires_grad(true);
+    Tensor loss = engine::sum(engine::square(cur->forward(engine::layer_norm(trained, ln_w, ln_b, 1e-5, {}, room))));
+    engine::Profiler profiler;
+    loss.backward();
+    CHECK(profiler.calls("gemm") == gemms);
+    return trained.grad();
+  };
+  testing::require_close(input_gradient(2, 5), input_gradient(0, 6).to_vector<double>(), 1e-4);
   curlora::store_frozen_weights(*cur, engine::DType::BF16);  // converted one by one, then stacked again
   CHECK(r_follows_w());
   cur->merge();

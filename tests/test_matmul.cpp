@@ -199,6 +199,16 @@ TEST_CASE("concat_linear gradients match finite differences, in one GEMM or two"
                                        in[4]);
         },
         {random_f64({2, 3, 6}, 1), random_f64({2, 3, 2}, 2), w, w_extra, random_f64({5}, 4)});
+    // CURLoRA's shape, frozen weights: x feeds both products, extra = (x C) U. With room, the one
+    // GEMM's backward hands x a gradient whose rows lie 2 apart, which x C's backward adds to.
+    const Tensor frozen = random_f64({8, 5}, 3, false);
+    check_gradients(
+        [&](V in) {
+          const Tensor x = engine::layer_norm(in[0], ln_w, ln_b, 1e-5, {}, room);
+          const Tensor t2 = engine::matmul(engine::matmul(x, in[1]), in[2]);
+          return engine::concat_linear(x, t2, frozen.narrow(0, 0, 6), frozen.narrow(0, 6, 2), in[3]);
+        },
+        {random_f64({2, 3, 6}, 1), random_f64({6, 2}, 2), random_f64({2, 2}, 3), random_f64({5}, 4)});
   }
 }
 

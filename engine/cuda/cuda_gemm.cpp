@@ -100,10 +100,11 @@ namespace {
 struct LtMatmul {
   cublasLtMatmulDesc_t desc = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+  cublasLtMatrixLayout_t addend = nullptr;  // where it is laid out other than as c
   cublasLtMatmulPreference_t preference = nullptr;
   ~LtMatmul() {
     if (preference) cublasLtMatmulPreferenceDestroy(preference);
-    for (cublasLtMatrixLayout_t layout : {a, b, c})
+    for (cublasLtMatrixLayout_t layout : {a, b, c, addend})
       if (layout) cublasLtMatrixLayoutDestroy(layout);
     if (desc) cublasLtMatmulDescDestroy(desc);
   }
@@ -116,7 +117,7 @@ struct LtKey {
   cublasComputeType_t compute;
   cublasOperation_t op_first, op_second;
   uint64_t m, n, k;
-  int64_t ldb, lda, ldc;
+  int64_t ldb, lda, ldc, ld_addend;
   cublasLtEpilogue_t epilogue;
   bool bias;
   uint32_t align_a, align_b, align_c, align_d;  // bytes, a power of two up to 256
@@ -200,7 +201,7 @@ cublasLtMatmulAlgo_t fastest(DeviceContext& ctx, const std::vector<cublasLtMatmu
 // out as C, which DGELU reads back (the aux leading dimension must be a
 // multiple of 8). A GELU epilogue needs beta == 0; a plain or biased product
 // may accumulate into C, or add an addend (cuBLASLt's C, with our C as its
-// separate output D).
+// separate output D; its rows may lie further apart than D's).
 bool gemm_lt(DeviceContext& ctx, const GemmArgs& g) {
   const bool aux = g.gelu || g.gelu_grad;
   const bool epilogue_fits = !aux || (g.beta == 0 && !g.addend && g.ldc % 8 == 0);
@@ -245,14 +246,18 @@ bool gemm_lt(DeviceContext& ctx, const GemmArgs& g) {
   check_cublas(cublasLtMatrixLayoutCreate(&lt.b, types.storage, second_n ? k : n, second_n ? n : k, int64_t(g.lda)),
                index, "gemm (cuBLASLt)");
   check_cublas(cublasLtMatrixLayoutCreate(&lt.c, c_storage, m, n, int64_t(g.ldc)), index, "gemm (cuBLASLt)");
+  const int64_t ld_addend = g.addend ? g.ld_addend : g.ldc;
+  if (ld_addend != g.ldc)
+    check_cublas(cublasLtMatrixLayoutCreate(&lt.addend, c_storage, m, n, ld_addend), index, "gemm (cuBLASLt)");
+  const cublasLtMatrixLayout_t addend_layout = lt.addend ? lt.addend : lt.c;
 
   const size_t workspace = DeviceContext::kGemmWorkspaceBytes;
   // A view may start anywhere in its tensor: the algorithm must suit the pointers' alignment.
   const void* addend = g.addend ? g.addend : g.c;
   const float alpha = float(g.alpha), beta = float(g.beta);
   auto run = [&](const cublasLtMatmulAlgo_t& algo) {
-    return cublasLtMatmul(ctx.cublas_lt(), lt.desc, &alpha, g.b, lt.a, g.a, lt.b, &beta, addend, lt.c, g.c, lt.c,
-                          &algo, ctx.gemm_workspace(), workspace, ctx.stream());
+    return cublasLtMatmul(ctx.cublas_lt(), lt.desc, &alpha, g.b, lt.a, g.a, lt.b, &beta, addend, addend_layout, g.c,
+                          lt.c, &algo, ctx.gemm_workspace(), workspace, ctx.stream());
   };
   // For a GELU epilogue the heuristic's first pick is often not the fastest
   // (gpt2-large's c_proj dX with DGELU: 170 us, its 8th candidate 147), so
@@ -260,7 +265,7 @@ bool gemm_lt(DeviceContext& ctx, const GemmArgs& g) {
   // differ from run to run, the results not.
   const bool tune = aux && gelu_gemm_tuned();
   const LtKey key{index, types.storage, c_storage, types.compute, op_first, op_second, m, n, k, g.ldb, g.lda, g.ldc,
-                  epilogue, g.bias != nullptr, alignment_of(g.b), alignment_of(g.a), alignment_of(addend),
+                  ld_addend, epilogue, g.bias != nullptr, alignment_of(g.b), alignment_of(g.a), alignment_of(addend),
                   alignment_of(g.c), tune};
   const std::optional<cublasLtMatmulAlgo_t> algo = lt_algo_cache.get(key, [&]() -> std::optional<cublasLtMatmulAlgo_t> {
     check_cublas(cublasLtMatmulPreferenceCreate(&lt.preference), index, "gemm (cuBLASLt)");
@@ -275,7 +280,7 @@ bool gemm_lt(DeviceContext& ctx, const GemmArgs& g) {
     prefer(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, key.align_d);
     std::vector<cublasLtMatmulHeuristicResult_t> candidates(tune ? 8 : 1);
     int found = 0;
-    if (cublasLtMatmulAlgoGetHeuristic(ctx.cublas_lt(), lt.desc, lt.a, lt.b, lt.c, lt.c, lt.preference,
+    if (cublasLtMatmulAlgoGetHeuristic(ctx.cublas_lt(), lt.desc, lt.a, lt.b, addend_layout, lt.c, lt.preference,
                                        int(candidates.size()), candidates.data(), &found) != CUBLAS_STATUS_SUCCESS ||
         found == 0)
       return std::nullopt;

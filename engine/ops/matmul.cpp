@@ -60,7 +60,9 @@ struct Epilogue {
   Tensor bias;      // [N], out's dtype, contiguous: added to every row
   Tensor pre_gelu;  // out's shape, contiguous: receives out before the GELU (defined: apply one)
   Tensor gelu_grad_of;  // out's shape, contiguous: a GELU's input; out = product * gelu'(it) (defined: apply)
-  Tensor addend;    // out's shape and dtype, contiguous: added to the product (GEMM beta 1); no GELU with it
+  // Out's shape and dtype, added to the product (GEMM beta 1); no GELU with it. Its rows may lie further
+  // apart than out's (View::even_row_stride) where the GEMM is not batched; otherwise it is copied.
+  Tensor addend;
 };
 
 // out [batch..., M, N] = a [batch..., M, K] @ b [batch..., K, N]; b_shared: b is 2-D.
@@ -80,10 +82,16 @@ void gemm_into(const Tensor& out, Tensor a, Tensor b, int64_t batch, bool b_shar
   g.gelu = epilogue.pre_gelu.defined();
   g.gelu_grad = epilogue.gelu_grad_of.defined();
   g.pre_gelu = g.gelu ? epilogue.pre_gelu.data_ptr() : g.gelu_grad ? epilogue.gelu_grad_of.data_ptr() : nullptr;
-  if (epilogue.addend.defined()) g.addend = epilogue.addend.data_ptr(), g.beta = 1;
+  // One GEMM reads the addend's rows any even distance apart; a batch reads it laid out as C.
+  Tensor addend = epilogue.addend;
+  if (addend.defined()) {
+    std::optional<int64_t> ld = batch == 1 ? view_of(addend).even_row_stride() : std::nullopt;
+    if (!ld || *ld < N) addend = addend.contiguous(), ld = N;
+    g.addend = addend.data_ptr(), g.ld_addend = *ld, g.beta = 1;
+  }
   if (out.numel() == 0) return;
   if (K == 0) {  // an empty sum: C is the addend plus the bias, either, or zeros (linear_gelu does not fuse K = 0)
-    const Tensor &addend = epilogue.addend, &bias = epilogue.bias;
+    const Tensor& bias = epilogue.bias;
     if (addend.defined()) Tensor(out).copy_(bias.defined() ? add(addend, bias) : addend);
     else if (bias.defined()) Tensor(out).copy_(bias.expand(out.shape()));
     else Tensor(out).fill_(0.0);
@@ -176,19 +184,37 @@ Tensor weight_gradient(const Tensor& a, const Tensor& b, const Tensor& g, DType 
   return product(a.transpose(-1, -2), g, compute, b.dtype());
 }
 
+// The gradients of a0 and a1 in out = a0 @ b0 + a1 @ b1, [da0 | da1] = g [b0; b1]^T,
+// as one GEMM that reads g once, given joint_b = [b0; b1] (one buffer): da0 and
+// da1 are then views of its output, rows K0 + K1 apart. Only where both want a
+// gradient in the product's dtype and neither has received one so far (that
+// would be added to its own columns alone); otherwise nothing is filled in.
+void joint_gradients(const Tensor& g, const Node& n, const Tensor& joint_b, DType compute, std::vector<Tensor>& grads) {
+  const Tensor &a0 = n.inputs[0], &a1 = n.inputs[2];
+  if (!n.needs_grad(0) || !n.needs_grad(2) || a0.dtype() != compute || a1.dtype() != compute ||
+      n.has_gradient_so_far(0) || n.has_gradient_so_far(2))
+    return;
+  const Tensor both = product(g, joint_b.transpose(0, 1), compute, compute);
+  grads[0] = detail::make_view(both, a0.shape(), both.strides(), both.offset());
+  grads[2] = detail::make_view(both, a1.shape(), both.strides(), both.offset() + a0.size(-1));
+}
+
 // The backward of out = a @ b, or of a sum of `products` such products with
 // inputs a0, b0, a1, b1, ... (+ addend and bias, the inputs after them, whose
 // gradients are g summed to their shapes): each gradient in its input's
 // dtype, multiplied at the forward's precision. An a's gradient adds what it
-// has received so far in the GEMM's epilogue, rounded once.
-Node::BackwardFn product_backward(DType compute, size_t products = 1) {
-  return [compute, products](const Tensor& g, const Node& n) {
+// has received so far in the GEMM's epilogue, rounded once (it may be another
+// product's joint gradient, rows apart). With joint_b, a0's and a1's
+// gradients may come from one GEMM (joint_gradients).
+Node::BackwardFn product_backward(DType compute, size_t products = 1, Tensor joint_b = {}) {
+  return [compute, products, joint_b](const Tensor& g, const Node& n) {
     std::vector<Tensor> grads(n.inputs.size());
+    if (joint_b.defined()) joint_gradients(g, n, joint_b, compute, grads);
     for (size_t i = 0; i < 2 * products; i += 2) {
       const Tensor &a = n.inputs[i], &b = n.inputs[i + 1];
-      if (n.needs_grad(i)) {  // a's gradient so far (from its other uses) rides in as the GEMM's addend
+      if (n.needs_grad(i) && !grads[i].defined()) {  // a's gradient so far rides in as the GEMM's addend
         Epilogue sum;
-        sum.addend = n.take_gradient_so_far(i, a.dtype());
+        sum.addend = n.take_gradient_so_far(i, a.dtype(), true);
         grads[i] = product(g, b.transpose(-1, -2), compute, a.dtype(), sum);
       }
       if (n.needs_grad(i + 1)) grads[i + 1] = weight_gradient(a, b, g, compute);  // skipped for frozen weights
@@ -393,7 +419,7 @@ Tensor concat_linear(const Tensor& x, const Tensor& extra, const Tensor& w, cons
   std::vector<Tensor> inputs = saved_operands(x, w);
   for (const Tensor& t : saved_operands(extra, w_extra)) inputs.push_back(t);
   if (with_bias) inputs.push_back(edge_only(bias));  // a sum of g
-  record(out, "concat_linear", std::move(inputs), product_backward(dtype, 2));
+  record(out, "concat_linear", std::move(inputs), product_backward(dtype, 2, joint_w));
   return out;
 }
 
