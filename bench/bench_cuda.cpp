@@ -129,9 +129,10 @@ void bench_thin_gemm(cublasHandle_t handle, cudaStream_t stream, const ThinProdu
 
 // CURLoRA's update in c_attn's GEMM (gpt2-large, 8192 tokens, bf16): the
 // plain product, with its bias, with the update as 8 more columns of K
-// (engine::concat_linear: [x | t2] [W; R] + b), and the update GEMM that
-// concat_linear otherwise adds (base + t2 R + b); then the backward's dX
-// without and with R's 8 rows, which is why the backward keeps dY R^T apart.
+// (engine::concat_linear: [x | t2] [W; R] + b), with the bias as one more row
+// of K against a column of ones, padded to 1296 with zeros, and the update
+// GEMM that concat_linear otherwise adds (base + t2 R + b); then the
+// backward's dX over W, [W; R] (which also gives dt2) and [W; R; b; 0].
 struct LayoutCase {
   const char* what;
   int64_t m, k, n;
@@ -140,16 +141,18 @@ struct LayoutCase {
 
 void bench_adapter_layouts() {
   const int64_t M = 32 * 256, C = 1280, N = 3 * C;
-  const Tensor a = randn({M, C + 8}, 1, DType::BF16), w = randn({C + 8, N}, 2, DType::BF16);
+  const Tensor a = randn({M, C + 16}, 1, DType::BF16), w = randn({C + 16, N}, 2, DType::BF16);
   const Tensor bias = randn({N}, 3, DType::BF16), addend = randn({M, N}, 4, DType::BF16);
   Tensor out = Tensor::empty({M, N}, DType::BF16, kGpu);
   engine::Backend& gpu = engine::backend_for(kGpu);
   for (const LayoutCase& c : {LayoutCase{"x W", M, C, N, false, false, false},
                               LayoutCase{"x W + b", M, C, N, false, true, false},
                               LayoutCase{"[x | t2] [W; R] + b", M, C + 8, N, false, true, false},
+                              LayoutCase{"[x | t2 | 1 | 0] [W; R; b; 0]", M, C + 16, N, false, false, false},
                               LayoutCase{"base + t2 R + b", M, 8, N, false, true, true},
                               LayoutCase{"dY W^T", M, N, C, true, false, false},
-                              LayoutCase{"dY [W; R]^T", M, N, C + 8, true, false, false}}) {
+                              LayoutCase{"dY [W; R]^T", M, N, C + 8, true, false, false},
+                              LayoutCase{"dY [W; R; b; 0]^T", M, N, C + 16, true, false, false}}) {
     engine::GemmArgs g;
     g.dtype = DType::BF16, g.c_dtype = DType::BF16;
     g.m = c.m, g.n = c.n, g.k = c.k;

@@ -107,23 +107,46 @@ CurLoRALinear::CurLoRALinear(std::shared_ptr<Linear> base, CurSelection selectio
   stack_tail();
 }
 
-bool CurLoRALinear::tail_stacked() const {
-  const Tensor& w = base_layer().weight;
-  return R.impl().storage == w.impl().storage && w.is_contiguous() && R.offset() == w.offset() + w.numel();
+namespace {
+
+// Whether `next` starts where `t` ends in one buffer.
+bool follows(const Tensor& next, const Tensor& t) {
+  return next.defined() && next.impl().storage == t.impl().storage && t.is_contiguous() &&
+         next.offset() == t.offset() + t.numel();
+}
+
+}  // namespace
+
+bool CurLoRALinear::tail_stacked() const { return follows(R, base_layer().weight); }
+
+bool CurLoRALinear::bias_stacked() const { return tail_stacked() && follows(base_layer().bias, R); }
+
+int64_t CurLoRALinear::input_room() const {
+  if (merged() || !tail_stacked()) return 0;
+  const int64_t k1 = base_layer().weight.size(0);
+  return bias_stacked() ? engine::joint_rows(k1, rank()) - k1 : rank();
 }
 
 void CurLoRALinear::stack_tail() {
-  Tensor& w = base_layer().weight;
+  Tensor &w = base_layer().weight, &b = base_layer().bias;
   const bool stackable = base_layer().layout == WeightLayout::InOut && w.dtype() == R.dtype() &&
                          w.device() == R.device() && w.is_contiguous() && R.is_contiguous();
   if (!stackable) return;
+  const bool with_bias = b.defined() && b.dtype() == w.dtype() && b.device() == w.device();
+  const int64_t k1 = w.size(0), r = R.size(0);
   engine::NoGradGuard no_grad;
-  const Tensor stacked = Tensor::empty({w.size(0) + R.size(0), w.size(1)}, w.dtype(), w.device());
-  const Tensor w_rows = stacked.narrow(0, 0, w.size(0)), r_rows = stacked.narrow(0, w.size(0), R.size(0));
+  // Zeros: concat_linear's GEMM multiplies the rows after the bias by zeros, which NaNs would spoil.
+  const Tensor stacked =
+      Tensor::zeros({with_bias ? engine::joint_rows(k1, r) : k1 + r, w.size(1)}, w.dtype(), w.device());
+  const Tensor w_rows = stacked.narrow(0, 0, k1), r_rows = stacked.narrow(0, k1, r);
   Tensor(w_rows).copy_(w);
   Tensor(r_rows).copy_(R);
-  w.set_data(w_rows);  // every handle to W and R follows
+  w.set_data(w_rows);  // every handle to W, R and the bias follows
   R.set_data(r_rows);
+  if (!with_bias) return;
+  const Tensor b_row = stacked.narrow(0, k1 + r, 1).reshape({w.size(1)});
+  Tensor(b_row).copy_(b);
+  b.set_data(b_row);
 }
 
 // x ΔW = (α (x C)) U, then R; or for [out, in] (α (x R^T)) U^T, then C^T.

@@ -84,19 +84,22 @@ class CurLoRALinear : public AdapterLinear {
   Tensor update_tail() const override;
   std::vector<std::pair<std::string, Tensor>> trainable_tensors() const override { return {{"U", U}}; }
   // The columns of room after x's rows that let the forward's products run
-  // as one GEMM (engine::concat_linear): the rank, while unmerged and R is
-  // stacked. A model asks the layer norm that feeds this layer for them.
-  int64_t input_room() const override { return !merged() && tail_stacked() ? rank() : 0; }
+  // as one GEMM (engine::concat_linear), while unmerged and R is stacked: the
+  // rank, or with the bias stacked too, up to engine::joint_rows. A model asks
+  // the layer norm that feeds this layer for them.
+  int64_t input_room() const override;
 
   Tensor U;     // [r, r], trainable
   Tensor C, R;  // [rows of W, r] and [r, cols of W], buffers
 
   // Stores R's rows right after the base weight's, in one buffer, so that the
-  // forward's one GEMM reads [W; R] (engine::concat_linear); values, names and
-  // dtypes stay. Only for a Conv1D ([in, out]) weight of R's dtype and device;
-  // the constructor and store_frozen_weights call it.
+  // forward's one GEMM reads [W; R] (engine::concat_linear), and the bias's
+  // after them, then zero rows, where it has W's dtype and device; values,
+  // names and dtypes stay. Only for a Conv1D ([in, out]) weight of R's dtype
+  // and device; the constructor and store_frozen_weights call it.
   void stack_tail();
   bool tail_stacked() const;  // whether R's rows follow W's
+  bool bias_stacked() const;  // and the bias's R's
 
  private:
   CurSelection selection_;

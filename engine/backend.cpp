@@ -122,8 +122,9 @@ GemmArgs addend_into_c(Backend& backend, const GemmArgs& args) {
   g.addend = nullptr;
   if (args.addend && args.addend != args.c) {
     const Shape shape{args.batch, args.m, args.n};
+    const int64_t ld = args.ld_addend ? args.ld_addend : args.ldc;
     backend.copy(View{args.c, args.c_dtype, shape, {args.stride_c, args.ldc, 1}},
-                 View{const_cast<void*>(args.addend), args.c_dtype, shape, {args.stride_c, args.ld_addend, 1}});
+                 View{const_cast<void*>(args.addend), args.c_dtype, shape, {args.stride_c, ld, 1}});
   }
   return g;
 }

@@ -65,7 +65,7 @@ struct GemmArgs {
   // as C but for its row stride, C = alpha AB + beta addend (addmm writes a new
   // tensor this way). A bias may ride with it, a GELU not.
   const void* addend = nullptr;
-  int64_t ld_addend = 0;  // its row stride (batches stride_c apart, as C's)
+  int64_t ld_addend = 0;  // its row stride, 0 for ldc (batches stride_c apart, as C's)
   // Epilogue, applied after the product (and the beta term, for a bias) to the
   // f32 (or f64) sums before C is rounded to its dtype; a GPU applies it in the
   // GEMM's own pass over C where it can:

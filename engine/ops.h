@@ -80,10 +80,17 @@ Tensor linear_gelu_linear(const Tensor& x, const Tensor& w1, const Tensor& b1, c
 // adapter's update is one). One GEMM over K1 + K2 when nothing needs a copy:
 // x has K2 columns of room (layer_norm's room), which extra is written into,
 // and w_extra's rows follow w's in memory, all in the product's dtype. The sum
-// is then rounded once. Otherwise addmm(x @ w, extra, w_extra) with the bias
-// in one of the two GEMMs; the values agree up to that rounding.
+// is then rounded once. Where the bias's row follows w_extra's too, and the
+// buffer goes on to joint_rows(K1, K2) rows with zeros, and x has room for as
+// many columns, the bias is one more row of that GEMM, against a column of
+// ones written into the room: cuBLASLt's bias epilogue costs gpt2-large's
+// c_attn more (128 against 117 us). Otherwise addmm(x @ w, extra, w_extra)
+// with the bias in one of the two GEMMs; the values agree up to rounding.
 Tensor concat_linear(const Tensor& x, const Tensor& extra, const Tensor& w, const Tensor& w_extra,
                      const Tensor& bias = {});
+// K1 + K2 + 1 rounded up to a multiple of 8: the rows of [w; w_extra; bias; 0]
+// for concat_linear (a GEMM's rows 16 bytes apart in bf16, which it needs to be fast).
+int64_t joint_rows(int64_t k1, int64_t k2);
 
 // ---- indexing (ops/index.cpp) ----
 // Indices (and cross_entropy's targets) may be on the host for a GPU source: they are checked on

@@ -165,34 +165,44 @@ TEST_CASE("cuda mixed: GELU-epilogue GEMMs timed for their fastest algorithm giv
 }
 
 TEST_CASE("cuda mixed: concat_linear's one GEMM over a layer norm's room matches the CPU's", "[cuda][precision]") {
-  // CURLoRA's c_attn under autocast: ln_1 writes bf16 rows with r columns of room, t2 = (x C) U goes into
-  // them, and [W; R] (bf16, one buffer) multiplies both in one GEMM, the bias in its epilogue. The backward's
-  // [dx | dt2] = g [W; R]^T is one GEMM too, and x C's backward adds dt1 C^T to dx's spaced rows in its own.
-  const int64_t C = 64, N = 96, r = 8;
-  Tensor x = engine::add(random({4, 16, C}, 1), 2.0), u = random({r, r}, 2);
-  x.set_requires_grad(true), u.set_requires_grad(true);
-  const Tensor ln_w = random({C}, 3), ln_b = random({C}, 4), stacked = random({C + r, N}, 5).to(DType::BF16);
-  const Tensor bias = random({N}, 6).to(DType::BF16), up = random({4, 16, N}, 7), c = random({C, r}, 8);
-  Tensor xg = gpu_leaf(x), ug = gpu_leaf(u);
-  auto layer = [&](const Tensor& in, const Tensor& core, Device device) {
-    AutocastGuard autocast(DType::BF16);
+  // CURLoRA's c_attn under autocast: ln_1 writes bf16 rows with room, t2 = (x C) U goes into it, and [W; R]
+  // (bf16, one buffer) multiplies both in one GEMM; the bias is one more row of it against a column of ones
+  // in the room (room 16), or in its epilogue (room 8). The backward's [dx | dt2] = g [W; R]^T is one GEMM
+  // too, and x C's backward adds dt1 C^T to dx's spaced rows in its own.
+  const int64_t C = 64, N = 96, r = 8, rows = engine::joint_rows(C, r);
+  REQUIRE(rows == C + 16);
+  for (const int64_t room : {rows - C, r}) {
+    INFO("room " << room);
+    Tensor x = engine::add(random({4, 16, C}, 1), 2.0), u = random({r, r}, 2);
+    x.set_requires_grad(true), u.set_requires_grad(true);
+    const Tensor ln_w = random({C}, 3), ln_b = random({C}, 4), up = random({4, 16, N}, 7), c = random({C, r}, 8);
+    const Tensor stacked = Tensor::zeros({rows, N}, DType::BF16);  // [W; R; b; 0]
+    stacked.narrow(0, 0, C + r + 1).copy_(random({C + r + 1, N}, 5));
+    Tensor xg = gpu_leaf(x), ug = gpu_leaf(u);
+    auto layer = [&](const Tensor& in, const Tensor& core, Device device) {
+      AutocastGuard autocast(DType::BF16);
+      engine::Profiler profiler;
+      const Tensor normed = engine::layer_norm(in, ln_w.to(device), ln_b.to(device), 1e-5, DType::BF16, room);
+      const Tensor t2 = engine::matmul(engine::matmul(normed, c.to(DType::BF16).to(device)), core);
+      const Tensor w = stacked.to(device);
+      const Tensor y = engine::concat_linear(normed, t2, w.narrow(0, 0, C), w.narrow(0, C, r),
+                                             w.narrow(0, C + r, 1).reshape({N}));
+      if (device.is_cuda()) {
+        CHECK(profiler.calls("gemm") == 3);  // (the CPU counts its f32 epilogue's too)
+        CHECK(profiler.calls("fill") == (room > r ? 2 : 0));  // the bias row's ones, then zeros
+      }
+      return y;
+    };
+    const Tensor y = layer(x, u, kCpu), yg = layer(xg, ug, kGpu);
+    REQUIRE(yg.dtype() == DType::BF16);
+    require_near(yg, y, 1.0 / 64, "forward");
+    engine::sum(engine::mul(y.to(DType::F32), up)).backward();
     engine::Profiler profiler;
-    const Tensor normed = engine::layer_norm(in, ln_w.to(device), ln_b.to(device), 1e-5, DType::BF16, r);
-    const Tensor t2 = engine::matmul(engine::matmul(normed, c.to(DType::BF16).to(device)), core);
-    const Tensor w = stacked.to(device);
-    const Tensor y = engine::concat_linear(normed, t2, w.narrow(0, 0, C), w.narrow(0, C, r), bias.to(device));
-    if (device.is_cuda()) CHECK(profiler.calls("gemm") == 3);  // (the CPU counts its f32 epilogue's too)
-    return y;
-  };
-  const Tensor y = layer(x, u, kCpu), yg = layer(xg, ug, kGpu);
-  REQUIRE(yg.dtype() == DType::BF16);
-  require_near(yg, y, 1.0 / 64, "forward");
-  engine::sum(engine::mul(y.to(DType::F32), up)).backward();
-  engine::Profiler profiler;
-  engine::sum(engine::mul(yg.to(DType::F32), up.to(kGpu))).backward();
-  CHECK(profiler.calls("gemm") == 4);  // [dx | dt2], dt2 U^T, dU, dx + dt1 C^T (a copy first would count twice)
-  require_near(xg.grad(), x.grad(), 1e-2, "dx");
-  require_near(ug.grad(), u.grad(), 1e-2, "du");
+    engine::sum(engine::mul(yg.to(DType::F32), up.to(kGpu))).backward();
+    CHECK(profiler.calls("gemm") == 4);  // [dx | dt2], dt2 U^T, dU, dx + dt1 C^T (a copy first would count twice)
+    require_near(xg.grad(), x.grad(), 1e-2, "dx");
+    require_near(ug.grad(), u.grad(), 1e-2, "du");
+  }
 }
 
 TEST_CASE("cuda mixed: layer_norm with a bf16 output and bf16 gradient matches the CPU", "[cuda][precision][nn]") {

@@ -349,7 +349,7 @@ TEST_CASE("store_frozen_weights stores the base and CURLoRA's C and R in bf16, a
   testing::require_close(cur->forward(x).to(engine::DType::F32), before.to(engine::DType::F32).to_vector<double>(), 0);
 }
 
-TEST_CASE("CurLoRALinear stores R after W's rows, so that an input with room runs W's product and R's as one GEMM",
+TEST_CASE("CurLoRALinear stores R and the bias after W's rows, so that an input with room runs the layer as one GEMM",
           "[curlora][layer][profiler]") {
   engine::Generator gen(9);
   auto base = std::make_shared<Linear>(Tensor::randn({8, 12}, gen), Tensor::randn({12}, gen), WeightLayout::InOut);
@@ -361,15 +361,23 @@ TEST_CASE("CurLoRALinear stores R after W's rows, so that an input with room run
   };
   CHECK(r_follows_w());
   CHECK(cur->tail_stacked());
-  REQUIRE(cur->input_room() == 2);
+  CHECK(cur->bias_stacked());
+  // [W; R; b; 0]: 8 + 2 + 1 rows, then zeros up to 16, so 8 columns of room: t2, a column of ones, zeros.
+  REQUIRE(cur->input_room() == 8);
   const Tensor x = Tensor::randn({4, 6, 8}, gen), ln_w = Tensor::randn({8}, gen), ln_b = Tensor::randn({8}, gen);
   const Tensor plain = engine::layer_norm(x, ln_w, ln_b);
-  const Tensor roomy = engine::layer_norm(x, ln_w, ln_b, 1e-5, {}, cur->input_room());
   const Tensor want = engine::add((*base)(plain), cur->update(plain));
-  {
+  // Room 8: the bias is a row of the GEMM, its ones written into the room; room 2: the bias in the epilogue.
+  for (const int64_t room : {8, 2}) {
+    const Tensor roomy = engine::layer_norm(x, ln_w, ln_b, 1e-5, {}, room);
     engine::Profiler profiler;
     testing::require_close(cur->forward(roomy), want.to_vector<double>(), 1e-5);
-    CHECK(profiler.calls("gemm") == 3);  // x C, then t1 U, then [x | t2] [W; R] + b
+    CHECK(profiler.calls("gemm") == 3);  // x C, then t1 U, then [x | t2 (| 1 | 0)] [W; R (; b; 0)] (+ b)
+    if (room == 8) {  // the first row's room: t2's 2 columns, then the bias row's 1, then zeros
+      const float* row = static_cast<const float*>(roomy.impl().storage->data) + roomy.offset();
+      CHECK(row[8 + 2] == 1.0f);
+      CHECK(row[15] == 0.0f);
+    }
   }
   testing::require_close(cur->forward(plain), want.to_vector<double>(), 1e-5);  // two GEMMs in place of the last
   // The backward joins them too: [dx | dt2] = g [W; R]^T. Then dt2 U^T, dU, and dx + dt1 C^T, whose addend
@@ -382,9 +390,10 @@ TEST_CASE("CurLoRALinear stores R after W's rows, so that an input with room run
     CHECK(profiler.calls("gemm") == gemms);
     return trained.grad();
   };
-  testing::require_close(input_gradient(2, 5), input_gradient(0, 6).to_vector<double>(), 1e-4);
+  testing::require_close(input_gradient(8, 5), input_gradient(0, 6).to_vector<double>(), 1e-4);
   curlora::store_frozen_weights(*cur, engine::DType::BF16);  // converted one by one, then stacked again
   CHECK(r_follows_w());
+  CHECK(cur->bias_stacked());
   cur->merge();
   CHECK(cur->input_room() == 0);  // merged: the base layer alone
   engine::Generator lora_gen(10);

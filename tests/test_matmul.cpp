@@ -175,6 +175,20 @@ TEST_CASE("concat_linear is one GEMM over x's room and stacked weights, otherwis
     testing::require_close(engine::concat_linear(x, extra, w1, w_extra, bias), want, 1e-5);
     CHECK((profiler.calls("gemm") == 1) == one_gemm);  // (an addend counts twice on the CPU: copy, then GEMM)
   }
+  // [w; w_extra; bias; 0] in one buffer (joint_rows: 6 + 2 + 1, then zeros up to 16) and x with room for 10
+  // columns: the bias is one more row of the one GEMM, against a column of ones written into the room.
+  REQUIRE(engine::joint_rows(6, 2) == 16);
+  const Tensor padded = Tensor::zeros({16, 5});
+  padded.narrow(0, 0, 8).copy_(stacked);
+  padded.narrow(0, 8, 1).copy_(bias.reshape({1, 5}));
+  const Tensor roomier = engine::layer_norm(x0, ln_w, ln_b, 1e-5, {}, 10);
+  {
+    engine::Profiler profiler;
+    testing::require_close(engine::concat_linear(roomier, extra, padded.narrow(0, 0, 6), padded.narrow(0, 6, 2),
+                                                 padded.narrow(0, 8, 1).reshape({5})),
+                           want, 1e-5);
+    CHECK(profiler.calls("gemm") == 1);
+  }
   const Tensor no_bias = engine::concat_linear(roomy, extra, w, w_extra);
   const Tensor sum = engine::add(engine::matmul(plain, w), engine::matmul(extra, w_extra));
   testing::require_close(no_bias, sum.to_vector<double>(), 1e-5);
@@ -187,28 +201,30 @@ TEST_CASE("concat_linear is one GEMM over x's room and stacked weights, otherwis
 TEST_CASE("concat_linear gradients match finite differences, in one GEMM or two", "[matmul][grad]") {
   using V = const std::vector<Tensor>&;
   const Tensor ln_w = random_f64({6}, 5, false), ln_b = random_f64({6}, 6, false);
-  for (const int64_t room : {2, 0}) {
+  for (const int64_t room : {10, 2, 0}) {  // the bias as a row of the GEMM, in its epilogue, two GEMMs
     INFO("room " << room);
-    const Tensor stacked = random_f64({8, 5}, 3, false);
+    const Tensor stacked = Tensor::zeros({16, 5}, DType::F64);  // [w; w_extra; bias; 0]
+    stacked.narrow(0, 0, 9).copy_(random_f64({9, 5}, 3, false));
     Tensor w = stacked.narrow(0, 0, 6).detach(), w_extra = stacked.narrow(0, 6, 2).detach();
-    w.set_requires_grad(true);
-    w_extra.set_requires_grad(true);
+    Tensor bias = stacked.narrow(0, 8, 1).reshape({5}).detach();
+    for (Tensor* t : {&w, &w_extra, &bias}) t->set_requires_grad(true);
     check_gradients(
         [&](V in) {
           return engine::concat_linear(engine::layer_norm(in[0], ln_w, ln_b, 1e-5, {}, room), in[1], in[2], in[3],
                                        in[4]);
         },
-        {random_f64({2, 3, 6}, 1), random_f64({2, 3, 2}, 2), w, w_extra, random_f64({5}, 4)});
-    // CURLoRA's shape, frozen weights: x feeds both products, extra = (x C) U. With room, the one
-    // GEMM's backward hands x a gradient whose rows lie 2 apart, which x C's backward adds to.
-    const Tensor frozen = random_f64({8, 5}, 3, false);
+        {random_f64({2, 3, 6}, 1), random_f64({2, 3, 2}, 2), w, w_extra, bias});
+    // CURLoRA's shape, frozen [W; R; b; 0]: x feeds both products, extra = (x C) U. With room, the one GEMM's
+    // backward hands x a gradient with spare columns after each row, which x C's backward adds to.
+    const Tensor frozen = stacked.detach().clone();
     check_gradients(
         [&](V in) {
           const Tensor x = engine::layer_norm(in[0], ln_w, ln_b, 1e-5, {}, room);
           const Tensor t2 = engine::matmul(engine::matmul(x, in[1]), in[2]);
-          return engine::concat_linear(x, t2, frozen.narrow(0, 0, 6), frozen.narrow(0, 6, 2), in[3]);
+          return engine::concat_linear(x, t2, frozen.narrow(0, 0, 6), frozen.narrow(0, 6, 2),
+                                       frozen.narrow(0, 8, 1).reshape({5}));
         },
-        {random_f64({2, 3, 6}, 1), random_f64({6, 2}, 2), random_f64({2, 2}, 3), random_f64({5}, 4)});
+        {random_f64({2, 3, 6}, 1), random_f64({6, 2}, 2), random_f64({2, 2}, 3)});
   }
 }
 

@@ -246,7 +246,7 @@ bool gemm_lt(DeviceContext& ctx, const GemmArgs& g) {
   check_cublas(cublasLtMatrixLayoutCreate(&lt.b, types.storage, second_n ? k : n, second_n ? n : k, int64_t(g.lda)),
                index, "gemm (cuBLASLt)");
   check_cublas(cublasLtMatrixLayoutCreate(&lt.c, c_storage, m, n, int64_t(g.ldc)), index, "gemm (cuBLASLt)");
-  const int64_t ld_addend = g.addend ? g.ld_addend : g.ldc;
+  const int64_t ld_addend = g.addend && g.ld_addend ? g.ld_addend : g.ldc;
   if (ld_addend != g.ldc)
     check_cublas(cublasLtMatrixLayoutCreate(&lt.addend, c_storage, m, n, ld_addend), index, "gemm (cuBLASLt)");
   const cublasLtMatrixLayout_t addend_layout = lt.addend ? lt.addend : lt.c;

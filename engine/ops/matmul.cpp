@@ -368,27 +368,46 @@ Tensor linear_gelu_linear(const Tensor& x, const Tensor& w1, const Tensor& b1, c
 namespace {
 
 // x with extra written into its room: the [..., K1 + K2] input of concat_linear's
-// one GEMM, or undefined where that needs a copy.
-Tensor joint_input(const Tensor& x, const Tensor& extra, DType dtype) {
+// one GEMM; with bias_row, also a column of ones and zeros up to `rows` columns
+// (the bias row's factor, and the zero rows' after it). Undefined where x has
+// no such room.
+Tensor joint_input(const Tensor& x, const Tensor& extra, int64_t rows, bool bias_row, DType dtype) {
   const int64_t k1 = x.size(-1), k2 = extra.size(-1);
-  if (x.dtype() != dtype || x.impl().room < k2 || x.strides().back() != 1 || x.numel() == 0) return Tensor();
-  Shape joint = x.shape();
-  joint.back() = k1 + k2;
-  detail::make_view(x, extra.shape(), x.strides(), x.offset() + k1).copy_(extra.detach());
-  return detail::make_view(x, joint, x.strides(), x.offset());
+  if (x.dtype() != dtype || x.impl().room < rows - k1 || x.strides().back() != 1 || x.numel() == 0) return Tensor();
+  auto columns = [&](int64_t first, int64_t count) {
+    Shape shape = x.shape();
+    shape.back() = count;
+    return detail::make_view(x, shape, x.strides(), x.offset() + first);
+  };
+  columns(k1, k2).copy_(extra.detach());
+  if (bias_row) {
+    columns(k1 + k2, 1).fill_(1.0);
+    if (rows > k1 + k2 + 1) columns(k1 + k2 + 1, rows - k1 - k2 - 1).fill_(0.0);
+  }
+  return columns(0, rows);
+}
+
+// Whether `next` starts where `t` ends, in one row-major buffer, both in `dtype`.
+bool follows(const Tensor& next, const Tensor& t, DType dtype) {
+  return t.dtype() == dtype && next.dtype() == dtype && t.is_contiguous() && next.is_contiguous() &&
+         t.impl().storage == next.impl().storage && next.offset() == t.offset() + t.numel();
 }
 
 // [w; w_extra] as one [K1 + K2, N] matrix where w_extra's rows follow w's in
-// one buffer, row-major, in `dtype`; otherwise undefined.
-Tensor joint_weight(const Tensor& w, const Tensor& w_extra, DType dtype) {
-  const bool adjacent = w.dtype() == dtype && w_extra.dtype() == dtype && w.is_contiguous() &&
-                        w_extra.is_contiguous() && w.impl().storage == w_extra.impl().storage &&
-                        w_extra.offset() == w.offset() + w.numel();
-  if (!adjacent) return Tensor();
-  return detail::make_view(w, {w.size(0) + w_extra.size(0), w.size(1)}, {w.size(1), 1}, w.offset());
+// one buffer, row-major, in `dtype`; with bias_row, [w; w_extra; bias; 0] of
+// joint_rows(K1, K2) rows. Undefined where the buffer does not hold them.
+Tensor joint_weight(const Tensor& w, const Tensor& w_extra, const Tensor& bias, bool bias_row, DType dtype) {
+  const int64_t n = w.size(1);
+  const int64_t rows = bias_row ? joint_rows(w.size(0), w_extra.size(0)) : w.size(0) + w_extra.size(0);
+  const size_t bytes = size_t(w.offset() + rows * n) * dtype_size(dtype);
+  if (!follows(w_extra, w, dtype) || (bias_row && !follows(bias, w_extra, dtype)) || w.impl().storage->nbytes < bytes)
+    return Tensor();
+  return detail::make_view(w, {rows, n}, {n, 1}, w.offset());
 }
 
 }  // namespace
+
+int64_t joint_rows(int64_t k1, int64_t k2) { return (k1 + k2 + 1 + 7) / 8 * 8; }
 
 Tensor concat_linear(const Tensor& x, const Tensor& extra, const Tensor& w, const Tensor& w_extra,
                      const Tensor& bias) {
@@ -404,9 +423,16 @@ Tensor concat_linear(const Tensor& x, const Tensor& extra, const Tensor& w, cons
   const bool with_bias = bias.defined();
   const bool fits = (!with_bias || bias_fits(bias, w.size(1), dtype, x, "concat_linear")) &&
                     product_dtype(extra, w_extra) == dtype;
-  const Tensor joint_w = fits ? joint_weight(w, w_extra, dtype) : Tensor();
-  const Tensor joint_x = joint_w.defined() ? joint_input(x, extra, dtype) : Tensor();
-  if (!joint_x.defined()) {
+  Tensor joint_w, joint_x;
+  auto one_gemm = [&](bool bias_row) {
+    joint_w = joint_weight(w, w_extra, bias, bias_row, dtype);
+    joint_x = joint_w.defined() ? joint_input(x, extra, joint_w.size(0), bias_row, dtype) : Tensor();
+    return joint_x.defined();
+  };
+  // The bias as a row of the stacked weight where it is one and x has room for its column, else in the
+  // GEMM's epilogue; else two GEMMs.
+  const bool bias_row = fits && with_bias && one_gemm(true);
+  if (!bias_row && !(fits && one_gemm(false))) {
     // Under autocast the bias rides in the second GEMM, which passes over the output anyway: cuBLASLt's
     // bias epilogue costs the large one more (gpt2-large's c_attn: 4.85 against 4.5 ms a step).
     const bool bias_last = autocast_dtype_for(x.dtype()).has_value();
@@ -414,7 +440,7 @@ Tensor concat_linear(const Tensor& x, const Tensor& extra, const Tensor& w, cons
     return addmm(y, extra, w_extra, bias_last ? bias : Tensor());
   }
   Epilogue epilogue;
-  if (with_bias) epilogue.bias = bias.detach().to(dtype).contiguous();
+  if (with_bias && !bias_row) epilogue.bias = bias.detach().to(dtype).contiguous();
   Tensor out = product(joint_x, joint_w, dtype, dtype, epilogue);
   std::vector<Tensor> inputs = saved_operands(x, w);
   for (const Tensor& t : saved_operands(extra, w_extra)) inputs.push_back(t);
