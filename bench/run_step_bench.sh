@@ -11,6 +11,8 @@
 #   CPU_PYTHON   python with torch for the CPU peer (default /usr/bin/python3, Debian's torch)
 #   SIZES        GPU sizes, comma-separated (default gpt2,gpt2-large)
 #   MODEL        CPU model folder (default $CURLORA_DATA_DIR/gpt2-mini-wiki, data dir ../shared/data)
+#   PAIR_ROUNDS  GPU: rounds of bench/step_pairs.py for the last size in bf16, ours and the peer
+#                alternating, whose medians make the headline ratio (default 5; 0 skips them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,6 +38,10 @@ case $mode in
     "${PEER_PYTHON:-python3}" "$PEER_DIR/torch_reference.py" "$SIZES" | grep '^{' | tee "$peer"
     # The peer reports no memory: its own step again, under torch's peak counter.
     "${PEER_PYTHON:-python3}" bench/torch_peak_memory.py "$SIZES" "$PEER_DIR" | grep '^{' | tee "$work/peer_mem.jsonl"
+    if (( ${PAIR_ROUNDS:-5} > 0 )); then
+      "${PEER_PYTHON:-python3}" bench/step_pairs.py --size "${SIZES##*,}" --rounds "${PAIR_ROUNDS:-5}" \
+        --bench "$bench" --peer-dir "$PEER_DIR" | tee "$work/pairs.jsonl"
+    fi
     ;;
   cpu)
     MODEL=${MODEL:-${CURLORA_DATA_DIR:-../shared/data}/gpt2-mini-wiki}
@@ -50,11 +56,13 @@ case $mode in
     ;;
 esac
 
-python3 - "$mode" "$ours" "$peer" "$work/peer_mem.jsonl" <<'EOF'
+python3 - "$mode" "$ours" "$peer" "$work/peer_mem.jsonl" "$work/pairs.jsonl" <<'EOF'
 import json, os, sys
 
-mode, ours_path, peer_path, mem_path = sys.argv[1:]
-peer_mem = [json.loads(l) for l in open(mem_path) if l.startswith("{")] if os.path.exists(mem_path) else []
+mode, ours_path, peer_path, mem_path, pairs_path = sys.argv[1:]
+def json_lines(path):
+    return [json.loads(l) for l in open(path) if l.startswith("{")] if os.path.exists(path) else []
+peer_mem = json_lines(mem_path)
 ours = [json.loads(l) for l in open(ours_path) if l.startswith("{")]
 peer = [json.loads(l) for l in open(peer_path) if l.startswith("{")]
 
@@ -97,4 +105,8 @@ for size in dict.fromkeys(o["size"] for o in ours):
         print(f"  ours {size} {precision(o)}: trainable {o['trainable']} (torch "
               f"{bf16['trainable']}), train peak {o['peak_bytes'] / 2**30:.2f} GiB, eval peak "
               f"{o['eval_peak_bytes'] / 2**30:.2f} GiB, median step {o['train_step_s_median']:.4f} s{peak}")
+for p in (p for p in json_lines(pairs_path) if "ratio_of_medians" in p):
+    print(f"\n{p['size']} train {p['precision']}, {p['rounds']} alternating rounds: medians ours "
+          f"{p['ours_median_s']:.4f} s, torch {p['torch_median_s']:.4f} s, ratio {p['ratio_of_medians']:.3f} "
+          f"(rounds {p['ratio_min']:.3f} to {p['ratio_max']:.3f})")
 EOF
