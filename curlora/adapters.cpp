@@ -107,19 +107,9 @@ CurLoRALinear::CurLoRALinear(std::shared_ptr<Linear> base, CurSelection selectio
   stack_tail();
 }
 
-namespace {
+bool CurLoRALinear::tail_stacked() const { return engine::stacked_after(R, base_layer().weight); }
 
-// Whether `next` starts where `t` ends in one buffer.
-bool follows(const Tensor& next, const Tensor& t) {
-  return next.defined() && next.impl().storage == t.impl().storage && t.is_contiguous() &&
-         next.offset() == t.offset() + t.numel();
-}
-
-}  // namespace
-
-bool CurLoRALinear::tail_stacked() const { return follows(R, base_layer().weight); }
-
-bool CurLoRALinear::bias_stacked() const { return tail_stacked() && follows(base_layer().bias, R); }
+bool CurLoRALinear::bias_stacked() const { return tail_stacked() && engine::stacked_after(base_layer().bias, R); }
 
 int64_t CurLoRALinear::input_room() const {
   if (merged() || !tail_stacked()) return 0;

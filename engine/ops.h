@@ -89,8 +89,11 @@ Tensor linear_gelu_linear(const Tensor& x, const Tensor& w1, const Tensor& b1, c
 Tensor concat_linear(const Tensor& x, const Tensor& extra, const Tensor& w, const Tensor& w_extra,
                      const Tensor& bias = {});
 // K1 + K2 + 1 rounded up to a multiple of 8: the rows of [w; w_extra; bias; 0]
-// for concat_linear (a GEMM's rows 16 bytes apart in bf16, which it needs to be fast).
+// for concat_linear (cuBLASLt takes a slow path for other K: 740 us at 1289).
 int64_t joint_rows(int64_t k1, int64_t k2);
+// Whether next's elements start where t's end, both contiguous, in one buffer:
+// how concat_linear's stacked operands must lie.
+bool stacked_after(const Tensor& next, const Tensor& t);
 
 // ---- indexing (ops/index.cpp) ----
 // Indices (and cross_entropy's targets) may be on the host for a GPU source: they are checked on

@@ -185,8 +185,9 @@ Tensor weight_gradient(const Tensor& a, const Tensor& b, const Tensor& g, DType 
 }
 
 // The gradients of a0 and a1 in out = a0 @ b0 + a1 @ b1, [da0 | da1] = g [b0; b1]^T,
-// as one GEMM that reads g once, given joint_b = [b0; b1] (one buffer): da0 and
-// da1 are then views of its output, rows K0 + K1 apart. Only where both want a
+// as one GEMM that reads g once, given joint_b = [b0; b1] (one buffer; it may go
+// on, as concat_linear's bias row does): da0 and da1 are then views of its
+// output, rows as far apart as joint_b has rows. Only where both want a
 // gradient in the product's dtype and neither has received one so far (that
 // would be added to its own columns alone); otherwise nothing is filled in.
 void joint_gradients(const Tensor& g, const Node& n, const Tensor& joint_b, DType compute, std::vector<Tensor>& grads) {
@@ -387,12 +388,6 @@ Tensor joint_input(const Tensor& x, const Tensor& extra, int64_t rows, bool bias
   return columns(0, rows);
 }
 
-// Whether `next` starts where `t` ends, in one row-major buffer, both in `dtype`.
-bool follows(const Tensor& next, const Tensor& t, DType dtype) {
-  return t.dtype() == dtype && next.dtype() == dtype && t.is_contiguous() && next.is_contiguous() &&
-         t.impl().storage == next.impl().storage && next.offset() == t.offset() + t.numel();
-}
-
 // [w; w_extra] as one [K1 + K2, N] matrix where w_extra's rows follow w's in
 // one buffer, row-major, in `dtype`; with bias_row, [w; w_extra; bias; 0] of
 // joint_rows(K1, K2) rows. Undefined where the buffer does not hold them.
@@ -400,14 +395,20 @@ Tensor joint_weight(const Tensor& w, const Tensor& w_extra, const Tensor& bias, 
   const int64_t n = w.size(1);
   const int64_t rows = bias_row ? joint_rows(w.size(0), w_extra.size(0)) : w.size(0) + w_extra.size(0);
   const size_t bytes = size_t(w.offset() + rows * n) * dtype_size(dtype);
-  if (!follows(w_extra, w, dtype) || (bias_row && !follows(bias, w_extra, dtype)) || w.impl().storage->nbytes < bytes)
-    return Tensor();
+  const bool stacked = w.dtype() == dtype && w_extra.dtype() == dtype && stacked_after(w_extra, w) &&
+                       (!bias_row || (bias.dtype() == dtype && stacked_after(bias, w_extra)));
+  if (!stacked || w.impl().storage->nbytes < bytes) return Tensor();
   return detail::make_view(w, {rows, n}, {n, 1}, w.offset());
 }
 
 }  // namespace
 
 int64_t joint_rows(int64_t k1, int64_t k2) { return (k1 + k2 + 1 + 7) / 8 * 8; }
+
+bool stacked_after(const Tensor& next, const Tensor& t) {
+  return next.defined() && t.defined() && t.is_contiguous() && next.is_contiguous() &&
+         t.impl().storage == next.impl().storage && next.offset() == t.offset() + t.numel();
+}
 
 Tensor concat_linear(const Tensor& x, const Tensor& extra, const Tensor& w, const Tensor& w_extra,
                      const Tensor& bias) {
