@@ -123,6 +123,7 @@ void CurLoRALinear::stack_tail() {
                          w.device() == R.device() && w.is_contiguous() && R.is_contiguous();
   if (!stackable) return;
   const bool with_bias = b.defined() && b.dtype() == w.dtype() && b.device() == w.device();
+  if (tail_stacked() && bias_stacked() == with_bias) return;  // as it would lay them out already
   const int64_t k1 = w.size(0), r = R.size(0);
   engine::NoGradGuard no_grad;
   // Zeros: concat_linear's GEMM multiplies the rows after the bias by zeros, which NaNs would spoil.

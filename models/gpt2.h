@@ -70,7 +70,7 @@ class GPT2Block : public engine::nn::Module {
                                            Tensor* past_key, Tensor* past_value, engine::nn::LayerNorm* next,
                                            bool next_into_linear, int64_t next_room = 0);
   engine::nn::LayerNorm& ln_1() const { return *ln_1_; }
-  int64_t ln_1_room() const;  // the room c_attn asks of its input (an adapter's rank)
+  int64_t ln_1_room() const;  // the room c_attn asks of its input (Module::input_room; CURLoRA's)
 
  private:
   std::shared_ptr<engine::nn::LayerNorm> ln_1_, ln_2_;
